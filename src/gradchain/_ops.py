@@ -1,0 +1,141 @@
+"""List maths for transformations: ``torch._foreach_*`` when it can serve, else leaf by leaf.
+
+Every function takes lists of tensors (no ``None``) and returns new lists; nothing is
+modified in place. ``torch._foreach_*`` kernels group by (device, dtype) internally; they
+have no ``vmap`` batching rule and no ``torch.func`` autograd, so batched, wrapped or
+grad-requiring tensors take the per-leaf path (which ``torch.compile`` fuses anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gradchain.tree import _use_foreach
+
+Scalar = float | torch.Tensor
+TList = list[torch.Tensor]
+
+
+def _fe(*lists: Sequence[torch.Tensor], scalar: object = None) -> bool:
+    if isinstance(scalar, torch.Tensor) and (
+        scalar.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(scalar)
+    ):
+        return False
+    return all(_use_foreach(x) for x in lists)
+
+
+def mul(xs: Sequence[torch.Tensor], s: Scalar) -> TList:
+    if _fe(xs, scalar=s):
+        return list(torch._foreach_mul(xs, s))
+    return [x * s for x in xs]
+
+
+def mul_list(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> TList:
+    if _fe(xs, ys):
+        return list(torch._foreach_mul(xs, ys))
+    return [x * y for x, y in zip(xs, ys)]
+
+
+def add(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], alpha: float = 1.0) -> TList:
+    if _fe(xs, ys):
+        return list(torch._foreach_add(xs, ys, alpha=alpha))
+    if alpha == 1.0:
+        return [x + y for x, y in zip(xs, ys)]
+    return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys)]
+
+
+def add_scaled(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], s: Scalar) -> TList:
+    """``x + s * y`` with ``s`` a float or a 0-dim tensor."""
+    if isinstance(s, torch.Tensor):
+        return add(xs, mul(ys, s))
+    return add(xs, ys, alpha=s)
+
+
+def div(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> TList:
+    if _fe(xs, ys):
+        return list(torch._foreach_div(xs, ys))
+    return [x / y for x, y in zip(xs, ys)]
+
+
+def div_scalar(xs: Sequence[torch.Tensor], s: Scalar) -> TList:
+    if _fe(xs, scalar=s):
+        return list(torch._foreach_div(xs, s))
+    return [x / s for x in xs]
+
+
+def add_scalar(xs: Sequence[torch.Tensor], s: Scalar) -> TList:
+    if _fe(xs, scalar=s) and not isinstance(s, torch.Tensor):
+        return list(torch._foreach_add(xs, s))
+    return [x + s for x in xs]
+
+
+def lerp(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], weight: float) -> TList:
+    if _fe(xs, ys):
+        return list(torch._foreach_lerp(xs, ys, weight))
+    return [torch.lerp(x, y, weight) for x, y in zip(xs, ys)]
+
+
+def addcmul(
+    xs: Sequence[torch.Tensor],
+    ys: Sequence[torch.Tensor],
+    zs: Sequence[torch.Tensor],
+    value: float,
+) -> TList:
+    if _fe(xs, ys, zs):
+        return list(torch._foreach_addcmul(xs, ys, zs, value=value))
+    return [torch.addcmul(x, y, z, value=value) for x, y, z in zip(xs, ys, zs)]
+
+
+def sqrt(xs: Sequence[torch.Tensor]) -> TList:
+    if _fe(xs):
+        return list(torch._foreach_sqrt(xs))
+    return [torch.sqrt(x) for x in xs]
+
+
+def maximum(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> TList:
+    if _fe(xs, ys):
+        return list(torch._foreach_maximum(xs, ys))
+    return [torch.maximum(x, y) for x, y in zip(xs, ys)]
+
+
+def neg(xs: Sequence[torch.Tensor]) -> TList:
+    if _fe(xs):
+        return list(torch._foreach_neg(xs))
+    return [-x for x in xs]
+
+
+def clamp(xs: Sequence[torch.Tensor], lo: float, hi: float) -> TList:
+    if _fe(xs):
+        return list(torch._foreach_clamp_max(torch._foreach_clamp_min(xs, lo), hi))
+    return [torch.clamp(x, lo, hi) for x in xs]
+
+
+def cast(xs: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> TList:
+    return [x if x.dtype == d else x.to(d) for x, d in zip(xs, dtypes)]
+
+
+def where(flag: torch.Tensor, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> TList:
+    """``x`` where the 0-dim bool ``flag`` is true, else ``y``, leafwise."""
+    return [torch.where(flag.to(x.device), x, y) for x, y in zip(xs, ys)]
+
+
+def zeros_like(xs: Sequence[torch.Tensor]) -> TList:
+    return [torch.zeros_like(x) for x in xs]
+
+
+def all_finite(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim bool tensor: no nan/inf anywhere in ``xs`` (``True`` for an empty list).
+
+    One reduction per leaf and one over the leaves; no host-device sync.
+    """
+    if not xs:
+        return torch.tensor(True)
+    device = xs[0].device
+    if _fe(xs):
+        # The inf-norm of each leaf is finite iff the leaf is; nan propagates.
+        norms = torch._foreach_norm(xs, float("inf"))
+        return torch.stack([n.to(device) for n in norms]).isfinite().all()
+    flags = [torch.isfinite(x).all().to(device) for x in xs]
+    return torch.stack(flags).all()

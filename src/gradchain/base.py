@@ -1,0 +1,345 @@
+"""The protocol: ``GradientTransformation``, ``chain`` and ``apply_updates``.
+
+A gradient transformation is a pair of pure functions ``(init, update)``:
+
+* ``init(params) -> state``
+* ``update(updates, state, params=None, **extra) -> (updates, new_state)``
+
+``chain`` composes transformations. Some transformations are *gates*
+(``accumulate_every``, ``skip_if_nonfinite``, ``loss_scale``): on the steps a gate
+closes, everything after it in the chain keeps its state and the chain emits zero
+updates. How a chain finds out whether a gate is open without a host-device sync is
+described in :func:`chain`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from gradchain import tree as _tree
+
+Params = Any
+Updates = Any
+State = Any
+
+__all__ = [
+    "GradientTransformation",
+    "EmptyState",
+    "identity",
+    "chain",
+    "apply_updates",
+    "apply_updates_",
+    "applied",
+    "is_gate",
+]
+
+
+class InitFn(Protocol):
+    def __call__(self, params: Params) -> State: ...
+
+
+class UpdateFn(Protocol):
+    def __call__(
+        self, updates: Updates, state: State, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, State]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """A pure gradient transformation: ``init(params) -> state`` and
+    ``update(updates, state, params=None, **extra) -> (updates, new_state)``.
+
+    ``update`` never mutates its inputs and accepts (and ignores) keyword arguments it
+    does not know, so a chain can pass e.g. ``flush=True`` to every member.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> def double():
+        ...     def init(params):
+        ...         return gc.EmptyState()
+        ...     def update(updates, state, params=None, **extra):
+        ...         return {k: 2 * g for k, g in updates.items()}, state
+        ...     return gc.GradientTransformation(init, update)
+        >>> tx = double()
+        >>> out, _ = tx.update({"w": torch.ones(2)}, tx.init({"w": torch.zeros(2)}))
+        >>> out["w"]
+        tensor([2., 2.])
+    """
+
+    init: InitFn | Callable[..., State]
+    update: UpdateFn | Callable[..., tuple[Updates, State]]
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless transformation.
+
+    Example:
+        >>> import gradchain as gc
+        >>> gc.identity().init({})
+        EmptyState()
+    """
+
+
+# --------------------------------------------------------------------------- gates
+# A gate marks its ``update`` function with this attribute and keeps a 0-dim bool
+# ``is_open`` field in its state (see ``GateState`` below). ``chain`` uses the mark to
+# know that a member manages its own state on closed upstream steps.
+_GATE_ATTR = "_gradchain_gate"
+
+
+def _mark_gate(update: Callable[..., Any]) -> Callable[..., Any]:
+    setattr(update, _GATE_ATTR, True)
+    return update
+
+
+def is_gate(transform: GradientTransformation) -> bool:
+    """Whether ``transform`` is a gate (or a chain that contains one).
+
+    Example:
+        >>> import gradchain as gc
+        >>> gc.is_gate(gc.accumulate_every(2)), gc.is_gate(gc.clip_by_norm(1.0))
+        (True, False)
+        >>> gc.is_gate(gc.chain(gc.clip_by_norm(1.0), gc.skip_if_nonfinite()))
+        True
+    """
+    return bool(getattr(transform.update, _GATE_ATTR, False))
+
+
+def _is_gate_state(node: Any) -> bool:
+    return isinstance(node, tuple) and getattr(type(node), "_gradchain_gate_state", False)
+
+
+def _gate_flags(state: State) -> list[torch.Tensor]:
+    """The ``is_open`` flags of every gate state inside ``state``, in order."""
+    flags: list[torch.Tensor] = []
+
+    def visit(node: Any) -> None:
+        if _is_gate_state(node):
+            flags.append(node.is_open)
+            return
+        if isinstance(node, (tuple, list)):
+            for child in node:
+                visit(child)
+        elif isinstance(node, dict):
+            for child in node.values():
+                visit(child)
+
+    visit(state)
+    return flags
+
+
+def _known_bool(flag: torch.Tensor) -> bool | None:
+    """The value of a 0-dim bool flag if it can be read without a host-device sync and
+    without breaking a trace; ``None`` when it must stay a tensor.
+
+    Host (CPU) tensors are readable for free in eager mode. Under ``torch.compile`` or
+    ``torch.func`` transforms (vmap, grad) flags are symbolic or batched, and stay tensors.
+    """
+    if flag.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(flag):
+        return None
+    if isinstance(flag, torch._subclasses.FakeTensor):
+        return None
+    return bool(flag)
+
+
+def _combine(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return torch.logical_and(a, b.to(a.device))
+
+
+def applied(state: State) -> torch.Tensor:
+    """Whether the last ``update`` that produced ``state`` was applied: every gate open.
+
+    Returns a 0-dim bool tensor (``True`` for a chain without gates). Reading its value
+    (``bool(...)``) is the one host-device sync a training loop needs per step.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.chain(gc.accumulate_every(2), gc.sgd(lr=0.1))
+        >>> params = {"w": torch.zeros(2)}
+        >>> state = tx.init(params)
+        >>> _, state = tx.update({"w": torch.ones(2)}, state, params)
+        >>> bool(gc.applied(state))
+        False
+        >>> _, state = tx.update({"w": torch.ones(2)}, state, params)
+        >>> bool(gc.applied(state))
+        True
+    """
+    result: torch.Tensor | None = None
+    for flag in _gate_flags(state):
+        result = _combine(result, flag)
+    return torch.tensor(True) if result is None else result
+
+
+# --------------------------------------------------------------------------- basics
+def identity() -> GradientTransformation:
+    """The transformation that passes updates through unchanged.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.identity()
+        >>> tx.update({"w": torch.ones(1)}, tx.init({}))[0]
+        {'w': tensor([1.])}
+    """
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(
+        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, EmptyState]:
+        del params, extra
+        return updates, state
+
+    return GradientTransformation(init, update)
+
+
+def _zeros_like_tree(updates: Updates) -> Updates:
+    leaves, spec = _tree.flatten(updates)
+    return _tree.unflatten(spec, [None if g is None else torch.zeros_like(g) for g in leaves])
+
+
+def _select_tree(flag: torch.Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``flag`` else ``old``, leafwise over two trees of the same shape."""
+    new_leaves, spec = _tree.flatten(new)
+    old_leaves = spec.flatten_up_to(old) if new_leaves else []
+    out = []
+    for n, o in zip(new_leaves, old_leaves):
+        if isinstance(n, torch.Tensor) and isinstance(o, torch.Tensor):
+            out.append(torch.where(flag.to(n.device), n, o))
+        else:
+            out.append(n)
+    return _tree.unflatten(spec, out)
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply ``transforms`` in order; the state is the tuple of their states.
+
+    Extra keyword arguments given to ``update`` reach every member.
+
+    **Gates.** A gate governs everything after it. When a gate closes a step, later
+    members keep their state and the chain emits zeros. The chain finds out whether a
+    gate is open from the gate's ``is_open`` flag:
+
+    * a flag that is known without reading the device (``accumulate_every`` keeps its
+      window position on the host) is read in eager mode, and on closed micro-steps the
+      rest of the chain is not run at all: an adam behind ``accumulate_every(8)`` does its
+      maths once per window;
+    * a flag that is data on the device (finiteness in ``skip_if_nonfinite`` and
+      ``loss_scale``) is never read: the rest of the chain runs and its new state is
+      selected with ``torch.where``, so there is no host-device sync, and the cost of a
+      skipped step is that of an applied one.
+
+    Under ``torch.compile`` and ``torch.func`` transforms every flag is treated as data,
+    so the same chain traces with ``fullgraph=True`` and batches under ``vmap``.
+
+    Later gates receive the combined flag of the gates before them as the extra keyword
+    ``gate_open`` and keep their own state on steps an earlier gate closed.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.chain(gc.clip_by_norm(1.0), gc.sgd(lr=0.5))
+        >>> params = {"w": torch.zeros(2)}
+        >>> updates, state = tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init(params), params)
+        >>> updates["w"]
+        tensor([-0.3000, -0.4000])
+    """
+    transforms = tuple(transforms)
+    for i, t in enumerate(transforms):
+        if not (isinstance(t, tuple) and len(t) == 2 and callable(t[0]) and callable(t[1])):
+            raise TypeError(
+                f"chain: argument {i} must be a GradientTransformation (init, update), "
+                f"got {type(t).__name__}"
+            )
+    gates = tuple(is_gate(t) for t in transforms)
+
+    def init(params: Params) -> tuple[State, ...]:
+        return tuple(t.init(params) for t in transforms)
+
+    def update(
+        updates: Updates, state: tuple[State, ...], params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, tuple[State, ...]]:
+        if not isinstance(state, tuple) or len(state) != len(transforms):
+            got = len(state) if isinstance(state, tuple) else type(state).__name__
+            raise ValueError(
+                f"chain.update: state must be a tuple of {len(transforms)} member states "
+                f"(from this chain's init), got {got}"
+            )
+        gate_open: torch.Tensor | None = extra.pop("gate_open", None)
+        original = updates
+        new_states: list[State] = []
+        for i, (t, s) in enumerate(zip(transforms, state)):
+            new_u, new_s = t.update(updates, s, params, gate_open=gate_open, **extra)
+            if gate_open is not None and not gates[i]:
+                # A plain member behind an undecided gate: keep its old state where closed.
+                new_s = _select_tree(gate_open, new_s, s)
+            updates = new_u
+            new_states.append(new_s)
+            if gates[i]:
+                flags = _gate_flags(new_s)
+                known = [_known_bool(f) for f in flags]
+                if any(k is False for k in known):
+                    # Closed without reading the device: skip the rest of the chain.
+                    new_states.extend(state[i + 1 :])
+                    return _zeros_like_tree(original), tuple(new_states)
+                for f, k in zip(flags, known):
+                    if k is None:
+                        gate_open = _combine(gate_open, f)
+        if gate_open is not None:
+            updates = _select_tree(gate_open, updates, _zeros_like_tree(updates))
+        return updates, tuple(new_states)
+
+    if any(gates):
+        _mark_gate(update)
+    return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- apply
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """Return ``params + updates`` leafwise, each result cast to its param's dtype.
+
+    A ``None`` update leaves its parameter unchanged. Nothing is modified in place.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> gc.apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})
+        {'w': tensor([1.5000, 0.0000])}
+    """
+    p_leaves, spec = _tree.flatten(params)
+    u_leaves = _tree.flatten_like(spec, updates, "updates", "params")
+    out = [
+        p if (u is None or p is None) else (p + u).to(p.dtype) for p, u in zip(p_leaves, u_leaves)
+    ]
+    return _tree.unflatten(spec, out)
+
+
+def apply_updates_(params: Params, updates: Updates) -> Params:
+    """In-place ``params += updates`` for live tensors (e.g. ``nn.Parameter``); returns ``params``.
+
+    Runs under ``torch.no_grad()`` with ``torch._foreach_add_`` per (device, dtype) group.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> model = torch.nn.Linear(2, 1)
+        >>> params = dict(model.named_parameters())
+        >>> before = model.bias.detach().clone()
+        >>> _ = gc.apply_updates_(params, {"weight": None, "bias": torch.ones(1)})
+        >>> bool(torch.equal(model.bias.detach(), before + 1))
+        True
+    """
+    p_leaves, spec = _tree.flatten(params)
+    u_leaves = _tree.flatten_like(spec, updates, "updates", "params")
+    pairs = [(p, u) for p, u in zip(p_leaves, u_leaves) if p is not None and u is not None]
+    with torch.no_grad():
+        for ps, us in _tree.group_by_device_dtype(pairs):
+            us = [u.to(ps[0].dtype) for u in us]
+            torch._foreach_add_(ps, us)
+    return params

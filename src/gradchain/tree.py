@@ -1,0 +1,410 @@
+"""Tree helpers: flattening, leaf grouping, global norms, and state as plain data.
+
+Every tree in gradchain is an optree pytree flattened with ``none_is_leaf=True``, so a
+``None`` gradient keeps its place and lines up with the parameter and state it belongs to.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import optree
+import torch
+
+__all__ = [
+    "flatten",
+    "unflatten",
+    "flatten_like",
+    "leaf_paths",
+    "group_by_device_dtype",
+    "global_norm",
+    "tree_get",
+    "to_state_dict",
+    "from_state_dict",
+    "zeros_like_tree",
+    "Leaves",
+]
+
+
+def flatten(tree: Any) -> tuple[list[Any], optree.PyTreeSpec]:
+    """Flatten ``tree`` into its leaves (``None`` counts as a leaf) and a spec.
+
+    Example:
+        >>> import torch
+        >>> from gradchain.tree import flatten
+        >>> leaves, spec = flatten({"b": None, "a": torch.zeros(1)})
+        >>> len(leaves), leaves[1] is None
+        (2, True)
+    """
+    return optree.tree_flatten(tree, none_is_leaf=True)
+
+
+def unflatten(spec: optree.PyTreeSpec, leaves: Iterable[Any]) -> Any:
+    """Inverse of :func:`flatten`.
+
+    Example:
+        >>> from gradchain.tree import flatten, unflatten
+        >>> leaves, spec = flatten({"a": 1, "b": [2, 3]})
+        >>> unflatten(spec, [x * 10 for x in leaves])
+        {'a': 10, 'b': [20, 30]}
+    """
+    return optree.tree_unflatten(spec, list(leaves))
+
+
+def _path_str(path: Sequence[Any]) -> str:
+    out = ""
+    for key in path:
+        out += f"[{key!r}]" if not isinstance(key, int) else f"[{key}]"
+    return out
+
+
+def leaf_paths(tree: Any) -> list[str]:
+    """Readable paths (``['layer.weight']``, ``[0][1]``) of the leaves of ``tree``.
+
+    Example:
+        >>> from gradchain.tree import leaf_paths
+        >>> leaf_paths({"w": 1, "b": (2, 3)})
+        ["['b'][0]", "['b'][1]", "['w']"]
+    """
+    paths, _, _ = optree.tree_flatten_with_path(tree, none_is_leaf=True)
+    return [_path_str(p) for p in paths]
+
+
+def flatten_like(spec: optree.PyTreeSpec, tree: Any, name: str, like: str) -> list[Any]:
+    """Leaves of ``tree`` in the order of ``spec``; a clear error when the structure differs.
+
+    Example:
+        >>> import torch
+        >>> from gradchain.tree import flatten, flatten_like
+        >>> _, spec = flatten({"w": torch.zeros(1)})
+        >>> flatten_like(spec, {"v": torch.zeros(1)}, "updates", "params")
+        Traceback (most recent call last):
+        ...
+        ValueError: updates does not have the structure of params: ...
+    """
+    try:
+        leaves = spec.flatten_up_to(tree)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{name} does not have the structure of {like}: expected {spec}, "
+            f"got {optree.tree_structure(tree, none_is_leaf=True)} ({err})"
+        ) from None
+    return leaves
+
+
+def group_by_device_dtype(
+    rows: Sequence[tuple[Any, ...]],
+) -> list[tuple[list[Any], ...]]:
+    """Group rows of tensors by the (device, dtype) of their first tensor.
+
+    Returns, per group, one list per column, so each group feeds ``torch._foreach_*``.
+
+    Example:
+        >>> import torch
+        >>> from gradchain.tree import group_by_device_dtype
+        >>> rows = [(torch.zeros(1), 1), (torch.zeros(1, dtype=torch.float64), 2), (torch.ones(1), 3)]
+        >>> [cols[1] for cols in group_by_device_dtype(rows)]
+        [[1, 3], [2]]
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[Any, ...]]] = {}
+    for row in rows:
+        t = row[0]
+        groups.setdefault((t.device, t.dtype), []).append(row)
+    return [tuple(list(col) for col in zip(*g)) for g in groups.values()]
+
+
+def _norm_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """float32 at least, float64 if any tensor is float64."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def global_norm(tensors: Sequence[torch.Tensor | None], norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of the concatenation of ``tensors`` (``None`` entries are skipped).
+
+    Computed in float32 at least (float64 when any tensor is float64), so float16 or
+    bfloat16 gradients whose norm exceeds their range still get a finite norm. Matches
+    ``torch.nn.utils.get_total_norm`` for ``norm_type`` 1, 2, any p > 0 and ``inf``.
+    Empty input gives ``0.``.
+
+    Example:
+        >>> import torch
+        >>> from gradchain.tree import global_norm
+        >>> global_norm([torch.tensor([3.0]), None, torch.tensor([4.0])])
+        tensor(5.)
+        >>> global_norm([torch.full((4,), 60000.0, dtype=torch.float16)])
+        tensor(120000.)
+    """
+    ts = [t for t in tensors if t is not None]
+    if not ts:
+        return torch.tensor(0.0)
+    dtype = _norm_dtype(ts)
+    p = float(norm_type)
+    norms: list[torch.Tensor] = []
+    for (group,) in group_by_device_dtype([(t,) for t in ts]):
+        if _use_foreach(group):
+            norms.extend(torch._foreach_norm(group, p, dtype=dtype))
+        else:
+            norms.extend(torch.linalg.vector_norm(t, p, dtype=dtype) for t in group)
+    device = ts[0].device
+    stacked = torch.stack([n.to(device) for n in norms])
+    return torch.linalg.vector_norm(stacked, p)
+
+
+def _use_foreach(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether ``torch._foreach_*`` kernels can serve these tensors: plain eager tensors.
+
+    Foreach ops have no vmap batching rule and no functorch autograd, so tensors that
+    are batched, wrapped by ``torch.func``, or that require grad go leaf by leaf.
+    """
+    if not tensors:
+        return False
+    t = tensors[0]
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return False
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return False
+    return type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter)
+
+
+def zeros_like_tree(params: Any, dtype: torch.dtype | None = None) -> Any:
+    """A tree of zeros shaped like ``params`` (``None`` leaves stay ``None``), e.g. a moment.
+
+    ``dtype`` overrides the leaves' dtype (e.g. float32 accumulators for float16 params).
+
+    Example:
+        >>> import torch
+        >>> from gradchain.tree import zeros_like_tree
+        >>> zeros_like_tree({"w": torch.ones(2, dtype=torch.float16), "b": None}, torch.float32)
+        {'b': None, 'w': tensor([0., 0.])}
+    """
+    leaves, spec = flatten(params)
+    out = []
+    for i, p in enumerate(leaves):
+        if p is None:
+            out.append(None)
+        elif isinstance(p, torch.Tensor):
+            out.append(torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format))
+        else:
+            raise TypeError(
+                f"params{leaf_paths(params)[i]}: expected a torch.Tensor or None, "
+                f"got {type(p).__name__}"
+            )
+    return unflatten(spec, out)
+
+
+# --------------------------------------------------------------------------- state lookup
+def _named_nodes(state: Any, path: str = "state") -> Iterable[tuple[str, Any]]:
+    """Yield (path, node) for every NamedTuple node in ``state``."""
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        yield path, state
+        for f in state._fields:
+            yield from _named_nodes(getattr(state, f), f"{path}.{f}")
+    elif isinstance(state, (tuple, list)):
+        for i, child in enumerate(state):
+            yield from _named_nodes(child, f"{path}[{i}]")
+    elif isinstance(state, dict):
+        for k, child in state.items():
+            yield from _named_nodes(child, f"{path}[{k!r}]")
+
+
+def tree_get(state: Any, key: str | type) -> Any:
+    """Read a field (by name) or a sub-state (by type) from anywhere in a chain state.
+
+    Raises ``KeyError`` when nothing matches and when more than one thing matches (the
+    message lists the paths, so you can index the state directly instead).
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.chain(gc.clip_by_norm(1.0), gc.sgd(lr=0.1))
+        >>> params = {"w": torch.zeros(2)}
+        >>> _, state = tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init(params), params)
+        >>> gc.tree_get(state, "norm")
+        tensor(5.)
+        >>> type(gc.tree_get(state, gc.ClipByNormState)).__name__
+        'ClipByNormState'
+    """
+    found: list[tuple[str, Any]] = []
+    for path, node in _named_nodes(state):
+        if isinstance(key, type):
+            if isinstance(node, key):
+                found.append((path, node))
+        elif key in node._fields:
+            found.append((f"{path}.{key}", getattr(node, key)))
+    what = key.__name__ if isinstance(key, type) else repr(key)
+    if not found:
+        raise KeyError(f"tree_get: no {what} in this state")
+    if len(found) > 1:
+        paths = ", ".join(p for p, _ in found)
+        raise KeyError(f"tree_get: {what} is ambiguous in this state; it is at {paths}")
+    return found[0][1]
+
+
+# --------------------------------------------------------------------------- state as data
+def to_state_dict(state: Any) -> Any:
+    """The plain form of a state: nested dicts/lists of tensors, ints, floats and None.
+
+    NamedTuples become dicts keyed by field name, tuples become lists. The result can
+    be saved with ``torch.save`` and read back with ``torch.load(..., weights_only=True)``.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.chain(gc.clip_by_norm(1.0), gc.accumulate_every(2))
+        >>> sd = gc.to_state_dict(tx.init({"w": torch.zeros(2)}))
+        >>> sorted(sd[0])
+        ['nonfinite', 'norm']
+    """
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        return {f: to_state_dict(getattr(state, f)) for f in state._fields}
+    if isinstance(state, (tuple, list)):
+        return [to_state_dict(x) for x in state]
+    if isinstance(state, dict):
+        return {k: to_state_dict(v) for k, v in state.items()}
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if state is None or isinstance(state, (bool, int, float, str)):
+        return state
+    raise TypeError(f"to_state_dict: cannot store a {type(state).__name__} in a state dict")
+
+
+def _mismatch(path: str, expected: str, got: Any) -> ValueError:
+    if isinstance(got, torch.Tensor):
+        desc = f"a tensor of shape {tuple(got.shape)} and dtype {got.dtype}"
+    elif isinstance(got, dict):
+        desc = f"a dict with keys {sorted(map(str, got))}"
+    elif isinstance(got, (list, tuple)):
+        desc = f"a list of length {len(got)}"
+    else:
+        desc = repr(got)
+    return ValueError(
+        f"from_state_dict: {path} does not fit this transformation's state: "
+        f"expected {expected}, got {desc}"
+    )
+
+
+def _rebuild(template: Any, data: Any, path: str) -> Any:
+    if isinstance(template, tuple) and hasattr(template, "_fields"):
+        fields = template._fields
+        if not isinstance(data, dict):
+            raise _mismatch(path, f"a dict with keys {list(fields)}", data)
+        missing = [f for f in fields if f not in data]
+        extra = [k for k in data if k not in fields]
+        if missing:
+            raise _mismatch(f"{path}.{missing[0]}", "a value (key missing)", data)
+        if extra:
+            raise _mismatch(f"{path}.{extra[0]}", f"no such key in {type(template).__name__}", data)
+        return type(template)(
+            *(_rebuild(getattr(template, f), data[f], f"{path}.{f}") for f in fields)
+        )
+    if isinstance(template, (tuple, list)):
+        if not isinstance(data, (list, tuple)) or len(data) != len(template):
+            raise _mismatch(path, f"a list of length {len(template)}", data)
+        items = [_rebuild(t, d, f"{path}[{i}]") for i, (t, d) in enumerate(zip(template, data))]
+        return type(template)(items)
+    if isinstance(template, dict):
+        if not isinstance(data, dict):
+            raise _mismatch(path, f"a dict with keys {sorted(map(str, template))}", data)
+        missing = [k for k in template if k not in data]
+        extra = [k for k in data if k not in template]
+        if missing:
+            raise _mismatch(f"{path}[{missing[0]!r}]", "a value (key missing)", data)
+        if extra:
+            raise _mismatch(f"{path}[{extra[0]!r}]", "no such key", data)
+        return type(template)((k, _rebuild(v, data[k], f"{path}[{k!r}]")) for k, v in template.items())
+    if isinstance(template, torch.Tensor):
+        if not isinstance(data, torch.Tensor):
+            raise _mismatch(path, f"a tensor of shape {tuple(template.shape)}", data)
+        if data.shape != template.shape or data.dtype != template.dtype:
+            raise _mismatch(
+                path, f"a tensor of shape {tuple(template.shape)} and dtype {template.dtype}", data
+            )
+        return data.detach().to(template.device, copy=True)
+    if template is None:
+        if data is not None:
+            raise _mismatch(path, "None", data)
+        return None
+    if isinstance(template, (bool, int, float, str)):
+        if type(data) is not type(template) and not (
+            isinstance(template, float) and isinstance(data, float) and math.isnan(data)
+        ):
+            raise _mismatch(path, f"a {type(template).__name__}", data)
+        return data
+    raise TypeError(f"from_state_dict: {path}: unsupported template leaf {type(template).__name__}")
+
+
+def from_state_dict(template_state: Any, state_dict: Any) -> Any:
+    """Rebuild a state shaped like ``template_state`` (usually ``tx.init(params)``) from
+    the plain data made by :func:`to_state_dict`.
+
+    Tensors are copied onto the template's devices. Nothing is changed when the data
+    does not fit: a ``ValueError`` names the first path that differs (missing or extra
+    key, wrong length, wrong shape or dtype).
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.adam(lr=1e-3)
+        >>> params = {"w": torch.zeros(3)}
+        >>> state = tx.init(params)
+        >>> again = gc.from_state_dict(state, gc.to_state_dict(state))
+        >>> gc.from_state_dict(gc.sgd(lr=0.1).init(params), gc.to_state_dict(state))
+        Traceback (most recent call last):
+        ...
+        ValueError: from_state_dict: ... does not fit this transformation's state: ...
+    """
+    return _rebuild(template_state, state_dict, "state")
+
+
+# --------------------------------------------------------------------------- leaf views
+class Leaves:
+    """The present (non-``None``) leaves of an updates tree, and the way back.
+
+    Transformations read the gradients as a flat list with :attr:`values`, read
+    per-parameter state trees aligned to them with :meth:`take`, and rebuild trees with
+    :meth:`put` (the updates; ``None`` leaves stay ``None``) and :meth:`put_into` (a state
+    tree; leaves whose gradient was ``None`` keep their old value, so their state does not
+    advance).
+
+    Example:
+        >>> import torch
+        >>> from gradchain.tree import Leaves
+        >>> view = Leaves({"a": torch.ones(1), "b": None})
+        >>> view.put([g * 3 for g in view.values])
+        {'a': tensor([3.]), 'b': None}
+        >>> view.put_into({"a": torch.zeros(1), "b": torch.zeros(1)}, [torch.ones(1)])
+        {'a': tensor([1.]), 'b': tensor([0.])}
+    """
+
+    __slots__ = ("spec", "leaves", "index", "values")
+
+    def __init__(self, updates: Any) -> None:
+        self.leaves, self.spec = flatten(updates)
+        self.index = [i for i, g in enumerate(self.leaves) if g is not None]
+        self.values: list[torch.Tensor] = [self.leaves[i] for i in self.index]
+        for i, g in zip(self.index, self.values):
+            if not isinstance(g, torch.Tensor):
+                paths = leaf_paths(updates)
+                raise TypeError(
+                    f"updates{paths[i]}: expected a torch.Tensor or None, got {type(g).__name__}"
+                )
+
+    def take(self, tree: Any, name: str = "state") -> list[Any]:
+        """Leaves of ``tree`` (same structure as the updates) at the present positions."""
+        leaves = flatten_like(self.spec, tree, name, "the updates")
+        return [leaves[i] for i in self.index]
+
+    def take_all(self, tree: Any, name: str = "params") -> list[Any]:
+        """All leaves of ``tree`` (same structure as the updates), ``None`` included."""
+        return flatten_like(self.spec, tree, name, "the updates")
+
+    def put(self, values: Sequence[Any]) -> Any:
+        out = list(self.leaves)
+        for i, v in zip(self.index, values):
+            out[i] = v
+        return unflatten(self.spec, out)
+
+    def put_into(self, tree: Any, values: Sequence[Any]) -> Any:
+        out = list(flatten_like(self.spec, tree, "state", "the updates"))
+        for i, v in zip(self.index, values):
+            out[i] = v
+        return unflatten(self.spec, out)
