@@ -13,11 +13,31 @@ from gradchain.base import (
     identity,
     is_gate,
 )
+from gradchain.clipping import ClipByNormState, clip_by_norm, clip_by_value
+from gradchain.gates import (
+    AccumulateState,
+    LossScaleState,
+    SkipIfNonfiniteState,
+    accumulate_every,
+    loss_scale,
+    scale_loss,
+    skip_if_nonfinite,
+)
 from gradchain.tree import from_state_dict, to_state_dict, tree_get
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccumulateState",
+    "ClipByNormState",
+    "LossScaleState",
+    "SkipIfNonfiniteState",
+    "accumulate_every",
+    "clip_by_norm",
+    "clip_by_value",
+    "loss_scale",
+    "scale_loss",
+    "skip_if_nonfinite",
     "EmptyState",
     "GradientTransformation",
     "applied",

@@ -19,6 +19,8 @@ TList = list[torch.Tensor]
 
 
 def _fe(*lists: Sequence[torch.Tensor], scalar: object = None) -> bool:
+    if torch.compiler.is_compiling():
+        return bool(lists and lists[0])
     if isinstance(scalar, torch.Tensor) and (
         scalar.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(scalar)
     ):

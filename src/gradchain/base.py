@@ -111,13 +111,29 @@ def _is_gate_state(node: Any) -> bool:
     return isinstance(node, tuple) and getattr(type(node), "_gradchain_gate_state", False)
 
 
-def _gate_flags(state: State) -> list[torch.Tensor]:
-    """The ``is_open`` flags of every gate state inside ``state``, in order."""
-    flags: list[torch.Tensor] = []
+Flag = torch.Tensor | bool
+
+
+def _gate_flags(state: State) -> list[tuple[torch.Tensor, bool, bool]]:
+    """The flags of every gate state inside ``state``, in order, as
+    ``(flag, on_host, absorbs)``.
+
+    A gate state class declares its flag fields in ``_gradchain_gate_flags`` (default
+    ``("is_open",)``); in ``_gradchain_host_flags`` those decided on the host from counts
+    alone (never from device data), which a chain may read in eager mode; and with
+    ``_gradchain_absorbs_upstream = True`` that its flags replace, rather than join, the
+    flags of the gates before it (``accumulate_every`` drops the micro-steps an earlier
+    gate closed, and opens on its own schedule).
+    """
+    flags: list[tuple[torch.Tensor, bool, bool]] = []
 
     def visit(node: Any) -> None:
         if _is_gate_state(node):
-            flags.append(node.is_open)
+            cls = type(node)
+            host = getattr(cls, "_gradchain_host_flags", ())
+            absorbs = bool(getattr(cls, "_gradchain_absorbs_upstream", False))
+            for k, name in enumerate(getattr(cls, "_gradchain_gate_flags", ("is_open",))):
+                flags.append((getattr(node, name), name in host, absorbs and k == 0))
             return
         if isinstance(node, (tuple, list)):
             for child in node:
@@ -146,12 +162,31 @@ def _known_bool(flag: torch.Tensor) -> bool | None:
     return bool(flag)
 
 
-def _combine(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if a is None:
+def _and(a: Flag, b: Flag) -> Flag:
+    if a is False or b is False:
+        return False
+    if a is True:
         return b
-    if b is None:
+    if b is True:
         return a
+    assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
     return torch.logical_and(a, b.to(a.device))
+
+
+def _fold_flags(start: Flag, state: State, read_host: bool = True) -> Flag:
+    """Whether a step is applied after the gates in ``state``, given ``start`` before them.
+
+    Python bools where known without touching the device, tensors otherwise.
+    """
+    result = start
+    for flag, on_host, absorbs in _gate_flags(state):
+        value: Flag = flag
+        if on_host and read_host:
+            known = _known_bool(flag)
+            if known is not None:
+                value = known
+        result = value if absorbs else _and(result, value)
+    return result
 
 
 def applied(state: State) -> torch.Tensor:
@@ -172,10 +207,8 @@ def applied(state: State) -> torch.Tensor:
         >>> bool(gc.applied(state))
         True
     """
-    result: torch.Tensor | None = None
-    for flag in _gate_flags(state):
-        result = _combine(result, flag)
-    return torch.tensor(True) if result is None else result
+    result = _fold_flags(True, state, read_host=False)
+    return torch.tensor(result) if isinstance(result, bool) else result
 
 
 # --------------------------------------------------------------------------- basics
@@ -274,7 +307,6 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 f"(from this chain's init), got {got}"
             )
         gate_open: torch.Tensor | None = extra.pop("gate_open", None)
-        original = updates
         new_states: list[State] = []
         for i, (t, s) in enumerate(zip(transforms, state)):
             new_u, new_s = t.update(updates, s, params, gate_open=gate_open, **extra)
@@ -284,15 +316,13 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             updates = new_u
             new_states.append(new_s)
             if gates[i]:
-                flags = _gate_flags(new_s)
-                known = [_known_bool(f) for f in flags]
-                if any(k is False for k in known):
-                    # Closed without reading the device: skip the rest of the chain.
+                flag = _fold_flags(True if gate_open is None else gate_open, new_s)
+                if flag is False:
+                    # Closed, known without reading the device: skip the rest of the chain.
+                    # A closed gate emits zeros, which are then this chain's output.
                     new_states.extend(state[i + 1 :])
-                    return _zeros_like_tree(original), tuple(new_states)
-                for f, k in zip(flags, known):
-                    if k is None:
-                        gate_open = _combine(gate_open, f)
+                    return new_u, tuple(new_states)
+                gate_open = None if flag is True else flag
         if gate_open is not None:
             updates = _select_tree(gate_open, updates, _zeros_like_tree(updates))
         return updates, tuple(new_states)

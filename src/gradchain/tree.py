@@ -160,6 +160,8 @@ def _use_foreach(tensors: Sequence[torch.Tensor]) -> bool:
     """
     if not tensors:
         return False
+    if torch.compiler.is_compiling():
+        return True
     t = tensors[0]
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         return False

@@ -1,0 +1,180 @@
+"""Gradient clipping: ``clip_by_norm`` (global norm) and ``clip_by_value``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from gradchain import _ops
+from gradchain.base import EmptyState, GradientTransformation
+from gradchain.tree import Leaves, _norm_dtype, flatten, global_norm
+
+__all__ = ["ClipByNormState", "clip_by_norm", "clip_by_value"]
+
+
+class ClipByNormState(NamedTuple):
+    """State of :func:`clip_by_norm`.
+
+    Attributes:
+        norm: the global norm of the last incoming updates, before clipping (float32, or
+            float64 when the params are float64).
+        nonfinite: whether that norm was nan or inf (bool). With
+            ``error_if_nonfinite=True`` this is how the error surfaces; see :func:`clip_by_norm`.
+    """
+
+    norm: torch.Tensor
+    nonfinite: torch.Tensor
+
+
+def _check_norm_type(norm_type: float | str) -> float:
+    if isinstance(norm_type, str):
+        if norm_type.lower() != "inf":
+            raise ValueError(f"norm_type must be a positive float or 'inf', got {norm_type!r}")
+        return math.inf
+    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)):
+        raise TypeError(f"norm_type must be a positive float or inf, got {type(norm_type).__name__}")
+    p = float(norm_type)
+    if not p > 0:
+        raise ValueError(f"norm_type must be > 0 (1, 2, 3.5, inf, ...), got {norm_type!r}")
+    return p
+
+
+def _check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
+    v = float(value)
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return v
+
+
+def clip_by_norm(
+    max_norm: float, norm_type: float | str = 2.0, error_if_nonfinite: bool = False
+) -> GradientTransformation:
+    r"""Scale all updates by one coefficient so that their global norm is at most ``max_norm``.
+
+    With :math:`\|g\|_p` the ``norm_type``-norm of all leaves together,
+
+    .. math::  g \leftarrow g \cdot \min\!\left(1, \frac{\text{max\_norm}}{\|g\|_p + 10^{-6}}\right)
+
+    which is exactly the coefficient of ``torch.nn.utils.clip_grad_norm_``. Unlike that
+    utility, the norm is computed in float32 at least, so float16 gradients whose norm
+    exceeds 65504 are clipped rather than zeroed. The pre-clip norm is kept in
+    :class:`ClipByNormState` (``tree_get(state, "norm")``) for logging.
+
+    Non-finite norms behave as in torch: a nan norm makes every update nan, an inf norm
+    turns finite entries into zeros. Put ``skip_if_nonfinite()`` or ``loss_scale()``
+    before the clip to drop such steps.
+
+    ``error_if_nonfinite=True`` cannot raise inside ``update`` without a host-device
+    sync. Instead, on a non-finite norm the updates pass through unclipped (torch leaves
+    the gradients untouched when it raises) and the state's ``nonfinite`` flag is set.
+    ``ChainedOptimizer`` raises ``RuntimeError`` on that flag before calling the wrapped
+    optimizer; in functional code check ``bool(gc.tree_get(state, "nonfinite"))`` when
+    you read the step's results.
+
+    Args:
+        max_norm: the largest allowed global norm (positive, finite).
+        norm_type: the p of the p-norm: any float > 0, ``float('inf')`` or ``'inf'``.
+        error_if_nonfinite: flag non-finite norms instead of clipping with them.
+
+    Returns:
+        A stateful :class:`GradientTransformation`.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.clip_by_norm(1.0)
+        >>> g = {"w": torch.tensor([3.0, 4.0])}
+        >>> out, state = tx.update(g, tx.init(g))
+        >>> out["w"], state.norm
+        (tensor([0.6000, 0.8000]), tensor(5.))
+    """
+    max_norm = _check_positive("max_norm", max_norm)
+    p = _check_norm_type(norm_type)
+    if not isinstance(error_if_nonfinite, bool):
+        raise TypeError("error_if_nonfinite must be a bool")
+
+    def init(params: Any) -> ClipByNormState:
+        leaves, _ = flatten(params)
+        ts = [x for x in leaves if isinstance(x, torch.Tensor)]
+        dtype = _norm_dtype(ts)
+        device = ts[0].device if ts else torch.device("cpu")
+        return ClipByNormState(
+            norm=torch.zeros((), dtype=dtype, device=device),
+            nonfinite=torch.zeros((), dtype=torch.bool, device=device),
+        )
+
+    def update(
+        updates: Any, state: ClipByNormState, params: Any = None, **extra: Any
+    ) -> tuple[Any, ClipByNormState]:
+        del params, extra
+        view = Leaves(updates)
+        gs = view.values
+        if not gs:
+            return updates, state
+        total = global_norm(gs, p)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        finite = torch.isfinite(total)
+        if error_if_nonfinite:
+            coef = torch.where(finite, coef, torch.ones_like(coef))
+        # One coefficient per (device, dtype), then one multiply over all leaves.
+        coefs: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        for g in gs:
+            if (g.device, g.dtype) not in coefs:
+                coefs[(g.device, g.dtype)] = coef.to(g.device, g.dtype)
+        clipped = _ops.mul_list(gs, [coefs[(g.device, g.dtype)] for g in gs])
+        new_state = ClipByNormState(
+            norm=total.to(state.norm.device, state.norm.dtype),
+            nonfinite=torch.logical_not(finite).to(state.nonfinite.device),
+        )
+        return view.put(clipped), new_state
+
+    return GradientTransformation(init, update)
+
+
+def clip_by_value(max_value: float, min_value: float | None = None) -> GradientTransformation:
+    r"""Clamp every update entry to ``[min_value, max_value]``.
+
+    ``min_value=None`` means ``-max_value`` (as ``torch.nn.utils.clip_grad_value_``);
+    ``min_value=0.0`` means zero. nan stays nan, ``±inf`` becomes the bound.
+
+    Args:
+        max_value: the upper bound.
+        min_value: the lower bound; ``None`` for ``-max_value``. Must be ``<= max_value``.
+
+    Returns:
+        A stateless :class:`GradientTransformation`.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.clip_by_value(0.5)
+        >>> tx.update({"w": torch.tensor([-2.0, 0.1, 3.0])}, tx.init({}))[0]["w"]
+        tensor([-0.5000,  0.1000,  0.5000])
+    """
+    for name, v in (("max_value", max_value), ("min_value", min_value)):
+        if v is None and name == "min_value":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(float(v)):
+            raise TypeError(f"{name} must be a float (not nan), got {v!r}")
+    hi = float(max_value)
+    lo = -hi if min_value is None else float(min_value)
+    if lo > hi:
+        raise ValueError(
+            f"clip_by_value: min_value ({lo}) must be <= max_value ({hi})"
+            + (" (with min_value=None the lower bound is -max_value)" if min_value is None else "")
+        )
+
+    def init(params: Any) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(
+        updates: Any, state: EmptyState, params: Any = None, **extra: Any
+    ) -> tuple[Any, EmptyState]:
+        del params, extra
+        view = Leaves(updates)
+        return view.put(_ops.clamp(view.values, lo, hi)), state
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,511 @@
+"""Gates: transformations that hold a step back (accumulation, non-finite skipping, loss scaling).
+
+In ``chain(a, gate, b, c)`` a gate governs ``b`` and ``c``: on a step the gate closes they
+keep their state and the chain emits zeros (see :func:`gradchain.chain`). Each gate's
+state carries a 0-dim bool ``is_open``; :func:`gradchain.applied` combines them.
+
+A gate receives the combined flag of the gates before it as the extra keyword
+``gate_open`` (a 0-dim bool tensor, or ``None`` when every earlier gate is known open)
+and keeps its own state on steps an earlier gate closed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from gradchain import _ops
+from gradchain.base import GradientTransformation, _known_bool, _mark_gate
+from gradchain.tree import Leaves, flatten, unflatten
+
+__all__ = [
+    "AccumulateState",
+    "SkipIfNonfiniteState",
+    "LossScaleState",
+    "accumulate_every",
+    "skip_if_nonfinite",
+    "loss_scale",
+    "scale_loss",
+]
+
+_INT64_MAX = torch.iinfo(torch.int64).max
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _first_device(params: Any) -> torch.device:
+    leaves, _ = flatten(params)
+    for p in leaves:
+        if isinstance(p, torch.Tensor):
+            return p.device
+    return torch.device("cpu")
+
+
+def _saturating_increment(count: torch.Tensor, by: torch.Tensor | int = 1) -> torch.Tensor:
+    """``count + by`` for int64 counters, stopping at the int64 maximum instead of wrapping."""
+    room = _INT64_MAX - count
+    if isinstance(by, torch.Tensor):
+        by = by.to(count.dtype)
+        return torch.where(room >= by, count + by, torch.full_like(count, _INT64_MAX))
+    return torch.where(room >= by, count + by, torch.full_like(count, _INT64_MAX))
+
+
+def _keep_where_closed(gate_open: torch.Tensor | None, new: Any, old: Any) -> Any:
+    """A gate's own state: the new one where the earlier gates were open, else the old one."""
+    if gate_open is None:
+        return new
+    new_leaves, spec = flatten(new)
+    old_leaves = spec.flatten_up_to(old)
+    out = [
+        n if not isinstance(n, torch.Tensor) else torch.where(gate_open.to(n.device), n, o)
+        for n, o in zip(new_leaves, old_leaves)
+    ]
+    return unflatten(spec, out)
+
+
+def _known_int(t: torch.Tensor) -> int | None:
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return None
+    return int(t)
+
+
+# --------------------------------------------------------------------------- accumulate_every
+class AccumulateState(NamedTuple):
+    """State of :func:`accumulate_every`.
+
+    Attributes:
+        mini_step: calls taken in the current window, ``0 <= mini_step < n`` (int64, kept
+            on the host so that the window position is known without reading the device).
+        count: micro-steps actually accumulated in the window (int64; smaller than
+            ``mini_step`` only when an earlier gate dropped some micro-steps).
+        sums: the running sums, shaped like the params, in the accumulator dtype.
+        is_open: whether the last call closed the window (bool, host).
+        nonempty: whether the closed window held at least one micro-step (bool).
+    """
+
+    _gradchain_gate_state = True
+    _gradchain_gate_flags = ("is_open", "nonempty")
+    _gradchain_host_flags = ("is_open",)
+    _gradchain_absorbs_upstream = True
+
+    mini_step: torch.Tensor
+    count: torch.Tensor
+    sums: Any
+    is_open: torch.Tensor
+    nonempty: torch.Tensor
+
+
+def accumulate_every(
+    n: int, mean: bool = True, accumulator_dtype: torch.dtype | None = None
+) -> GradientTransformation:
+    r"""Gate: accumulate ``n`` micro-steps and pass on their mean (or sum) every ``n``-th call.
+
+    On calls ``1 .. n-1`` of a window it emits zeros and everything after it in a chain
+    keeps its state; on call ``n`` it emits
+
+    .. math:: \frac{1}{k}\sum_{i=1}^{k} g_i \quad (\texttt{mean=True}), \qquad \sum_i g_i \quad (\texttt{mean=False})
+
+    where ``k`` is the number of micro-steps accumulated, and starts a new window. So an
+    adam after it counts windows, not micro-steps. ``update(..., flush=True)`` closes a
+    partial window early with the exact mean over its ``k < n`` micro-steps (e.g. the
+    last, short window of an epoch).
+
+    **Performance.** The window position ``mini_step`` is a host (CPU) int64 tensor, so
+    in eager mode the chain knows, without a host-device sync, that a micro-step does not
+    close the window and skips the rest of the chain entirely: a micro-step costs one
+    add into the accumulator. Under ``torch.compile`` or ``vmap`` the position is data;
+    the rest of the chain is then computed and discarded with ``torch.where`` (correct,
+    traceable, but the tail costs its full price on every micro-step). If you move the
+    state to an accelerator, the same happens; keep ``mini_step`` on the host.
+
+    **Behind another gate.** After ``skip_if_nonfinite`` or ``loss_scale``, a micro-step
+    that gate drops is not accumulated, but it still counts towards the window (the
+    window closes every ``n`` calls, a count known without reading the device); the mean
+    is over the micro-steps actually accumulated, and a window whose micro-steps were all
+    dropped is not applied.
+
+    A ``None`` gradient adds nothing. On the closing call it stays ``None`` (the update
+    tree keeps the gradient's structure) and that leaf's sum is carried into the next
+    window rather than dropped.
+
+    Args:
+        n: window length, an int ``>= 1``.
+        mean: pass on the mean (default) or the sum of the window.
+        accumulator_dtype: dtype of the sums; by default float32 for float16/bfloat16
+            params and the param dtype otherwise. Updates are cast back to the gradient dtype.
+
+    Returns:
+        A gate :class:`GradientTransformation` with :class:`AccumulateState`.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.accumulate_every(2)
+        >>> params = {"w": torch.zeros(1)}
+        >>> state = tx.init(params)
+        >>> out, state = tx.update({"w": torch.tensor([1.0])}, state)
+        >>> out["w"], bool(gc.applied(state))
+        (tensor([0.]), False)
+        >>> out, state = tx.update({"w": torch.tensor([3.0])}, state)
+        >>> out["w"], bool(gc.applied(state))
+        (tensor([2.]), True)
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"accumulate_every: n must be an int >= 1, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"accumulate_every: n must be >= 1, got {n}")
+    if not isinstance(mean, bool):
+        raise TypeError(f"accumulate_every: mean must be a bool, got {type(mean).__name__}")
+    if accumulator_dtype is not None and not (
+        isinstance(accumulator_dtype, torch.dtype) and accumulator_dtype.is_floating_point
+    ):
+        raise TypeError(
+            f"accumulate_every: accumulator_dtype must be a floating torch.dtype or None, "
+            f"got {accumulator_dtype!r}"
+        )
+
+    def acc_dtype(p: torch.Tensor) -> torch.dtype:
+        if accumulator_dtype is not None:
+            return accumulator_dtype
+        return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+
+    def init(params: Any) -> AccumulateState:
+        leaves, spec = flatten(params)
+        sums = unflatten(
+            spec, [None if p is None else torch.zeros_like(p, dtype=acc_dtype(p)) for p in leaves]
+        )
+        device = _first_device(params)
+        return AccumulateState(
+            mini_step=torch.zeros((), dtype=torch.int64),
+            count=torch.zeros((), dtype=torch.int64, device=device),
+            sums=sums,
+            is_open=torch.zeros((), dtype=torch.bool),
+            nonempty=torch.zeros((), dtype=torch.bool, device=device),
+        )
+
+    def update(
+        updates: Any,
+        state: AccumulateState,
+        params: Any = None,
+        *,
+        gate_open: torch.Tensor | None = None,
+        flush: bool | torch.Tensor = False,
+        **extra: Any,
+    ) -> tuple[Any, AccumulateState]:
+        del params, extra
+        view = Leaves(updates)
+        gs = view.values
+        sums = view.take(state.sums, "state.sums")
+        contrib = _ops.cast(gs, [s.dtype for s in sums])
+        if gate_open is not None:
+            contrib = _ops.where(gate_open, contrib, _ops.zeros_like(contrib))
+        new_sums = _ops.add(sums, contrib)
+        step = state.mini_step + 1
+        count = state.count + (1 if gate_open is None else gate_open.to(state.count.device).long())
+
+        known_step = _known_int(state.mini_step)
+        known_flush = flush if isinstance(flush, bool) else _known_bool(flush)
+        if known_step is not None and known_flush is not None:
+            closing: bool | torch.Tensor = known_flush or known_step + 1 >= n
+        else:
+            closing = torch.logical_or(torch.as_tensor(flush), step >= n)
+
+        if closing is False:
+            new_state = AccumulateState(
+                mini_step=step,
+                count=count,
+                sums=view.put_into(state.sums, new_sums),
+                is_open=torch.zeros((), dtype=torch.bool),
+                nonempty=count > 0,
+            )
+            return view.put(_ops.zeros_like(gs)), new_state
+
+        out = new_sums if not mean else _ops.div_scalar(new_sums, count.clamp(min=1))
+        out = _ops.cast(out, [g.dtype for g in gs])
+        nonempty = count > 0
+        if gate_open is not None:
+            out = _ops.where(nonempty, out, _ops.zeros_like(out))
+        zero_sums = _ops.zeros_like(new_sums)
+        if closing is True:
+            new_state = AccumulateState(
+                mini_step=torch.zeros_like(step),
+                count=torch.zeros_like(count),
+                sums=view.put_into(state.sums, zero_sums),
+                is_open=torch.ones((), dtype=torch.bool),
+                nonempty=nonempty,
+            )
+            return view.put(out), new_state
+        # Window position is data (compiled, vmapped, or state moved off the host).
+        assert isinstance(closing, torch.Tensor)
+        closing_t = closing
+        new_state = AccumulateState(
+            mini_step=torch.where(closing_t, torch.zeros_like(step), step),
+            count=torch.where(closing_t.to(count.device), torch.zeros_like(count), count),
+            sums=view.put_into(state.sums, _ops.where(closing_t, zero_sums, new_sums)),
+            is_open=closing_t.to(state.is_open.device),
+            nonempty=nonempty,
+        )
+        return view.put(_ops.where(closing_t, out, _ops.zeros_like(out))), new_state
+
+    return GradientTransformation(init, _mark_gate(update))
+
+
+# --------------------------------------------------------------------------- skip_if_nonfinite
+class SkipIfNonfiniteState(NamedTuple):
+    """State of :func:`skip_if_nonfinite`.
+
+    Attributes:
+        is_open: whether the last incoming updates were all finite (bool).
+        consecutive_skips: skipped steps since the last finite one (int64, saturating).
+        total_skips: all skipped steps (int64, saturating).
+    """
+
+    _gradchain_gate_state = True
+
+    is_open: torch.Tensor
+    consecutive_skips: torch.Tensor
+    total_skips: torch.Tensor
+
+
+def skip_if_nonfinite() -> GradientTransformation:
+    """Gate: drop a step whose incoming updates contain nan or inf.
+
+    On such a step it emits zeros, everything after it in a chain keeps its state
+    bit-identical, and it counts the skip. Non-finite values never pass through it.
+
+    **Performance.** Finiteness is data on the device, so the decision stays a tensor: the
+    rest of the chain is computed on every step and its new state is selected with
+    ``torch.where``. That costs one reduction per step and no host-device sync.
+
+    Returns:
+        A gate :class:`GradientTransformation` with :class:`SkipIfNonfiniteState`.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.skip_if_nonfinite()
+        >>> out, state = tx.update({"w": torch.tensor([1.0, float("nan")])}, tx.init({}))
+        >>> out["w"], bool(gc.applied(state)), int(state.total_skips)
+        (tensor([0., 0.]), False, 1)
+    """
+
+    def init(params: Any) -> SkipIfNonfiniteState:
+        device = _first_device(params)
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        return SkipIfNonfiniteState(
+            is_open=torch.ones((), dtype=torch.bool, device=device),
+            consecutive_skips=zero,
+            total_skips=zero.clone(),
+        )
+
+    def update(
+        updates: Any,
+        state: SkipIfNonfiniteState,
+        params: Any = None,
+        *,
+        gate_open: torch.Tensor | None = None,
+        **extra: Any,
+    ) -> tuple[Any, SkipIfNonfiniteState]:
+        del params, extra
+        view = Leaves(updates)
+        gs = view.values
+        finite = _ops.all_finite(gs).to(state.is_open.device)
+        skipped = torch.logical_not(finite)
+        counters = (
+            torch.where(finite, torch.zeros_like(state.consecutive_skips),
+                        _saturating_increment(state.consecutive_skips)),
+            torch.where(skipped, _saturating_increment(state.total_skips), state.total_skips),
+        )
+        counters = _keep_where_closed(gate_open, counters, (state.consecutive_skips,
+                                                             state.total_skips))
+        out = _ops.where(finite, gs, _ops.zeros_like(gs))
+        return view.put(out), SkipIfNonfiniteState(finite, *counters)
+
+    return GradientTransformation(init, _mark_gate(update))
+
+
+# --------------------------------------------------------------------------- loss_scale
+class LossScaleState(NamedTuple):
+    """State of :func:`loss_scale`.
+
+    Attributes:
+        scale: the current loss scale (float32).
+        growth_tracker: consecutive finite steps since the last change of scale (int64).
+        is_open: whether the last step's unscaled updates were all finite (bool).
+    """
+
+    _gradchain_gate_state = True
+
+    scale: torch.Tensor
+    growth_tracker: torch.Tensor
+    is_open: torch.Tensor
+
+
+def _check_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"loss_scale: {name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
+def loss_scale(
+    init_scale: float = 2.0**16,
+    growth_factor: float = 2.0,
+    backoff_factor: float = 0.5,
+    growth_interval: int = 2000,
+    min_scale: float | None = None,
+    dynamic: bool = True,
+) -> GradientTransformation:
+    r"""Gate: unscale the gradients of a scaled loss, skip non-finite steps, adapt the scale.
+
+    Call backward on ``gc.scale_loss(loss, state)`` (the loss times the current scale);
+    this transformation multiplies the gradients by ``1 / scale`` (float32, as
+    ``torch.amp.GradScaler``) and, when any unscaled entry is nan or inf, emits zeros and
+    closes the step. The scale then follows GradScaler's algorithm exactly:
+
+    * non-finite step: ``scale = max(scale * backoff_factor, min_scale)``, tracker 0;
+    * finite step: tracker + 1; when it reaches ``growth_interval``, ``scale *= growth_factor``
+      if the result is finite, and the tracker restarts at 0.
+
+    With ``dynamic=False`` the scale stays ``init_scale`` and non-finite steps are still
+    skipped. Put it first in a mixed-precision chain, so clipping sees unscaled gradients;
+    put it after ``accumulate_every`` to unscale and check once per window as GradScaler
+    does with accumulation (an inf in any micro-step then drops the window).
+
+    Differences from GradScaler: finiteness is checked on the *unscaled* values (so an
+    overflow caused by unscaling with a scale below 1 is caught too), float16 gradients are
+    accepted (unscaled in float32), there is an optional floor ``min_scale``, and the
+    decision never needs a host-device sync (finiteness is selected with ``torch.where``).
+
+    Args:
+        init_scale: the first scale (> 0).
+        growth_factor: factor applied after ``growth_interval`` finite steps (> 1).
+        backoff_factor: factor applied on a non-finite step, in (0, 1).
+        growth_interval: finite steps between growths (int >= 1).
+        min_scale: optional floor for backoff (> 0, <= init_scale).
+        dynamic: adapt the scale (default) or keep it fixed.
+
+    Returns:
+        A gate :class:`GradientTransformation` with :class:`LossScaleState`.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.loss_scale(init_scale=1024.0)
+        >>> state = tx.init({"w": torch.zeros(1)})
+        >>> loss = gc.scale_loss(torch.tensor(2.0), state)
+        >>> loss
+        tensor(2048.)
+        >>> out, state = tx.update({"w": torch.tensor([512.0])}, state)
+        >>> out["w"], bool(gc.applied(state))
+        (tensor([0.5000]), True)
+        >>> out, state = tx.update({"w": torch.tensor([float("inf")])}, state)
+        >>> out["w"], float(state.scale)
+        (tensor([0.]), 512.0)
+    """
+    init_scale = _check_float("init_scale", init_scale)
+    growth_factor = _check_float("growth_factor", growth_factor)
+    backoff_factor = _check_float("backoff_factor", backoff_factor)
+    if not (init_scale > 0 and init_scale < float("inf")):
+        raise ValueError(f"loss_scale: init_scale must be a positive finite float, got {init_scale}")
+    if not growth_factor > 1.0 or growth_factor == float("inf"):
+        raise ValueError(f"loss_scale: growth_factor must be > 1 and finite, got {growth_factor}")
+    if not 0.0 < backoff_factor < 1.0:
+        raise ValueError(f"loss_scale: backoff_factor must be in (0, 1), got {backoff_factor}")
+    if isinstance(growth_interval, bool) or not isinstance(growth_interval, int):
+        raise TypeError(
+            f"loss_scale: growth_interval must be an int >= 1, got {type(growth_interval).__name__}"
+        )
+    if growth_interval < 1:
+        raise ValueError(f"loss_scale: growth_interval must be >= 1, got {growth_interval}")
+    if min_scale is not None:
+        min_scale = _check_float("min_scale", min_scale)
+        if not 0.0 < min_scale <= init_scale:
+            raise ValueError(
+                f"loss_scale: min_scale must be in (0, init_scale={init_scale}], got {min_scale}"
+            )
+    if not isinstance(dynamic, bool):
+        raise TypeError(f"loss_scale: dynamic must be a bool, got {type(dynamic).__name__}")
+
+    def init(params: Any) -> LossScaleState:
+        device = _first_device(params)
+        return LossScaleState(
+            scale=torch.full((), init_scale, dtype=torch.float32, device=device),
+            growth_tracker=torch.zeros((), dtype=torch.int64, device=device),
+            is_open=torch.ones((), dtype=torch.bool, device=device),
+        )
+
+    def update(
+        updates: Any,
+        state: LossScaleState,
+        params: Any = None,
+        *,
+        gate_open: torch.Tensor | None = None,
+        **extra: Any,
+    ) -> tuple[Any, LossScaleState]:
+        del params, extra
+        view = Leaves(updates)
+        gs = view.values
+        scale = state.scale
+        inv = torch.reciprocal(scale.double()).float()
+        unscaled = _unscale(gs, inv)
+        finite = _ops.all_finite(unscaled).to(scale.device)
+        if dynamic:
+            successful = state.growth_tracker + 1
+            grow = torch.logical_and(finite, successful >= growth_interval)
+            grown = scale * growth_factor
+            backed_off = scale * backoff_factor
+            if min_scale is not None:
+                backed_off = torch.clamp(backed_off, min=min_scale)
+            new_scale = torch.where(
+                finite,
+                torch.where(torch.logical_and(grow, torch.isfinite(grown)), grown, scale),
+                backed_off,
+            )
+            new_tracker = torch.where(
+                torch.logical_or(grow, torch.logical_not(finite)),
+                torch.zeros_like(successful),
+                successful,
+            )
+            new_scale, new_tracker = _keep_where_closed(
+                gate_open, (new_scale, new_tracker), (scale, state.growth_tracker)
+            )
+        else:
+            new_scale, new_tracker = scale, state.growth_tracker
+        out = _ops.where(finite, unscaled, _ops.zeros_like(unscaled))
+        return view.put(out), LossScaleState(new_scale, new_tracker, finite)
+
+    return GradientTransformation(init, _mark_gate(update))
+
+
+def _unscale(gs: list[torch.Tensor], inv: torch.Tensor) -> list[torch.Tensor]:
+    """Multiply by the float32 inverse scale; float16/bfloat16 in float32, cast back."""
+    if all(g.dtype not in _LOW_PRECISION for g in gs):
+        return _ops.mul(gs, inv)
+    return [(g.float() * inv.to(g.device)).to(g.dtype) for g in gs]
+
+
+def scale_loss(loss: torch.Tensor, state: Any) -> torch.Tensor:
+    """Multiply ``loss`` by the current loss scale found in a chain's ``state``.
+
+    Returns ``loss`` unchanged when the chain has no :func:`loss_scale`. Call
+    ``backward()`` on the result.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.chain(gc.loss_scale(init_scale=8.0), gc.sgd(lr=0.1))
+        >>> gc.scale_loss(torch.tensor(0.5), tx.init({"w": torch.zeros(1)}))
+        tensor(4.)
+        >>> gc.scale_loss(torch.tensor(0.5), gc.sgd(lr=0.1).init({"w": torch.zeros(1)}))
+        tensor(0.5000)
+    """
+    from gradchain.tree import _named_nodes
+
+    found = [node for _, node in _named_nodes(state) if isinstance(node, LossScaleState)]
+    if not found:
+        return loss
+    if len(found) > 1:
+        raise ValueError(
+            "scale_loss: this state holds more than one loss_scale; use "
+            "loss * gc.tree_get(<the sub-state you mean>, 'scale') instead"
+        )
+    return loss * found[0].scale.to(loss.device)
+

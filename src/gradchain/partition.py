@@ -1,0 +1,465 @@
+"""Different transformations for different parameter subsets: ``masked`` and ``partition``.
+
+Both work on the leaf *positions* of the updates tree. A member transformation sees the
+whole tree with the leaves that are not its own replaced by ``None``, the library's
+"no gradient here" value: ``None`` passes through, its state does not advance, and
+``init`` of a ``None`` leaf gives ``None`` state. So a member keeps state only for its own
+leaves, and running it inside ``partition`` is the same as running it by hand on the
+subset.
+
+Masks and labels are decided from the *structure* of the tree (names, shapes, dtypes),
+never from tensor values: they are Python values, so choosing a member costs no
+host-device sync and traces under ``torch.compile`` and ``torch.func``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from gradchain import base as _base
+from gradchain import tree as _tree
+from gradchain.base import GradientTransformation, Params, State, Updates
+
+__all__ = ["MaskedState", "masked", "PartitionState", "partition"]
+
+
+# --------------------------------------------------------------------------- helpers
+def _is_transformation(t: Any) -> bool:
+    return isinstance(t, tuple) and len(t) == 2 and callable(t[0]) and callable(t[1])
+
+
+def _is_node(x: Any) -> bool:
+    return not optree.tree_is_leaf(x, none_is_leaf=True)
+
+
+def _first_difference(ref: Any, got: Any, path: tuple[Any, ...] = ()) -> str | None:
+    """Where ``got`` stops having the structure of ``ref`` (``ref``'s leaves may be
+    anything in ``got``), as a readable sentence; ``None`` when it fits."""
+    if not _is_node(ref):
+        return None
+    where = _tree._path_str(path) or "the root"
+    ref_level = optree.tree_flatten_one_level(ref, none_is_leaf=True)
+    if not _is_node(got) or type(got) is not type(ref):
+        return f"at {where} expected a {type(ref).__name__}, got a {type(got).__name__}"
+    got_level = optree.tree_flatten_one_level(got, none_is_leaf=True)
+    ref_keys, got_keys = list(ref_level.entries), list(got_level.entries)
+    if ref_keys != got_keys:
+        missing = [k for k in ref_keys if k not in got_keys]
+        extra = [k for k in got_keys if k not in ref_keys]
+        if missing:
+            return f"{_tree._path_str((*path, missing[0]))} is missing"
+        if extra:
+            return f"{_tree._path_str((*path, extra[0]))} is not in the tree it should match"
+        return f"at {where} the entries are in a different order"
+    for key, r, g in zip(ref_keys, ref_level.children, got_level.children):
+        found = _first_difference(r, g, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+def _leaves_at(
+    spec: optree.PyTreeSpec, ref: Any, ref_name: str, tree: Any, name: str, who: str
+) -> list[Any]:
+    """The entries of ``tree`` at the leaf positions of ``spec`` (the structure of ``ref``)."""
+    try:
+        return spec.flatten_up_to(tree)
+    except (ValueError, TypeError) as err:
+        why = _first_difference(ref, tree) or str(err)
+        raise ValueError(
+            f"{who}: {name} must have the structure of {ref_name} (one entry per leaf): {why}"
+        ) from None
+
+
+def _hashable_in(x: Any, keys: Mapping[Any, Any]) -> bool:
+    try:
+        return x in keys
+    except TypeError:  # unhashable
+        return False
+
+
+def _check_mask_leaves(leaves: list[Any], paths: Callable[[], list[str]], who: str) -> None:
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, bool):
+            raise TypeError(
+                f"{who}: mask{paths()[i]} must be a Python bool, got {type(leaf).__name__}; "
+                "masks are decided from the tree's structure (names, shapes), not from "
+                "tensor values"
+            )
+
+
+def _check_label_leaves(
+    leaves: list[Any], paths: Callable[[], list[str]], known: Mapping[Any, Any], who: str
+) -> None:
+    for i, leaf in enumerate(leaves):
+        if not _hashable_in(leaf, known):
+            raise ValueError(
+                f"{who}: labels{paths()[i]} is {leaf!r}, which is not a label of transforms; "
+                f"known labels: {list(known)}"
+            )
+
+
+# --------------------------------------------------------------------------- the core
+class _Members:
+    """Runs a dict of member transformations on the subsets of leaves given by a label
+    per leaf; leaves whose label is not a member pass through unchanged.
+
+    Members are wrapped in a one-element ``chain``, which handles the ``gate_open``
+    keyword for them (a plain member keeps its state where the flag is closed; a gate
+    receives the flag). States are kept unwrapped.
+    """
+
+    def __init__(
+        self,
+        who: str,
+        members: Mapping[Hashable, GradientTransformation],
+        labels_of: Callable[[Any, optree.PyTreeSpec, Any, str], list[Any]],
+    ) -> None:
+        self.who = who
+        self.members = dict(members)
+        self.wrapped = {k: _base.chain(t) for k, t in self.members.items()}
+        self.gates = {k: _base.is_gate(t) for k, t in self.members.items()}
+        self.gated = any(self.gates.values())
+        self.labels_of = labels_of
+
+    def _groups(self, labels: list[Any]) -> dict[Hashable, list[int]]:
+        groups: dict[Hashable, list[int]] = {k: [] for k in self.members}
+        for i, label in enumerate(labels):
+            if _hashable_in(label, groups):
+                groups[label].append(i)
+        return groups
+
+    @staticmethod
+    def _subtree(spec: optree.PyTreeSpec, leaves: list[Any], index: list[int]) -> Any:
+        sub: list[Any] = [None] * len(leaves)
+        for i in index:
+            sub[i] = leaves[i]
+        return _tree.unflatten(spec, sub)
+
+    def init(self, params: Params) -> dict[Hashable, State]:
+        leaves, spec = _tree.flatten(params)
+        groups = self._groups(self.labels_of(params, spec, params, "params"))
+        return {
+            k: t.init(self._subtree(spec, leaves, groups[k])) for k, t in self.members.items()
+        }
+
+    def update(
+        self,
+        updates: Updates,
+        states: Mapping[Hashable, State],
+        params: Params | None,
+        extra: dict[str, Any],
+    ) -> tuple[Updates, dict[Hashable, State]]:
+        if not isinstance(states, Mapping) or list(states) != list(self.members):
+            got = list(states) if isinstance(states, Mapping) else type(states).__name__
+            raise ValueError(
+                f"{self.who}.update: the state must hold one state per member "
+                f"{list(self.members)} (from this transformation's init), got {got}"
+            )
+        upstream: torch.Tensor | None = extra.pop("gate_open", None)
+        if not self.gated:
+            # The enclosing chain keeps this whole state on steps an earlier gate closes.
+            upstream = None
+        u_leaves, spec = _tree.flatten(updates)
+        p_leaves = (
+            None if params is None else _tree.flatten_like(spec, params, "params", "updates")
+        )
+        source, source_name = (updates, "updates") if params is None else (params, "params")
+        groups = self._groups(self.labels_of(source, spec, updates, source_name))
+
+        out = list(u_leaves)
+        new_states = dict(states)
+
+        def run(k: Hashable, gate_open: torch.Tensor | None) -> None:
+            index = groups[k]
+            sub_u = self._subtree(spec, u_leaves, index)
+            sub_p = None if p_leaves is None else self._subtree(spec, p_leaves, index)
+            new_u, (new_s,) = self.wrapped[k].update(
+                sub_u, (states[k],), sub_p, gate_open=gate_open, **extra
+            )
+            new_leaves = _tree.flatten_like(spec, new_u, f"{self.who}[{k!r}] output", "updates")
+            for i in index:
+                out[i] = new_leaves[i]
+            new_states[k] = new_s
+
+        # Gate members first: their flags decide whether the plain members run at all.
+        flag = upstream
+        closed = False
+        for k in self.members:
+            if self.gates[k]:
+                run(k, upstream)
+                for f in _base._gate_flags(new_states[k]):
+                    known = _base._known_bool(f)
+                    if known is False:
+                        closed = True
+                    elif known is None:
+                        flag = _base._combine(flag, f)
+        if closed:
+            # Known on the host to be closed: the plain members keep their state, all zeros.
+            return _base._zeros_like_tree(updates), new_states
+        for k in self.members:
+            if not self.gates[k]:
+                run(k, flag)
+        result = _tree.unflatten(spec, out)
+        if flag is not None and self.gated:
+            result = _base._select_tree(flag, result, _base._zeros_like_tree(result))
+        return result, new_states
+
+
+# --------------------------------------------------------------------------- masked
+class MaskedState(NamedTuple):
+    """State of :func:`masked`.
+
+    Attributes:
+        inner_state: the wrapped transformation's state, built from the params with the
+            masked-out leaves replaced by ``None`` (so it holds ``None`` there).
+    """
+
+    inner_state: State
+
+
+def masked(
+    transform: GradientTransformation, mask: Any | Callable[[Params], Any]
+) -> GradientTransformation:
+    """Apply ``transform`` only to the leaves where ``mask`` is ``True``; the other leaves
+    pass through unchanged.
+
+    ``transform`` sees the updates and params with the masked-out leaves replaced by
+    ``None``, so it keeps no state for them and anything it computes over all leaves (the
+    global norm of ``clip_by_norm``, say) covers the masked-in leaves only. The result is
+    the same as running ``transform`` by hand on the subset.
+
+    ``mask`` is a tree of Python bools with the structure of the params (one entry per
+    leaf), or a callable ``params -> mask``. ``init`` calls it with the params; ``update``
+    calls it with ``params`` when given, else with the updates (whose leaves may be
+    ``None`` where no gradient arrived), so a mask function that looks at names or shapes
+    is the safe kind. Extra keyword arguments reach ``transform`` unchanged.
+
+    **Gates inside.** When ``transform`` is (or contains) a gate (``accumulate_every``,
+    ``skip_if_nonfinite``, ``loss_scale``), ``masked`` is itself a gate, and a closed gate
+    closes the whole step, not just the masked-in leaves: the output is zeros for every leaf
+    (the masked-out ones too), and in an enclosing chain the tail after ``masked`` is held
+    back, exactly as for a gate placed in the chain itself. ``applied(state)`` sees the
+    inner gate's flag (it is inside :class:`MaskedState`). Gates before ``masked`` in an
+    enclosing chain govern ``transform`` as they would govern it in the chain.
+
+    Args:
+        transform: the transformation to apply to the masked-in leaves.
+        mask: a tree of bools shaped like the params, or a callable giving one.
+
+    Returns:
+        A :class:`GradientTransformation` with state :class:`MaskedState`.
+
+    Raises:
+        TypeError: ``transform`` is not a transformation, or a mask entry is not a bool.
+        ValueError: the mask does not have the structure of the params (the message names
+            the first differing path).
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> params = {"w": torch.ones(2), "b": torch.ones(2)}
+        >>> tx = gc.masked(gc.clip_by_value(0.5), {"w": True, "b": False})
+        >>> out, state = tx.update({"w": torch.full((2,), 3.0), "b": torch.full((2,), 3.0)},
+        ...                        tx.init(params), params)
+        >>> out
+        {'b': tensor([3., 3.]), 'w': tensor([0.5000, 0.5000])}
+
+        Weight decay on matrices only, with a mask function:
+
+        >>> decay = gc.masked(gc.add_decayed_weights(0.1), lambda p: {k: v.ndim > 1 for k, v in p.items()})
+        >>> params = {"w": torch.ones(2, 2), "b": torch.ones(2)}
+        >>> grads = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
+        >>> out, _ = decay.update(grads, decay.init(params), params)
+        >>> out["w"].sum().item(), out["b"].sum().item()
+        (0.4, 0.0)
+    """
+    who = "masked"
+    if not _is_transformation(transform):
+        raise TypeError(
+            f"{who}: transform must be a GradientTransformation (init, update), "
+            f"got {type(transform).__name__}"
+        )
+    if not callable(mask):
+        leaves, _ = _tree.flatten(mask)
+        _check_mask_leaves(leaves, lambda: _tree.leaf_paths(mask), who)
+
+    def labels_of(source: Any, spec: optree.PyTreeSpec, ref: Any, ref_name: str) -> list[Any]:
+        tree = mask(source) if callable(mask) else mask
+        name = "mask(...)" if callable(mask) else "mask"
+        leaves = _leaves_at(spec, ref, ref_name, tree, name, who)
+        _check_mask_leaves(leaves, lambda: _tree.leaf_paths(ref), who)
+        return leaves
+
+    core = _Members(who, {True: transform}, labels_of)
+
+    def init(params: Params) -> MaskedState:
+        return MaskedState(core.init(params)[True])
+
+    def update(
+        updates: Updates, state: MaskedState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, MaskedState]:
+        if not isinstance(state, MaskedState):
+            raise ValueError(
+                f"{who}.update: state must be a MaskedState (from this transformation's "
+                f"init), got {type(state).__name__}"
+            )
+        new_updates, states = core.update(updates, {True: state.inner_state}, params, extra)
+        return new_updates, MaskedState(states[True])
+
+    if core.gated:
+        _base._mark_gate(update)
+    return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- partition
+class PartitionState(NamedTuple):
+    """State of :func:`partition`.
+
+    Attributes:
+        inner_states: a dict ``label -> state`` of the members' states, in the order of
+            ``transforms``. Each was built from the params with the other labels' leaves
+            replaced by ``None``.
+    """
+
+    inner_states: dict[Hashable, State]
+
+
+def partition(
+    transforms: Mapping[Hashable, GradientTransformation],
+    labels: Any | Callable[[Params], Any],
+) -> GradientTransformation:
+    """Process each leaf with exactly the transformation of its label.
+
+    The torch.optim counterpart is a list of param groups: one chain per group, each with
+    its own hyperparameters and its own state. Member ``transforms[label]`` sees the
+    updates and params with the leaves of other labels replaced by ``None``, so it keeps
+    state only for its own leaves and anything it computes over all leaves (a global norm)
+    covers its subset only. The result equals running each member by hand on its subset.
+
+    ``labels`` is a tree with the structure of the params holding one label per leaf, or a
+    callable ``params -> labels``. ``init`` calls it with the params; ``update`` calls it
+    with ``params`` when given, else with the updates (whose leaves may be ``None`` where
+    no gradient arrived), so a label function that looks at names or shapes is the safe
+    kind. Every leaf's label must be a key of ``transforms``; a key that labels no leaf is
+    allowed (its member runs on an empty subset). Extra keyword arguments reach every
+    member unchanged.
+
+    **Gates inside.** When a member is (or contains) a gate (``accumulate_every``,
+    ``skip_if_nonfinite``, ``loss_scale``), ``partition`` is itself a gate, and a
+    closed member gate closes the whole step, not just its subset:
+
+    * on a step any member gate closes, the output is zeros for *every* leaf and the members
+      without gates keep their state; in an enclosing chain the whole tail after
+      ``partition`` is held back, exactly as for a gate placed in the chain itself;
+    * ``applied(state)`` sees the member gates' flags (they are inside this state), so it is
+      ``False`` on those steps;
+    * a gate's flag is read without a host-device sync only where it is known on the host
+      (an accumulation window in eager mode); then the members without gates are not run.
+      Otherwise they run and their new state is selected with ``torch.where``;
+    * each member's own chain is governed by its own gates and by the gates before
+      ``partition`` in an enclosing chain, not by a sibling member's gates. Gates that
+      close on different steps in different subsets therefore let one subset's tail
+      advance on a step whose output is discarded. Use gates that open on the same steps
+      in every subset (the same ``accumulate_every(n)``), or put the gate in the chain
+      before ``partition``, where it governs every subset.
+
+    Args:
+        transforms: a dict ``label -> GradientTransformation``.
+        labels: a tree of labels shaped like the params, or a callable giving one.
+
+    Returns:
+        A :class:`GradientTransformation` with state :class:`PartitionState`.
+
+    Raises:
+        TypeError: ``transforms`` is not a dict of transformations.
+        ValueError: ``transforms`` is empty, a leaf's label is not a key of ``transforms``
+            (the message names the leaf and the known labels), or the labels do not have
+            the structure of the params (the message names the first differing path).
+
+    Example:
+        No weight decay on biases and norms, as two AdamW param groups would do:
+
+        >>> import torch, gradchain as gc
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+        >>> params = {k: p.detach() for k, p in model.named_parameters()}
+        >>> def labels_fn(params):
+        ...     return {k: "no_decay" if k.endswith("bias") or k.startswith("1.") else "decay"
+        ...             for k in params}
+        >>> tx = gc.partition(
+        ...     {"decay": gc.adamw(1e-3, weight_decay=0.1),
+        ...      "no_decay": gc.adamw(1e-3, weight_decay=0.0)},
+        ...     labels_fn,
+        ... )
+        >>> state = tx.init(params)
+        >>> grads = {k: torch.ones_like(p) for k, p in params.items()}
+        >>> updates, state = tx.update(grads, state, params)
+        >>> params = gc.apply_updates(params, updates)
+        >>> sorted(state.inner_states)
+        ['decay', 'no_decay']
+
+        A GAN's generator and discriminator, each with its own chain, in one functional
+        step:
+
+        >>> params = {"gen": {"w": torch.zeros(2)}, "disc": {"w": torch.zeros(2)}}
+        >>> tx = gc.partition(
+        ...     {"gen": gc.adam(lr=1e-3, betas=(0.5, 0.999)),
+        ...      "disc": gc.chain(gc.clip_by_norm(1.0), gc.sgd(lr=0.1))},
+        ...     {"gen": {"w": "gen"}, "disc": {"w": "disc"}},
+        ... )
+        >>> grads = {"gen": {"w": torch.ones(2)}, "disc": {"w": torch.tensor([3.0, 4.0])}}
+        >>> updates, state = tx.update(grads, tx.init(params), params)
+        >>> updates["disc"]["w"]
+        tensor([-0.0600, -0.0800])
+    """
+    who = "partition"
+    if not isinstance(transforms, Mapping):
+        raise TypeError(
+            f"{who}: transforms must be a dict label -> GradientTransformation, "
+            f"got {type(transforms).__name__}"
+        )
+    if not transforms:
+        raise ValueError(f"{who}: transforms must hold at least one labelled transformation")
+    for k, t in transforms.items():
+        if not _is_transformation(t):
+            raise TypeError(
+                f"{who}: transforms[{k!r}] must be a GradientTransformation (init, update), "
+                f"got {type(t).__name__}"
+            )
+    members = dict(transforms)
+    if not callable(labels):
+        # Labels that are keys of ``transforms`` are leaves even if they are tuples.
+        paths, leaves, _ = optree.tree_flatten_with_path(
+            labels, is_leaf=lambda x: _hashable_in(x, members), none_is_leaf=True
+        )
+        _check_label_leaves(leaves, lambda: [_tree._path_str(p) for p in paths], members, who)
+
+    def labels_of(source: Any, spec: optree.PyTreeSpec, ref: Any, ref_name: str) -> list[Any]:
+        tree = labels(source) if callable(labels) else labels
+        name = "labels(...)" if callable(labels) else "labels"
+        leaves = _leaves_at(spec, ref, ref_name, tree, name, who)
+        _check_label_leaves(leaves, lambda: _tree.leaf_paths(ref), members, who)
+        return leaves
+
+    core = _Members(who, members, labels_of)
+
+    def init(params: Params) -> PartitionState:
+        return PartitionState(core.init(params))
+
+    def update(
+        updates: Updates, state: PartitionState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, PartitionState]:
+        if not isinstance(state, PartitionState):
+            raise ValueError(
+                f"{who}.update: state must be a PartitionState (from this transformation's "
+                f"init), got {type(state).__name__}"
+            )
+        new_updates, states = core.update(updates, state.inner_states, params, extra)
+        return new_updates, PartitionState(states)
+
+    if core.gated:
+        _base._mark_gate(update)
+    return GradientTransformation(init, update)
