@@ -23,6 +23,7 @@ from gradchain.gates import (
     scale_loss,
     skip_if_nonfinite,
 )
+from gradchain.partition import MaskedState, PartitionState, masked, partition
 from gradchain.tree import from_state_dict, to_state_dict, tree_get
 
 __version__ = "0.1.0"
@@ -45,6 +46,10 @@ __all__ = [
     "apply_updates_",
     "chain",
     "from_state_dict",
+    "MaskedState",
+    "PartitionState",
+    "masked",
+    "partition",
     "identity",
     "is_gate",
     "to_state_dict",

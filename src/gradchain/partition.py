@@ -71,7 +71,8 @@ def _leaves_at(
     except (ValueError, TypeError) as err:
         why = _first_difference(ref, tree) or str(err)
         raise ValueError(
-            f"{who}: {name} must have the structure of {ref_name} (one entry per leaf): {why}"
+            f"{who}: {name} must have the structure of the {ref_name} (one entry per leaf): "
+            f"{why}"
         ) from None
 
 
@@ -82,9 +83,18 @@ def _hashable_in(x: Any, keys: Mapping[Any, Any]) -> bool:
         return False
 
 
+def _not_a_leaf(who: str, name: str, path: str, leaf: Any) -> ValueError:
+    return ValueError(
+        f"{who}: {name} must have the structure of the params (one entry per leaf): "
+        f"{name}{path} is a {type(leaf).__name__} where the params have a leaf"
+    )
+
+
 def _check_mask_leaves(leaves: list[Any], paths: Callable[[], list[str]], who: str) -> None:
     for i, leaf in enumerate(leaves):
         if not isinstance(leaf, bool):
+            if _is_node(leaf):
+                raise _not_a_leaf(who, "mask", paths()[i], leaf)
             raise TypeError(
                 f"{who}: mask{paths()[i]} must be a Python bool, got {type(leaf).__name__}; "
                 "masks are decided from the tree's structure (names, shapes), not from "
@@ -97,6 +107,8 @@ def _check_label_leaves(
 ) -> None:
     for i, leaf in enumerate(leaves):
         if not _hashable_in(leaf, known):
+            if _is_node(leaf) and not isinstance(leaf, tuple):
+                raise _not_a_leaf(who, "labels", paths()[i], leaf)
             raise ValueError(
                 f"{who}: labels{paths()[i]} is {leaf!r}, which is not a label of transforms; "
                 f"known labels: {list(known)}"
@@ -111,6 +123,10 @@ class _Members:
     Members are wrapped in a one-element ``chain``, which handles the ``gate_open``
     keyword for them (a plain member keeps its state where the flag is closed; a gate
     receives the flag). States are kept unwrapped.
+
+    At most one member may hold gates: gates in two parallel members have no order, so
+    neither "a gate governs what follows it" nor the order-dependent folding of gate flags
+    in ``applied`` would be well defined for them.
     """
 
     def __init__(
@@ -122,8 +138,15 @@ class _Members:
         self.who = who
         self.members = dict(members)
         self.wrapped = {k: _base.chain(t) for k, t in self.members.items()}
-        self.gates = {k: _base.is_gate(t) for k, t in self.members.items()}
-        self.gated = any(self.gates.values())
+        gates = [k for k, t in self.members.items() if _base.is_gate(t)]
+        if len(gates) > 1:
+            raise ValueError(
+                f"{who}: at most one member may be or contain a gate, got gates in "
+                f"{gates}; a gate shared by all subsets goes in a chain before {who}, e.g. "
+                f"chain(accumulate_every(4), {who}(...))"
+            )
+        self.gate_label: Hashable | None = gates[0] if gates else None
+        self.gated = self.gate_label is not None
         self.labels_of = labels_of
 
     def _groups(self, labels: list[Any]) -> dict[Hashable, list[int]]:
@@ -154,7 +177,7 @@ class _Members:
         params: Params | None,
         extra: dict[str, Any],
     ) -> tuple[Updates, dict[Hashable, State]]:
-        if not isinstance(states, Mapping) or list(states) != list(self.members):
+        if not isinstance(states, Mapping) or set(states) != set(self.members):
             got = list(states) if isinstance(states, Mapping) else type(states).__name__
             raise ValueError(
                 f"{self.who}.update: the state must hold one state per member "
@@ -186,26 +209,20 @@ class _Members:
                 out[i] = new_leaves[i]
             new_states[k] = new_s
 
-        # Gate members first: their flags decide whether the plain members run at all.
-        flag = upstream
-        closed = False
-        for k in self.members:
-            if self.gates[k]:
-                run(k, upstream)
-                for f in _base._gate_flags(new_states[k]):
-                    known = _base._known_bool(f)
-                    if known is False:
-                        closed = True
-                    elif known is None:
-                        flag = _base._combine(flag, f)
-        if closed:
-            # Known on the host to be closed: the plain members keep their state, all zeros.
+        # The gate member first: its flags decide whether the plain members run at all.
+        flag: _base.Flag = True if upstream is None else upstream
+        if self.gate_label is not None:
+            run(self.gate_label, upstream)
+            flag = _base._fold_flags(flag, new_states[self.gate_label])
+        if flag is False:
+            # Closed, known without reading the device: plain members keep their state.
             return _base._zeros_like_tree(updates), new_states
+        plain_open = None if flag is True else flag
         for k in self.members:
-            if not self.gates[k]:
-                run(k, flag)
+            if k != self.gate_label:
+                run(k, plain_open)
         result = _tree.unflatten(spec, out)
-        if flag is not None and self.gated:
+        if isinstance(flag, torch.Tensor):
             result = _base._select_tree(flag, result, _base._zeros_like_tree(result))
         return result, new_states
 
@@ -348,24 +365,24 @@ def partition(
     allowed (its member runs on an empty subset). Extra keyword arguments reach every
     member unchanged.
 
-    **Gates inside.** When a member is (or contains) a gate (``accumulate_every``,
-    ``skip_if_nonfinite``, ``loss_scale``), ``partition`` is itself a gate, and a
-    closed member gate closes the whole step, not just its subset:
+    **Gates inside.** One member may be or contain a gate (``accumulate_every``,
+    ``skip_if_nonfinite``, ``loss_scale``); ``partition`` is then itself a gate, and that
+    gate closes the whole step, not just its subset:
 
-    * on a step any member gate closes, the output is zeros for *every* leaf and the members
-      without gates keep their state; in an enclosing chain the whole tail after
-      ``partition`` is held back, exactly as for a gate placed in the chain itself;
-    * ``applied(state)`` sees the member gates' flags (they are inside this state), so it is
-      ``False`` on those steps;
-    * a gate's flag is read without a host-device sync only where it is known on the host
-      (an accumulation window in eager mode); then the members without gates are not run.
-      Otherwise they run and their new state is selected with ``torch.where``;
-    * each member's own chain is governed by its own gates and by the gates before
-      ``partition`` in an enclosing chain, not by a sibling member's gates. Gates that
-      close on different steps in different subsets therefore let one subset's tail
-      advance on a step whose output is discarded. Use gates that open on the same steps
-      in every subset (the same ``accumulate_every(n)``), or put the gate in the chain
-      before ``partition``, where it governs every subset.
+    * on a step it closes, the output is zeros for *every* leaf and the other members keep
+      their state; in an enclosing chain the whole tail after ``partition`` is held back,
+      exactly as for a gate placed in the chain itself. On a step it opens, the other
+      members run on their subsets as usual (so with ``accumulate_every(4)`` in one
+      member, the other members step once every 4 calls, on unaccumulated gradients);
+    * ``applied(state)`` sees the gate's flags (they are inside this state);
+    * where the gate's flag is known on the host (an accumulation window in eager mode)
+      the other members are not run on closed steps; otherwise they run and their new
+      state is selected with ``torch.where``, with no host-device sync;
+    * gates before ``partition`` in an enclosing chain govern every member.
+
+    Gates in two members raise ``ValueError``: parallel gates have no order, so which
+    gate governs what would be ambiguous. A gate meant for every subset goes in the chain
+    before ``partition``: ``chain(accumulate_every(4), partition(...))``.
 
     Args:
         transforms: a dict ``label -> GradientTransformation``.
