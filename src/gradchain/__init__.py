@@ -10,8 +10,10 @@ from gradchain.base import (
     apply_updates,
     apply_updates_,
     chain,
+    gate_state,
     identity,
     is_gate,
+    mark_gate,
 )
 from gradchain.clipping import ClipByNormState, clip_by_norm, clip_by_value
 from gradchain.gates import (
@@ -23,7 +25,30 @@ from gradchain.gates import (
     scale_loss,
     skip_if_nonfinite,
 )
+from gradchain.optimizers import (
+    ScaleByAdamState,
+    ScaleByScheduleState,
+    TraceState,
+    adam,
+    adamw,
+    add_decayed_weights,
+    scale,
+    scale_by_adam,
+    scale_by_learning_rate,
+    sgd,
+    trace,
+)
 from gradchain.partition import MaskedState, PartitionState, masked, partition
+from gradchain.schedules import (
+    Schedule,
+    constant_schedule,
+    cosine_decay_schedule,
+    exponential_decay,
+    join_schedules,
+    linear_schedule,
+    step_decay,
+    warmup_cosine_decay_schedule,
+)
 from gradchain.tree import from_state_dict, to_state_dict, tree_get
 
 __version__ = "0.1.0"
@@ -45,6 +70,8 @@ __all__ = [
     "apply_updates",
     "apply_updates_",
     "chain",
+    "gate_state",
+    "mark_gate",
     "from_state_dict",
     "MaskedState",
     "PartitionState",
@@ -54,4 +81,23 @@ __all__ = [
     "is_gate",
     "to_state_dict",
     "tree_get",
+    "ScaleByAdamState",
+    "ScaleByScheduleState",
+    "TraceState",
+    "adam",
+    "adamw",
+    "add_decayed_weights",
+    "scale",
+    "scale_by_adam",
+    "scale_by_learning_rate",
+    "sgd",
+    "trace",
+    "Schedule",
+    "constant_schedule",
+    "cosine_decay_schedule",
+    "exponential_decay",
+    "join_schedules",
+    "linear_schedule",
+    "step_decay",
+    "warmup_cosine_decay_schedule",
 ]

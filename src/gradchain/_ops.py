@@ -18,7 +18,7 @@ Scalar = float | torch.Tensor
 TList = list[torch.Tensor]
 
 
-def _fe(*lists: Sequence[torch.Tensor], scalar: object = None) -> bool:
+def _fe(*lists: list[torch.Tensor], scalar: object = None) -> bool:
     if torch.compiler.is_compiling():
         return bool(lists and lists[0])
     if isinstance(scalar, torch.Tensor) and (
@@ -28,19 +28,19 @@ def _fe(*lists: Sequence[torch.Tensor], scalar: object = None) -> bool:
     return all(_use_foreach(x) for x in lists)
 
 
-def mul(xs: Sequence[torch.Tensor], s: Scalar) -> TList:
+def mul(xs: list[torch.Tensor], s: Scalar) -> TList:
     if _fe(xs, scalar=s):
         return list(torch._foreach_mul(xs, s))
     return [x * s for x in xs]
 
 
-def mul_list(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> TList:
+def mul_list(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     if _fe(xs, ys):
         return list(torch._foreach_mul(xs, ys))
     return [x * y for x, y in zip(xs, ys)]
 
 
-def add(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], alpha: float = 1.0) -> TList:
+def add(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: float = 1.0) -> TList:
     if _fe(xs, ys):
         return list(torch._foreach_add(xs, ys, alpha=alpha))
     if alpha == 1.0:
@@ -48,41 +48,41 @@ def add(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], alpha: float = 1
     return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys)]
 
 
-def add_scaled(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], s: Scalar) -> TList:
+def add_scaled(xs: list[torch.Tensor], ys: list[torch.Tensor], s: Scalar) -> TList:
     """``x + s * y`` with ``s`` a float or a 0-dim tensor."""
     if isinstance(s, torch.Tensor):
         return add(xs, mul(ys, s))
     return add(xs, ys, alpha=s)
 
 
-def div(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> TList:
+def div(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     if _fe(xs, ys):
         return list(torch._foreach_div(xs, ys))
     return [x / y for x, y in zip(xs, ys)]
 
 
-def div_scalar(xs: Sequence[torch.Tensor], s: Scalar) -> TList:
+def div_scalar(xs: list[torch.Tensor], s: Scalar) -> TList:
     if _fe(xs, scalar=s):
         return list(torch._foreach_div(xs, s))
     return [x / s for x in xs]
 
 
-def add_scalar(xs: Sequence[torch.Tensor], s: Scalar) -> TList:
+def add_scalar(xs: list[torch.Tensor], s: Scalar) -> TList:
     if _fe(xs, scalar=s) and not isinstance(s, torch.Tensor):
         return list(torch._foreach_add(xs, s))
     return [x + s for x in xs]
 
 
-def lerp(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], weight: float) -> TList:
+def lerp(xs: list[torch.Tensor], ys: list[torch.Tensor], weight: float) -> TList:
     if _fe(xs, ys):
         return list(torch._foreach_lerp(xs, ys, weight))
     return [torch.lerp(x, y, weight) for x, y in zip(xs, ys)]
 
 
 def addcmul(
-    xs: Sequence[torch.Tensor],
-    ys: Sequence[torch.Tensor],
-    zs: Sequence[torch.Tensor],
+    xs: list[torch.Tensor],
+    ys: list[torch.Tensor],
+    zs: list[torch.Tensor],
     value: float,
 ) -> TList:
     if _fe(xs, ys, zs):
@@ -90,44 +90,44 @@ def addcmul(
     return [torch.addcmul(x, y, z, value=value) for x, y, z in zip(xs, ys, zs)]
 
 
-def sqrt(xs: Sequence[torch.Tensor]) -> TList:
+def sqrt(xs: list[torch.Tensor]) -> TList:
     if _fe(xs):
         return list(torch._foreach_sqrt(xs))
     return [torch.sqrt(x) for x in xs]
 
 
-def maximum(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> TList:
+def maximum(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     if _fe(xs, ys):
         return list(torch._foreach_maximum(xs, ys))
     return [torch.maximum(x, y) for x, y in zip(xs, ys)]
 
 
-def neg(xs: Sequence[torch.Tensor]) -> TList:
+def neg(xs: list[torch.Tensor]) -> TList:
     if _fe(xs):
         return list(torch._foreach_neg(xs))
     return [-x for x in xs]
 
 
-def clamp(xs: Sequence[torch.Tensor], lo: float, hi: float) -> TList:
+def clamp(xs: list[torch.Tensor], lo: float, hi: float) -> TList:
     if _fe(xs):
         return list(torch._foreach_clamp_max(torch._foreach_clamp_min(xs, lo), hi))
     return [torch.clamp(x, lo, hi) for x in xs]
 
 
-def cast(xs: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> TList:
+def cast(xs: list[torch.Tensor], dtypes: Sequence[torch.dtype]) -> TList:
     return [x if x.dtype == d else x.to(d) for x, d in zip(xs, dtypes)]
 
 
-def where(flag: torch.Tensor, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> TList:
+def where(flag: torch.Tensor, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     """``x`` where the 0-dim bool ``flag`` is true, else ``y``, leafwise."""
     return [torch.where(flag.to(x.device), x, y) for x, y in zip(xs, ys)]
 
 
-def zeros_like(xs: Sequence[torch.Tensor]) -> TList:
+def zeros_like(xs: list[torch.Tensor]) -> TList:
     return [torch.zeros_like(x) for x in xs]
 
 
-def all_finite(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+def all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
     """A 0-dim bool tensor: no nan/inf anywhere in ``xs`` (``True`` for an empty list).
 
     One reduction per leaf and one over the leaves; no host-device sync.

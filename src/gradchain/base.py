@@ -15,7 +15,7 @@ described in :func:`chain`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 
@@ -24,6 +24,7 @@ from gradchain import tree as _tree
 Params = Any
 Updates = Any
 State = Any
+Flag = torch.Tensor | bool  # a gate decision: a Python bool when known on the host
 
 __all__ = [
     "GradientTransformation",
@@ -34,6 +35,8 @@ __all__ = [
     "apply_updates_",
     "applied",
     "is_gate",
+    "gate_state",
+    "mark_gate",
 ]
 
 
@@ -89,11 +92,6 @@ class EmptyState(NamedTuple):
 _GATE_ATTR = "_gradchain_gate"
 
 
-def _mark_gate(update: Callable[..., Any]) -> Callable[..., Any]:
-    setattr(update, _GATE_ATTR, True)
-    return update
-
-
 def is_gate(transform: GradientTransformation) -> bool:
     """Whether ``transform`` is a gate (or a chain that contains one).
 
@@ -107,33 +105,88 @@ def is_gate(transform: GradientTransformation) -> bool:
     return bool(getattr(transform.update, _GATE_ATTR, False))
 
 
-def _is_gate_state(node: Any) -> bool:
-    return isinstance(node, tuple) and getattr(type(node), "_gradchain_gate_state", False)
+class _GateSpec(NamedTuple):
+    flags: tuple[str, ...]
+    host_flags: tuple[str, ...]
+    absorbs_upstream: bool
 
 
-Flag = torch.Tensor | bool
+_GATE_STATES: dict[type, _GateSpec] = {}
+
+_S = TypeVar("_S", bound=type)
+
+
+def gate_state(
+    flags: tuple[str, ...] = ("is_open",),
+    host_flags: tuple[str, ...] = (),
+    absorbs_upstream: bool = False,
+) -> Callable[[_S], _S]:
+    """Class decorator that declares a NamedTuple as the state of a gate.
+
+    Args:
+        flags: names of its 0-dim bool fields; the step is open when all are true.
+        host_flags: those of ``flags`` decided on the host from counts alone (never from
+            device data); a chain reads them in eager mode and, when one is false, skips
+            the rest of the chain without computing it.
+        absorbs_upstream: the gate's flags replace, rather than join, the flags of the
+            gates before it (``accumulate_every`` drops micro-steps an earlier gate
+            closed and opens on its own schedule).
+
+    A gate's ``update`` must be marked with :func:`mark_gate`, accept the extra keyword
+    ``gate_open`` (the combined flag of earlier gates, or ``None`` when they are known
+    open), keep its own state on steps ``gate_open`` is false, and emit zeros when closed.
+
+    Example:
+        >>> from typing import NamedTuple
+        >>> import torch, gradchain as gc
+        >>> @gc.gate_state()
+        ... class EveryOtherState(NamedTuple):
+        ...     is_open: torch.Tensor
+        >>> bool(gc.applied((EveryOtherState(torch.tensor(False)),)))
+        False
+    """
+
+    def register(cls: _S) -> _S:
+        missing = [f for f in flags if f not in getattr(cls, "_fields", ())]
+        if missing:
+            raise TypeError(f"gate_state: {cls.__name__} has no field(s) {missing}")
+        _GATE_STATES[cls] = _GateSpec(tuple(flags), tuple(host_flags), bool(absorbs_upstream))
+        return cls
+
+    return register
+
+
+def mark_gate(update: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark an ``update`` function as a gate's (see :func:`gate_state`); returns it.
+
+    Example:
+        >>> import gradchain as gc
+        >>> def init(params):
+        ...     return gc.EmptyState()
+        >>> def update(updates, state, params=None, gate_open=None, **extra):
+        ...     return updates, state
+        >>> gc.is_gate(gc.GradientTransformation(init, gc.mark_gate(update)))
+        True
+    """
+    setattr(update, _GATE_ATTR, True)
+    return update
+
+
+_mark_gate = mark_gate
 
 
 def _gate_flags(state: State) -> list[tuple[torch.Tensor, bool, bool]]:
     """The flags of every gate state inside ``state``, in order, as
-    ``(flag, on_host, absorbs)``.
-
-    A gate state class declares its flag fields in ``_gradchain_gate_flags`` (default
-    ``("is_open",)``); in ``_gradchain_host_flags`` those decided on the host from counts
-    alone (never from device data), which a chain may read in eager mode; and with
-    ``_gradchain_absorbs_upstream = True`` that its flags replace, rather than join, the
-    flags of the gates before it (``accumulate_every`` drops the micro-steps an earlier
-    gate closed, and opens on its own schedule).
-    """
+    ``(flag, on_host, absorbs)`` (see :func:`gate_state`)."""
     flags: list[tuple[torch.Tensor, bool, bool]] = []
 
     def visit(node: Any) -> None:
-        if _is_gate_state(node):
-            cls = type(node)
-            host = getattr(cls, "_gradchain_host_flags", ())
-            absorbs = bool(getattr(cls, "_gradchain_absorbs_upstream", False))
-            for k, name in enumerate(getattr(cls, "_gradchain_gate_flags", ("is_open",))):
-                flags.append((getattr(node, name), name in host, absorbs and k == 0))
+        spec = _GATE_STATES.get(type(node))
+        if spec is not None:
+            for k, name in enumerate(spec.flags):
+                flags.append(
+                    (getattr(node, name), name in spec.host_flags, spec.absorbs_upstream and k == 0)
+                )
             return
         if isinstance(node, (tuple, list)):
             for child in node:

@@ -16,7 +16,13 @@ from typing import Any, NamedTuple
 import torch
 
 from gradchain import _ops
-from gradchain.base import GradientTransformation, _known_bool, _mark_gate
+from gradchain.base import (
+    GradientTransformation,
+    _known_bool,
+    _select_tree,
+    gate_state,
+    mark_gate,
+)
 from gradchain.tree import Leaves, flatten, unflatten
 
 __all__ = [
@@ -52,15 +58,7 @@ def _saturating_increment(count: torch.Tensor, by: torch.Tensor | int = 1) -> to
 
 def _keep_where_closed(gate_open: torch.Tensor | None, new: Any, old: Any) -> Any:
     """A gate's own state: the new one where the earlier gates were open, else the old one."""
-    if gate_open is None:
-        return new
-    new_leaves, spec = flatten(new)
-    old_leaves = spec.flatten_up_to(old)
-    out = [
-        n if not isinstance(n, torch.Tensor) else torch.where(gate_open.to(n.device), n, o)
-        for n, o in zip(new_leaves, old_leaves)
-    ]
-    return unflatten(spec, out)
+    return new if gate_open is None else _select_tree(gate_open, new, old)
 
 
 def _known_int(t: torch.Tensor) -> int | None:
@@ -72,26 +70,22 @@ def _known_int(t: torch.Tensor) -> int | None:
 
 
 # --------------------------------------------------------------------------- accumulate_every
+@gate_state(flags=("is_open", "nonempty"), host_flags=("is_open",), absorbs_upstream=True)
 class AccumulateState(NamedTuple):
     """State of :func:`accumulate_every`.
 
     Attributes:
         mini_step: calls taken in the current window, ``0 <= mini_step < n`` (int64, kept
             on the host so that the window position is known without reading the device).
-        count: micro-steps actually accumulated in the window (int64; smaller than
+        accumulated: micro-steps actually accumulated in the window (int64; smaller than
             ``mini_step`` only when an earlier gate dropped some micro-steps).
         sums: the running sums, shaped like the params, in the accumulator dtype.
         is_open: whether the last call closed the window (bool, host).
         nonempty: whether the closed window held at least one micro-step (bool).
     """
 
-    _gradchain_gate_state = True
-    _gradchain_gate_flags = ("is_open", "nonempty")
-    _gradchain_host_flags = ("is_open",)
-    _gradchain_absorbs_upstream = True
-
     mini_step: torch.Tensor
-    count: torch.Tensor
+    accumulated: torch.Tensor
     sums: Any
     is_open: torch.Tensor
     nonempty: torch.Tensor
@@ -178,7 +172,7 @@ def accumulate_every(
         device = _first_device(params)
         return AccumulateState(
             mini_step=torch.zeros((), dtype=torch.int64),
-            count=torch.zeros((), dtype=torch.int64, device=device),
+            accumulated=torch.zeros((), dtype=torch.int64, device=device),
             sums=sums,
             is_open=torch.zeros((), dtype=torch.bool),
             nonempty=torch.zeros((), dtype=torch.bool, device=device),
@@ -202,7 +196,9 @@ def accumulate_every(
             contrib = _ops.where(gate_open, contrib, _ops.zeros_like(contrib))
         new_sums = _ops.add(sums, contrib)
         step = state.mini_step + 1
-        count = state.count + (1 if gate_open is None else gate_open.to(state.count.device).long())
+        count = state.accumulated + (
+            1 if gate_open is None else gate_open.to(state.accumulated.device).long()
+        )
 
         known_step = _known_int(state.mini_step)
         known_flush = flush if isinstance(flush, bool) else _known_bool(flush)
@@ -214,7 +210,7 @@ def accumulate_every(
         if closing is False:
             new_state = AccumulateState(
                 mini_step=step,
-                count=count,
+                accumulated=count,
                 sums=view.put_into(state.sums, new_sums),
                 is_open=torch.zeros((), dtype=torch.bool),
                 nonempty=count > 0,
@@ -230,7 +226,7 @@ def accumulate_every(
         if closing is True:
             new_state = AccumulateState(
                 mini_step=torch.zeros_like(step),
-                count=torch.zeros_like(count),
+                accumulated=torch.zeros_like(count),
                 sums=view.put_into(state.sums, zero_sums),
                 is_open=torch.ones((), dtype=torch.bool),
                 nonempty=nonempty,
@@ -241,17 +237,20 @@ def accumulate_every(
         closing_t = closing
         new_state = AccumulateState(
             mini_step=torch.where(closing_t, torch.zeros_like(step), step),
-            count=torch.where(closing_t.to(count.device), torch.zeros_like(count), count),
+            accumulated=torch.where(
+                closing_t.to(count.device), torch.zeros_like(count), count
+            ),
             sums=view.put_into(state.sums, _ops.where(closing_t, zero_sums, new_sums)),
             is_open=closing_t.to(state.is_open.device),
             nonempty=nonempty,
         )
         return view.put(_ops.where(closing_t, out, _ops.zeros_like(out))), new_state
 
-    return GradientTransformation(init, _mark_gate(update))
+    return GradientTransformation(init, mark_gate(update))
 
 
 # --------------------------------------------------------------------------- skip_if_nonfinite
+@gate_state()
 class SkipIfNonfiniteState(NamedTuple):
     """State of :func:`skip_if_nonfinite`.
 
@@ -260,8 +259,6 @@ class SkipIfNonfiniteState(NamedTuple):
         consecutive_skips: skipped steps since the last finite one (int64, saturating).
         total_skips: all skipped steps (int64, saturating).
     """
-
-    _gradchain_gate_state = True
 
     is_open: torch.Tensor
     consecutive_skips: torch.Tensor
@@ -321,10 +318,11 @@ def skip_if_nonfinite() -> GradientTransformation:
         out = _ops.where(finite, gs, _ops.zeros_like(gs))
         return view.put(out), SkipIfNonfiniteState(finite, *counters)
 
-    return GradientTransformation(init, _mark_gate(update))
+    return GradientTransformation(init, mark_gate(update))
 
 
 # --------------------------------------------------------------------------- loss_scale
+@gate_state()
 class LossScaleState(NamedTuple):
     """State of :func:`loss_scale`.
 
@@ -333,8 +331,6 @@ class LossScaleState(NamedTuple):
         growth_tracker: consecutive finite steps since the last change of scale (int64).
         is_open: whether the last step's unscaled updates were all finite (bool).
     """
-
-    _gradchain_gate_state = True
 
     scale: torch.Tensor
     growth_tracker: torch.Tensor
@@ -473,7 +469,7 @@ def loss_scale(
         out = _ops.where(finite, unscaled, _ops.zeros_like(unscaled))
         return view.put(out), LossScaleState(new_scale, new_tracker, finite)
 
-    return GradientTransformation(init, _mark_gate(update))
+    return GradientTransformation(init, mark_gate(update))
 
 
 def _unscale(gs: list[torch.Tensor], inv: torch.Tensor) -> list[torch.Tensor]:

@@ -200,7 +200,7 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
         >>> import torch, gradchain as gc
         >>> tx = gc.scale(-2.0)
         >>> tx.update({"w": torch.tensor([1.0, 2.0]), "b": None}, tx.init(None))[0]
-        {'b': None, 'w': tensor([-2., -4.])}
+        {'w': tensor([-2., -4.]), 'b': None}
     """
     factor = _as_scalar(step_size, "step_size", "scale")
 
@@ -365,7 +365,7 @@ def scale_by_adam(
         >>> params = {"w": torch.zeros(2)}
         >>> updates, state = tx.update({"w": torch.tensor([0.5, -2.0])}, tx.init(params))
         >>> updates["w"]  # the first Adam direction is sign(g) (up to eps)
-        tensor([ 1., -1.])
+        tensor([ 1.0000, -1.0000])
         >>> state.count
         tensor(1)
     """

@@ -187,12 +187,15 @@ class _Members:
         if not self.gated:
             # The enclosing chain keeps this whole state on steps an earlier gate closes.
             upstream = None
-        u_leaves, spec = _tree.flatten(updates)
-        p_leaves = (
-            None if params is None else _tree.flatten_like(spec, params, "params", "updates")
-        )
-        source, source_name = (updates, "updates") if params is None else (params, "params")
-        groups = self._groups(self.labels_of(source, spec, updates, source_name))
+        p_leaves: list[Any] | None
+        if params is None:
+            u_leaves, spec = _tree.flatten(updates)
+            p_leaves, source, source_name = None, updates, "updates"
+        else:
+            p_leaves, spec = _tree.flatten(params)
+            u_leaves = _tree.flatten_like(spec, updates, "updates", "params")
+            source, source_name = params, "params"
+        groups = self._groups(self.labels_of(source, spec, source, source_name))
 
         out = list(u_leaves)
         new_states = dict(states)

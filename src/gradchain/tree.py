@@ -182,7 +182,7 @@ def zeros_like_tree(params: Any, dtype: torch.dtype | None = None) -> Any:
         {'b': None, 'w': tensor([0., 0.])}
     """
     leaves, spec = flatten(params)
-    out = []
+    out: list[torch.Tensor | None] = []
     for i, p in enumerate(leaves):
         if p is None:
             out.append(None)

@@ -1,0 +1,532 @@
+"""Tests for gradchain.partition: masked and partition."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import torch
+
+import gradchain as gc
+from gradchain.partition import MaskedState, PartitionState, masked, partition
+
+
+# --------------------------------------------------------------------------- helpers
+def _tensors(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a": torch.randn(3, generator=g, dtype=dtype),
+        "b": torch.randn(2, 2, generator=g, dtype=dtype),
+        "c": torch.randn(4, generator=g, dtype=dtype),
+    }
+
+
+def _subset(tree: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in tree.items() if k in keys}
+
+
+def _assert_trees_equal(x: Any, y: Any, **tol: float) -> None:
+    xl, xs = gc.tree.flatten(x)
+    yl, ys = gc.tree.flatten(y)
+    assert xs == ys, f"{xs} != {ys}"
+    for a, b in zip(xl, yl):
+        if isinstance(a, torch.Tensor):
+            assert isinstance(b, torch.Tensor)
+            if tol:
+                torch.testing.assert_close(a, b, **tol)
+            else:
+                assert a.dtype == b.dtype and torch.equal(a, b), (a, b)
+        else:
+            assert a == b
+
+
+def _spy(calls: list[str], name: str) -> gc.GradientTransformation:
+    """Identity that records when it runs (tests only; library code keeps no such state)."""
+
+    def init(params: Any) -> gc.EmptyState:
+        calls.append(f"{name}.init")
+        return gc.EmptyState()
+
+    def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> Any:
+        calls.append(f"{name}.update")
+        return updates, state
+
+    return gc.GradientTransformation(init, update)
+
+
+def _labels_fn(params: dict[str, Any]) -> dict[str, str]:
+    return {k: "no_decay" if k.endswith("bias") or ".norm" in k else "decay" for k in params}
+
+
+# --------------------------------------------------------------------------- masked
+def test_masked_equals_inner_on_subset_by_hand() -> None:
+    params = _tensors(0)
+    mask = {"a": True, "b": False, "c": True}
+    tx = masked(gc.clip_by_norm(1.0), mask)
+    ref = gc.clip_by_norm(1.0)
+    state = tx.init(params)
+    ref_state = ref.init(_subset(params, {"a", "c"}))
+    for step in range(3):
+        grads = {k: 3 * v for k, v in _tensors(step + 1).items()}
+        out, state = tx.update(grads, state, params)
+        ref_out, ref_state = ref.update(_subset(grads, {"a", "c"}), ref_state)
+        # The norm covers the masked-in leaves only; masked-out leaves pass through as is.
+        assert torch.equal(out["a"], ref_out["a"]) and torch.equal(out["c"], ref_out["c"])
+        assert out["b"] is grads["b"]
+        _assert_trees_equal(state.inner_state, ref_state)
+
+
+def test_masked_state_has_none_for_masked_out_leaves() -> None:
+    params = _tensors(0)
+    tx = masked(gc.accumulate_every(2), {"a": True, "b": False, "c": True})
+    state = tx.init(params)
+    assert isinstance(state, MaskedState)
+    assert state.inner_state.sums["b"] is None
+    assert state.inner_state.sums["a"].shape == (3,)
+
+
+def test_masked_with_mask_function_called_with_params_or_updates() -> None:
+    seen: list[str] = []
+
+    def mask_fn(tree: dict[str, Any]) -> dict[str, bool]:
+        seen.append("params" if tree is params else "updates" if tree is grads else "?")
+        return {k: k != "b" for k in tree}
+
+    params = _tensors(0)
+    grads = _tensors(1)
+    tx = masked(gc.clip_by_value(0.1), mask_fn)
+    state = tx.init(params)
+    out1, _ = tx.update(grads, state, params)
+    out2, _ = tx.update(grads, state)
+    assert seen == ["params", "params", "updates"]
+    _assert_trees_equal(out1, out2)
+    assert out1["a"].abs().max() <= 0.1 and out1["b"] is grads["b"]
+
+
+def test_masked_none_leaves_pass_through_and_state_does_not_advance() -> None:
+    params = _tensors(0)
+    tx = masked(gc.accumulate_every(3), {"a": True, "b": True, "c": False})
+    state = tx.init(params)
+    grads = {"a": torch.ones(3), "b": None, "c": None}
+    out, state = tx.update(grads, state, params)
+    assert out["b"] is None and out["c"] is None
+    assert torch.equal(state.inner_state.sums["a"], torch.ones(3))
+    assert torch.equal(state.inner_state.sums["b"], torch.zeros(2, 2))
+    assert state.inner_state.sums["c"] is None
+
+
+def test_masked_all_false_is_identity_and_all_true_is_inner() -> None:
+    params = _tensors(0)
+    grads = _tensors(1)
+    off = masked(gc.clip_by_value(0.1), {k: False for k in params})
+    out, _ = off.update(grads, off.init(params), params)
+    assert all(out[k] is grads[k] for k in grads)
+    on = masked(gc.clip_by_value(0.1), {k: True for k in params})
+    ref = gc.clip_by_value(0.1)
+    _assert_trees_equal(
+        on.update(grads, on.init(params), params)[0], ref.update(grads, ref.init(params))[0]
+    )
+
+
+def test_nested_masked() -> None:
+    params = _tensors(0)
+    grads = _tensors(1)
+    inner = masked(gc.clip_by_value(0.1), {"a": True, "b": False, "c": True})
+    tx = masked(inner, {"a": True, "b": True, "c": False})
+    out, _ = tx.update(grads, tx.init(params), params)
+    assert out["a"].abs().max() <= 0.1
+    assert out["b"] is grads["b"] and out["c"] is grads["c"]
+
+
+# --------------------------------------------------------------------------- partition
+def test_partition_equals_members_on_subsets_by_hand() -> None:
+    params = _tensors(0)
+    labels = {"a": "x", "b": "y", "c": "x"}
+    tx = partition({"x": gc.clip_by_norm(1.0), "y": gc.accumulate_every(1)}, labels)
+    refs = {"x": gc.clip_by_norm(1.0), "y": gc.accumulate_every(1)}
+    keys = {"x": {"a", "c"}, "y": {"b"}}
+    state = tx.init(params)
+    assert isinstance(state, PartitionState) and list(state.inner_states) == ["x", "y"]
+    ref_states = {k: refs[k].init(_subset(params, keys[k])) for k in refs}
+    for step in range(3):
+        grads = {k: 2 * v for k, v in _tensors(step + 1).items()}
+        out, state = tx.update(grads, state, params)
+        for k in refs:
+            ref_out, ref_states[k] = refs[k].update(_subset(grads, keys[k]), ref_states[k])
+            for leaf in keys[k]:
+                assert torch.equal(out[leaf], ref_out[leaf])
+            _assert_trees_equal(
+                gc.to_state_dict(state.inner_states[k]),
+                gc.to_state_dict(_strip_none(ref_states[k], state.inner_states[k])),
+            )
+
+
+def _strip_none(ref_state: Any, full_state: Any) -> Any:
+    """``ref_state`` (built on a sub-dict) padded with the ``None`` entries of ``full_state``."""
+    if isinstance(ref_state, tuple) and hasattr(ref_state, "_fields"):
+        return type(ref_state)(
+            *(_strip_none(getattr(ref_state, f), getattr(full_state, f)) for f in ref_state._fields)
+        )
+    if isinstance(ref_state, dict):
+        return {k: ref_state[k] if k in ref_state else None for k in full_state}
+    return ref_state
+
+
+def test_partition_label_with_no_leaves_is_allowed() -> None:
+    params = _tensors(0)
+    grads = _tensors(1)
+    tx = partition(
+        {"x": gc.clip_by_value(0.1), "unused": gc.clip_by_norm(1.0)}, {k: "x" for k in params}
+    )
+    state = tx.init(params)
+    out, state = tx.update(grads, state, params)
+    assert all(out[k].abs().max() <= 0.1 for k in out)
+    assert torch.equal(state.inner_states["unused"].norm, torch.tensor(0.0))
+
+
+def test_partition_tuple_labels_and_label_function() -> None:
+    params = {"layer": {"weight": torch.ones(2, 2), "bias": torch.ones(2)}}
+    grads = {"layer": {"weight": torch.full((2, 2), 3.0), "bias": torch.full((2,), 3.0)}}
+
+    def labels_fn(tree: Any) -> Any:
+        return {"layer": {"weight": ("w", 1), "bias": ("b", 2)}}
+
+    transforms = {("w", 1): gc.clip_by_value(1.0), ("b", 2): gc.clip_by_value(2.0)}
+    for labels in (labels_fn, labels_fn(None)):
+        tx = partition(transforms, labels)
+        out, _ = tx.update(grads, tx.init(params), params)
+        assert torch.equal(out["layer"]["weight"], torch.ones(2, 2))
+        assert torch.equal(out["layer"]["bias"], torch.full((2,), 2.0))
+
+
+def test_partition_none_leaves() -> None:
+    params = {"a": torch.zeros(2), "b": torch.zeros(2), "frozen": None}
+    labels = {"a": "acc", "b": "clip", "frozen": "clip"}
+    tx = partition({"acc": gc.accumulate_every(2), "clip": gc.clip_by_value(0.5)}, labels)
+    state = tx.init(params)
+    assert state.inner_states["acc"].sums["frozen"] is None
+    grads = {"a": None, "b": torch.ones(2), "frozen": None}
+    out, state = tx.update(grads, state, params)
+    assert out["a"] is None and out["frozen"] is None
+    assert torch.equal(out["b"], torch.zeros(2))  # closed window: zeros everywhere
+    assert torch.equal(state.inner_states["acc"].sums["a"], torch.zeros(2))
+
+
+def test_partition_passes_extra_kwargs_to_members() -> None:
+    params = {"a": torch.zeros(1), "b": torch.zeros(1)}
+    tx = partition(
+        {"acc": gc.accumulate_every(4), "plain": gc.identity()}, {"a": "acc", "b": "plain"}
+    )
+    state = tx.init(params)
+    _, state = tx.update({"a": torch.tensor([1.0]), "b": torch.tensor([5.0])}, state, params)
+    out, state = tx.update(
+        {"a": torch.tensor([3.0]), "b": torch.tensor([5.0])}, state, params, flush=True
+    )
+    assert bool(gc.applied(state))
+    assert torch.equal(out["a"], torch.tensor([2.0])) and torch.equal(out["b"], torch.tensor([5.0]))
+
+
+# --------------------------------------------------------------------------- errors
+def test_mask_structure_mismatch_names_the_path() -> None:
+    params = {"enc": {"w": torch.zeros(1), "b": torch.zeros(1)}, "head": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"\['enc'\]\['b'\] is missing"):
+        masked(gc.identity(), {"enc": {"w": True}, "head": True}).init(params)
+    with pytest.raises(ValueError, match=r"\['enc'\]\['x'\] is not in"):
+        masked(gc.identity(), {"enc": {"w": True, "b": True, "x": True}, "head": True}).init(
+            params
+        )
+    with pytest.raises(ValueError, match=r"at \['enc'\] expected a dict, got a bool"):
+        masked(gc.identity(), {"enc": True, "head": True}).init(params)
+    with pytest.raises(ValueError, match=r"mask\['head'\] is a dict where the params have a leaf"):
+        masked(gc.identity(), {"enc": {"w": True, "b": True}, "head": {"x": True}}).init(params)
+
+
+def test_mask_leaves_must_be_bools() -> None:
+    with pytest.raises(TypeError, match=r"mask\['b'\] must be a Python bool, got int"):
+        masked(gc.identity(), {"a": True, "b": 1})
+    params = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    tx = masked(gc.identity(), lambda p: {k: v.sum() > 0 for k, v in p.items()})
+    with pytest.raises(TypeError, match=r"mask\['a'\] must be a Python bool, got Tensor"):
+        tx.init(params)
+
+
+def test_unknown_label_names_the_leaf_and_the_known_labels() -> None:
+    transforms = {"x": gc.identity(), "y": gc.identity()}
+    with pytest.raises(ValueError, match=r"labels\['b'\] is 'z'.*known labels: \['x', 'y'\]"):
+        partition(transforms, {"a": "x", "b": "z"})
+    tx = partition(transforms, lambda p: {k: "z" if k == "b" else "x" for k in p})
+    with pytest.raises(ValueError, match=r"labels\['b'\] is 'z'.*known labels: \['x', 'y'\]"):
+        tx.init({"a": torch.zeros(1), "b": torch.zeros(1)})
+
+
+def test_labels_structure_mismatch_names_the_path() -> None:
+    tx = partition({"x": gc.identity()}, {"a": "x", "b": "x"})
+    with pytest.raises(ValueError, match=r"labels must have the structure.*\['c'\] is missing"):
+        tx.init({"a": torch.zeros(1), "b": torch.zeros(1), "c": torch.zeros(1)})
+    tx = partition({"x": gc.identity()}, [{"a": "x"}])
+    with pytest.raises(ValueError, match=r"\[0\]\['b'\] is missing"):
+        tx.init([{"a": torch.zeros(1), "b": torch.zeros(1)}])
+
+
+def test_constructor_argument_errors() -> None:
+    with pytest.raises(TypeError, match="transform must be a GradientTransformation"):
+        masked(lambda g: g, {"a": True})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="transforms must be a dict"):
+        partition([gc.identity()], {"a": 0})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one"):
+        partition({}, {})
+    with pytest.raises(TypeError, match=r"transforms\['x'\] must be a GradientTransformation"):
+        partition({"x": "sgd"}, {"a": "x"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="at most one member may be or contain a gate"):
+        partition(
+            {"x": gc.accumulate_every(2), "y": gc.chain(gc.identity(), gc.skip_if_nonfinite())},
+            {"a": "x", "b": "y"},
+        )
+
+
+def test_errors_raise_before_any_member_runs() -> None:
+    calls: list[str] = []
+    tx = partition(
+        {"x": _spy(calls, "x"), "y": _spy(calls, "y")},
+        lambda p: {k: "y" if k == "b" else "x" for k in p},
+    )
+    params = {"a": torch.zeros(1), "b": torch.zeros(1)}
+    state = tx.init(params)
+    calls.clear()
+    with pytest.raises(ValueError, match="updates does not have the structure of params"):
+        tx.update({"a": torch.zeros(1)}, state, params)
+    bad = partition(
+        {"x": _spy(calls, "x"), "y": _spy(calls, "y")},
+        lambda p: {k: "y" if k == "b" else "oops" for k in p},
+    )
+    with pytest.raises(ValueError, match="not a label"):
+        bad.update({"a": torch.zeros(1), "b": torch.zeros(1)}, state, params)
+    with pytest.raises(ValueError, match="state must be a PartitionState"):
+        tx.update({"a": torch.zeros(1), "b": torch.zeros(1)}, (state,), params)
+    with pytest.raises(ValueError, match=r"one state per member \['x', 'y'\]"):
+        tx.update(
+            {"a": torch.zeros(1), "b": torch.zeros(1)},
+            PartitionState({"x": gc.EmptyState()}),
+            params,
+        )
+    assert calls == []
+
+
+# --------------------------------------------------------------------------- state as data
+def test_state_round_trip_through_state_dict_and_torch_load() -> None:
+    params = _tensors(0)
+    tx = gc.chain(
+        masked(gc.clip_by_norm(1.0), {"a": True, "b": False, "c": True}),
+        partition(
+            {"acc": gc.accumulate_every(3), "clip": gc.clip_by_norm(2.0)},
+            {"a": "acc", "b": "clip", "c": "acc"},
+        ),
+    )
+    state = tx.init(params)
+    for step in range(2):
+        _, state = tx.update(_tensors(step + 1), state, params)
+    buf = io.BytesIO()
+    torch.save(gc.to_state_dict(state), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    again = gc.from_state_dict(tx.init(params), loaded)
+    _assert_trees_equal(again, state)
+    # Resuming from the loaded state continues exactly (mid-window).
+    grads = _tensors(9)
+    _assert_trees_equal(tx.update(grads, again, params), tx.update(grads, state, params))
+    # A state of another partition does not fit and names the path.
+    other = partition({"acc": gc.accumulate_every(3)}, {k: "acc" for k in params})
+    with pytest.raises(ValueError, match=r"state\[1\]\.inner_states\['clip'\]"):
+        gc.from_state_dict(tx.init(params), [loaded[0], gc.to_state_dict(other.init(params))])
+
+
+# --------------------------------------------------------------------------- gates inside
+def test_gate_inside_partition_gates_the_whole_step() -> None:
+    params = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    tx = partition(
+        {"acc": gc.chain(gc.accumulate_every(2), gc.clip_by_norm(1.0)), "plain": gc.clip_by_norm(10.0)},
+        {"a": "acc", "b": "plain"},
+    )
+    assert gc.is_gate(tx)
+    state = tx.init(params)
+    g1 = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([1.0, 1.0])}
+    g2 = {"a": torch.tensor([3.0, 8.0]), "b": torch.tensor([2.0, 0.0])}
+
+    out, state = tx.update(g1, state, params)
+    assert not bool(gc.applied(state))
+    _assert_trees_equal(out, {"a": torch.zeros(2), "b": torch.zeros(2)})
+    # The plain member kept its state on the closed step.
+    assert torch.equal(state.inner_states["plain"].norm, torch.tensor(0.0))
+
+    out, state = tx.update(g2, state, params)
+    assert bool(gc.applied(state))
+    torch.testing.assert_close(out["a"], torch.tensor([0.6, 0.8]))  # mean [3, 4], clipped
+    assert torch.equal(out["b"], g2["b"])  # the plain member sees this step's gradient
+    assert torch.equal(state.inner_states["plain"].norm, torch.tensor(2.0))
+
+
+def test_gate_inside_partition_holds_back_the_outer_chain_tail() -> None:
+    params = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    inner = partition({"acc": gc.accumulate_every(2), "plain": gc.identity()}, {"a": "acc", "b": "plain"})
+    tx = gc.chain(inner, gc.clip_by_norm(1.0))
+    assert gc.is_gate(tx)
+    state = tx.init(params)
+    out, state = tx.update({"a": torch.ones(2), "b": torch.ones(2)}, state, params)
+    assert not bool(gc.applied(state))
+    assert torch.equal(state[1].norm, torch.tensor(0.0))
+    _assert_trees_equal(out, {"a": torch.zeros(2), "b": torch.zeros(2)})
+    out, state = tx.update({"a": torch.ones(2), "b": torch.zeros(2)}, state, params)
+    assert bool(gc.applied(state))
+    torch.testing.assert_close(state[1].norm, torch.tensor(2.0).sqrt())
+
+
+def test_nonfinite_gate_inside_masked_zeroes_every_leaf() -> None:
+    params = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    tx = gc.chain(masked(gc.skip_if_nonfinite(), {"a": True, "b": False}), gc.clip_by_norm(100.0))
+    state = tx.init(params)
+    out, state = tx.update({"a": torch.tensor([1.0, float("nan")]), "b": torch.ones(2)}, state)
+    assert not bool(gc.applied(state))
+    _assert_trees_equal(out, {"a": torch.zeros(2), "b": torch.zeros(2)})
+    assert torch.equal(state[1].norm, torch.tensor(0.0))
+    # Non-finite values in a masked-out leaf are not the gate's business.
+    alone = masked(gc.skip_if_nonfinite(), {"a": True, "b": False})
+    g = {"a": torch.ones(2), "b": torch.tensor([float("inf"), 0.0])}
+    out, s = alone.update(g, alone.init(params))
+    assert bool(gc.applied(s))
+    assert out["a"] is g["a"] or torch.equal(out["a"], g["a"])
+    assert torch.equal(out["b"], g["b"])
+
+
+def test_gate_inside_partition_behind_an_outer_gate() -> None:
+    params = {"a": torch.zeros(1), "b": torch.zeros(1)}
+    tx = gc.chain(
+        gc.skip_if_nonfinite(),
+        partition(
+            {"acc": gc.accumulate_every(2), "plain": gc.clip_by_norm(10.0)},
+            {"a": "acc", "b": "plain"},
+        ),
+    )
+    state = tx.init(params)
+    nan = torch.tensor([float("nan")])
+    # A dropped micro-step is not accumulated; the window still closes on call 2.
+    _, state = tx.update({"a": nan, "b": torch.ones(1)}, state)
+    out, state = tx.update({"a": torch.tensor([4.0]), "b": torch.tensor([3.0])}, state)
+    assert bool(gc.applied(state))
+    assert torch.equal(out["a"], torch.tensor([4.0])) and torch.equal(out["b"], torch.tensor([3.0]))
+    assert torch.equal(state[1].inner_states["plain"].norm, torch.tensor(3.0))
+
+
+# --------------------------------------------------------------------------- tracing
+def _tiny_partition() -> gc.GradientTransformation:
+    return partition(
+        {
+            "x": gc.chain(gc.clip_by_norm(1.0), gc.clip_by_value(0.3)),
+            "y": masked(gc.clip_by_norm(0.5), lambda p: {k: k == "b" for k in p}),
+        },
+        {"a": "x", "b": "y", "c": "y"},
+    )
+
+
+def _gated_partition() -> gc.GradientTransformation:
+    return partition(
+        {"acc": gc.chain(gc.accumulate_every(2), gc.clip_by_norm(1.0)), "y": gc.clip_by_norm(0.5)},
+        {"a": "acc", "b": "y", "c": "y"},
+    )
+
+
+@pytest.mark.parametrize("make", [_tiny_partition, _gated_partition])
+def test_compile_fullgraph_equals_eager(make: Any) -> None:
+    torch._dynamo.reset()
+    params = _tensors(0)
+    tx = make()
+    compiled = torch.compile(tx.update, fullgraph=True)
+    s_eager = s_comp = tx.init(params)
+    for step in range(3):
+        grads = _tensors(step + 1)
+        out_e, s_eager = tx.update(grads, s_eager, params)
+        out_c, s_comp = compiled(grads, s_comp, params)
+        _assert_trees_equal(out_c, out_e, rtol=1e-6, atol=1e-6)
+        _assert_trees_equal(s_comp, s_eager, rtol=1e-6, atol=1e-6)
+        assert bool(gc.applied(s_comp)) == bool(gc.applied(s_eager))
+
+
+@pytest.mark.parametrize("make", [_tiny_partition, _gated_partition])
+def test_vmap_over_states_equals_a_loop(make: Any) -> None:
+    tx = make()
+    params = _tensors(0)
+    grads = [_tensors(10 + i) for i in range(4)]
+    states = [tx.init(params) for _ in range(4)]
+    for i in range(4):  # give the members different states
+        _, states[i] = tx.update(_tensors(20 + i), states[i], params)
+    stack = lambda trees: gc.tree.unflatten(  # noqa: E731
+        gc.tree.flatten(trees[0])[1],
+        [
+            torch.stack(leaves) if isinstance(leaves[0], torch.Tensor) else leaves[0]
+            for leaves in zip(*(gc.tree.flatten(t)[0] for t in trees))
+        ],
+    )
+    out_v, state_v = torch.func.vmap(tx.update, in_dims=(0, 0, None))(
+        stack(grads), stack(states), params
+    )
+    looped = [tx.update(g, s, params) for g, s in zip(grads, states)]
+    _assert_trees_equal(out_v, stack([o for o, _ in looped]), rtol=1e-6, atol=1e-6)
+    _assert_trees_equal(state_v, stack([s for _, s in looped]), rtol=1e-6, atol=1e-6)
+
+
+def test_update_is_differentiable() -> None:
+    params = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    tx = partition({"x": gc.clip_by_norm(1.0), "y": gc.clip_by_value(0.5)}, {"a": "x", "b": "y"})
+    state = tx.init(params)
+
+    def loss(a: torch.Tensor) -> torch.Tensor:
+        out, _ = tx.update({"a": a, "b": torch.tensor([0.1, 2.0])}, state, params)
+        return out["a"].sum() + out["b"].sum()
+
+    grad = torch.func.grad(loss)(torch.tensor([3.0, 4.0]))
+    # d/da sum(a / |a|) for |a| = 5
+    a = torch.tensor([3.0, 4.0])
+    expected = torch.autograd.functional.jacobian(lambda x: (x / (x.norm() + 1e-6)).sum(), a)
+    torch.testing.assert_close(grad, expected)
+
+
+# --------------------------------------------------------------------------- torch parity
+def test_partition_with_adamw_matches_torch_adamw_param_groups() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("lin", torch.nn.Linear(4, 3))
+    model.add_module("norm", torch.nn.LayerNorm(3))
+    model.add_module("out", torch.nn.Linear(3, 2))
+    model = model.double()
+    named = dict(model.named_parameters())
+    labels = _labels_fn(named)
+    assert labels == {
+        "lin.weight": "decay",
+        "lin.bias": "no_decay",
+        "norm.weight": "no_decay",
+        "norm.bias": "no_decay",
+        "out.weight": "decay",
+        "out.bias": "no_decay",
+    }
+    decay = [p for k, p in named.items() if labels[k] == "decay"]
+    no_decay = [p for k, p in named.items() if labels[k] == "no_decay"]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-2,
+    )
+    tx = partition(
+        {"decay": gc.adamw(1e-2, weight_decay=0.1), "no_decay": gc.adamw(1e-2, weight_decay=0.0)},
+        _labels_fn,
+    )
+    params = {k: p.detach().clone() for k, p in named.items()}
+    state = tx.init(params)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        grads = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in named.items()}
+        for k, p in named.items():
+            p.grad = grads[k].clone()
+        opt.step()
+        updates, state = tx.update(grads, state, params)
+        params = gc.apply_updates(params, updates)
+    for k, p in named.items():
+        torch.testing.assert_close(params[k], p.detach(), rtol=1e-12, atol=1e-12)
