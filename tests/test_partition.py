@@ -56,7 +56,9 @@ def _spy(calls: list[str], name: str) -> gc.GradientTransformation:
 
 
 def _labels_fn(params: dict[str, Any]) -> dict[str, str]:
-    return {k: "no_decay" if k.endswith("bias") or ".norm" in k else "decay" for k in params}
+    return {
+        k: "no_decay" if k.endswith("bias") or k.startswith("norm.") else "decay" for k in params
+    }
 
 
 # --------------------------------------------------------------------------- masked
@@ -233,9 +235,7 @@ def test_mask_structure_mismatch_names_the_path() -> None:
     with pytest.raises(ValueError, match=r"\['enc'\]\['b'\] is missing"):
         masked(gc.identity(), {"enc": {"w": True}, "head": True}).init(params)
     with pytest.raises(ValueError, match=r"\['enc'\]\['x'\] is not in"):
-        masked(gc.identity(), {"enc": {"w": True, "b": True, "x": True}, "head": True}).init(
-            params
-        )
+        masked(gc.identity(), {"enc": {"w": True, "b": True, "x": True}, "head": True}).init(params)
     with pytest.raises(ValueError, match=r"at \['enc'\] expected a dict, got a bool"):
         masked(gc.identity(), {"enc": True, "head": True}).init(params)
     with pytest.raises(ValueError, match=r"mask\['head'\] is a dict where the params have a leaf"):
@@ -345,7 +345,10 @@ def test_state_round_trip_through_state_dict_and_torch_load() -> None:
 def test_gate_inside_partition_gates_the_whole_step() -> None:
     params = {"a": torch.zeros(2), "b": torch.zeros(2)}
     tx = partition(
-        {"acc": gc.chain(gc.accumulate_every(2), gc.clip_by_norm(1.0)), "plain": gc.clip_by_norm(10.0)},
+        {
+            "acc": gc.chain(gc.accumulate_every(2), gc.clip_by_norm(1.0)),
+            "plain": gc.clip_by_norm(10.0),
+        },
         {"a": "acc", "b": "plain"},
     )
     assert gc.is_gate(tx)
@@ -368,7 +371,9 @@ def test_gate_inside_partition_gates_the_whole_step() -> None:
 
 def test_gate_inside_partition_holds_back_the_outer_chain_tail() -> None:
     params = {"a": torch.zeros(2), "b": torch.zeros(2)}
-    inner = partition({"acc": gc.accumulate_every(2), "plain": gc.identity()}, {"a": "acc", "b": "plain"})
+    inner = partition(
+        {"acc": gc.accumulate_every(2), "plain": gc.identity()}, {"a": "acc", "b": "plain"}
+    )
     tx = gc.chain(inner, gc.clip_by_norm(1.0))
     assert gc.is_gate(tx)
     state = tx.init(params)
@@ -451,6 +456,24 @@ def test_compile_fullgraph_equals_eager(make: Any) -> None:
         assert bool(gc.applied(s_comp)) == bool(gc.applied(s_eager))
 
 
+def _batch_dims(tree: Any) -> Any:
+    """``in_dims``/``out_dims`` for ``torch.func.vmap``: 0 for tensors, None for ``None``.
+
+    Masked-out leaves hold ``None`` in member states, and vmap refuses ``in_dims=0`` for
+    a ``None`` input or output, so the dims are given leaf by leaf.
+    """
+    leaves, spec = gc.tree.flatten(tree)
+    return gc.tree.unflatten(spec, [0 if isinstance(x, torch.Tensor) else None for x in leaves])
+
+
+def _stack(trees: list[Any]) -> Any:
+    leaves, spec = gc.tree.flatten(trees[0])
+    columns = zip(*(gc.tree.flatten(t)[0] for t in trees))
+    return gc.tree.unflatten(
+        spec, [torch.stack(c) if isinstance(c[0], torch.Tensor) else c[0] for c in columns]
+    )
+
+
 @pytest.mark.parametrize("make", [_tiny_partition, _gated_partition])
 def test_vmap_over_states_equals_a_loop(make: Any) -> None:
     tx = make()
@@ -458,20 +481,15 @@ def test_vmap_over_states_equals_a_loop(make: Any) -> None:
     grads = [_tensors(10 + i) for i in range(4)]
     states = [tx.init(params) for _ in range(4)]
     for i in range(4):  # give the members different states
-        _, states[i] = tx.update(_tensors(20 + i), states[i], params)
-    stack = lambda trees: gc.tree.unflatten(  # noqa: E731
-        gc.tree.flatten(trees[0])[1],
-        [
-            torch.stack(leaves) if isinstance(leaves[0], torch.Tensor) else leaves[0]
-            for leaves in zip(*(gc.tree.flatten(t)[0] for t in trees))
-        ],
-    )
-    out_v, state_v = torch.func.vmap(tx.update, in_dims=(0, 0, None))(
-        stack(grads), stack(states), params
-    )
+        for j in range(i % 2 + 1):
+            _, states[i] = tx.update(_tensors(20 + i + j), states[i], params)
     looped = [tx.update(g, s, params) for g, s in zip(grads, states)]
-    _assert_trees_equal(out_v, stack([o for o, _ in looped]), rtol=1e-6, atol=1e-6)
-    _assert_trees_equal(state_v, stack([s for _, s in looped]), rtol=1e-6, atol=1e-6)
+    dims = (_batch_dims(grads[0]), _batch_dims(states[0]))
+    out_v, state_v = torch.func.vmap(
+        tx.update, in_dims=(*dims, None), out_dims=(_batch_dims(looped[0][0]), dims[1])
+    )(_stack(grads), _stack(states), params)
+    _assert_trees_equal(out_v, _stack([o for o, _ in looped]), rtol=1e-6, atol=1e-6)
+    _assert_trees_equal(state_v, _stack([s for _, s in looped]), rtol=1e-6, atol=1e-6)
 
 
 def test_update_is_differentiable() -> None:
@@ -522,7 +540,9 @@ def test_partition_with_adamw_matches_torch_adamw_param_groups() -> None:
     state = tx.init(params)
     g = torch.Generator().manual_seed(1)
     for _ in range(20):
-        grads = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in named.items()}
+        grads = {
+            k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in named.items()
+        }
         for k, p in named.items():
             p.grad = grads[k].clone()
         opt.step()

@@ -3,6 +3,7 @@
 The public API is re-exported here; see the modules for the details.
 """
 
+from gradchain.adapter import ChainedOptimizer
 from gradchain.base import (
     EmptyState,
     GradientTransformation,
@@ -54,6 +55,7 @@ from gradchain.tree import from_state_dict, to_state_dict, tree_get
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChainedOptimizer",
     "AccumulateState",
     "ClipByNormState",
     "LossScaleState",

@@ -20,12 +20,13 @@ class ClipByNormState(NamedTuple):
     Attributes:
         norm: the global norm of the last incoming updates, before clipping (float32, or
             float64 when the params are float64).
-        nonfinite: whether that norm was nan or inf (bool). With
-            ``error_if_nonfinite=True`` this is how the error surfaces; see :func:`clip_by_norm`.
+        nonfinite_error: with ``error_if_nonfinite=True``, whether that norm was nan or inf
+            (bool; always false otherwise). This is how the error surfaces; see
+            :func:`clip_by_norm`.
     """
 
     norm: torch.Tensor
-    nonfinite: torch.Tensor
+    nonfinite_error: torch.Tensor
 
 
 def _check_norm_type(norm_type: float | str) -> float:
@@ -70,10 +71,10 @@ def clip_by_norm(
 
     ``error_if_nonfinite=True`` cannot raise inside ``update`` without a host-device
     sync. Instead, on a non-finite norm the updates pass through unclipped (torch leaves
-    the gradients untouched when it raises) and the state's ``nonfinite`` flag is set.
+    the gradients untouched when it raises) and the state's ``nonfinite_error`` flag is set.
     ``ChainedOptimizer`` raises ``RuntimeError`` on that flag before calling the wrapped
-    optimizer; in functional code check ``bool(gc.tree_get(state, "nonfinite"))`` when
-    you read the step's results.
+    optimizer; in functional code check ``bool(gc.tree_get(state, "nonfinite_error"))``
+    when you read the step's results.
 
     Args:
         max_norm: the largest allowed global norm (positive, finite).
@@ -103,7 +104,7 @@ def clip_by_norm(
         device = ts[0].device if ts else torch.device("cpu")
         return ClipByNormState(
             norm=torch.zeros((), dtype=dtype, device=device),
-            nonfinite=torch.zeros((), dtype=torch.bool, device=device),
+            nonfinite_error=torch.zeros((), dtype=torch.bool, device=device),
         )
 
     def update(
@@ -123,11 +124,19 @@ def clip_by_norm(
         coefs: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         for g in gs:
             if (g.device, g.dtype) not in coefs:
-                coefs[(g.device, g.dtype)] = coef.to(g.device, g.dtype)
+                # float16/bfloat16 keep the float32 coefficient (the multiply runs in float32
+                # and rounds once): cast to float16, a coefficient below ~6e-5 loses precision
+                # and one below ~3e-8 becomes 0, zeroing the gradients.
+                low = g.dtype in (torch.float16, torch.bfloat16)
+                coefs[(g.device, g.dtype)] = coef.to(g.device, coef.dtype if low else g.dtype)
         clipped = _ops.mul_list(gs, [coefs[(g.device, g.dtype)] for g in gs])
         new_state = ClipByNormState(
             norm=total.to(state.norm.device, state.norm.dtype),
-            nonfinite=torch.logical_not(finite).to(state.nonfinite.device),
+            nonfinite_error=(
+                torch.logical_not(finite).to(state.nonfinite_error.device)
+                if error_if_nonfinite
+                else state.nonfinite_error
+            ),
         )
         return view.put(clipped), new_state
 

@@ -82,6 +82,8 @@ class AccumulateState(NamedTuple):
         sums: the running sums, shaped like the params, in the accumulator dtype.
         is_open: whether the last call closed the window (bool, host).
         nonempty: whether the closed window held at least one micro-step (bool).
+        every: the window length ``n`` (int64, host; constant), so that code holding only
+            the state (e.g. ``ChainedOptimizer.no_sync``) knows when the window closes.
     """
 
     mini_step: torch.Tensor
@@ -89,6 +91,7 @@ class AccumulateState(NamedTuple):
     sums: Any
     is_open: torch.Tensor
     nonempty: torch.Tensor
+    every: torch.Tensor
 
 
 def accumulate_every(
@@ -176,6 +179,7 @@ def accumulate_every(
             sums=sums,
             is_open=torch.zeros((), dtype=torch.bool),
             nonempty=torch.zeros((), dtype=torch.bool, device=device),
+            every=torch.tensor(n, dtype=torch.int64),
         )
 
     def update(
@@ -214,6 +218,7 @@ def accumulate_every(
                 sums=view.put_into(state.sums, new_sums),
                 is_open=torch.zeros((), dtype=torch.bool),
                 nonempty=count > 0,
+                every=state.every,
             )
             return view.put(_ops.zeros_like(gs)), new_state
 
@@ -230,6 +235,7 @@ def accumulate_every(
                 sums=view.put_into(state.sums, zero_sums),
                 is_open=torch.ones((), dtype=torch.bool),
                 nonempty=nonempty,
+                every=state.every,
             )
             return view.put(out), new_state
         # Window position is data (compiled, vmapped, or state moved off the host).
@@ -243,6 +249,7 @@ def accumulate_every(
             sums=view.put_into(state.sums, _ops.where(closing_t, zero_sums, new_sums)),
             is_open=closing_t.to(state.is_open.device),
             nonempty=nonempty,
+            every=state.every,
         )
         return view.put(_ops.where(closing_t, out, _ops.zeros_like(out))), new_state
 

@@ -36,7 +36,9 @@ def _is_node(x: Any) -> bool:
     return not optree.tree_is_leaf(x, none_is_leaf=True)
 
 
-def _first_difference(ref: Any, got: Any, path: tuple[Any, ...] = ()) -> str | None:
+def _first_difference(
+    ref: Any, got: Any, ref_name: str, path: tuple[Any, ...] = ()
+) -> str | None:
     """Where ``got`` stops having the structure of ``ref`` (``ref``'s leaves may be
     anything in ``got``), as a readable sentence; ``None`` when it fits."""
     if not _is_node(ref):
@@ -53,10 +55,10 @@ def _first_difference(ref: Any, got: Any, path: tuple[Any, ...] = ()) -> str | N
         if missing:
             return f"{_tree._path_str((*path, missing[0]))} is missing"
         if extra:
-            return f"{_tree._path_str((*path, extra[0]))} is not in the tree it should match"
+            return f"{_tree._path_str((*path, extra[0]))} is not in the {ref_name}"
         return f"at {where} the entries are in a different order"
     for key, r, g in zip(ref_keys, ref_level.children, got_level.children):
-        found = _first_difference(r, g, (*path, key))
+        found = _first_difference(r, g, ref_name, (*path, key))
         if found is not None:
             return found
     return None
@@ -69,10 +71,9 @@ def _leaves_at(
     try:
         return spec.flatten_up_to(tree)
     except (ValueError, TypeError) as err:
-        why = _first_difference(ref, tree) or str(err)
+        why = _first_difference(ref, tree, ref_name) or str(err)
         raise ValueError(
-            f"{who}: {name} must have the structure of the {ref_name} (one entry per leaf): "
-            f"{why}"
+            f"{who}: {name} must have the structure of the {ref_name} (one entry per leaf): {why}"
         ) from None
 
 
@@ -166,9 +167,7 @@ class _Members:
     def init(self, params: Params) -> dict[Hashable, State]:
         leaves, spec = _tree.flatten(params)
         groups = self._groups(self.labels_of(params, spec, params, "params"))
-        return {
-            k: t.init(self._subtree(spec, leaves, groups[k])) for k, t in self.members.items()
-        }
+        return {k: t.init(self._subtree(spec, leaves, groups[k])) for k, t in self.members.items()}
 
     def update(
         self,
@@ -286,16 +285,19 @@ def masked(
         >>> out, state = tx.update({"w": torch.full((2,), 3.0), "b": torch.full((2,), 3.0)},
         ...                        tx.init(params), params)
         >>> out
-        {'b': tensor([3., 3.]), 'w': tensor([0.5000, 0.5000])}
+        {'w': tensor([0.5000, 0.5000]), 'b': tensor([3., 3.])}
 
         Weight decay on matrices only, with a mask function:
 
-        >>> decay = gc.masked(gc.add_decayed_weights(0.1), lambda p: {k: v.ndim > 1 for k, v in p.items()})
+        >>> def matrices(params):
+        ...     return {k: v.ndim > 1 for k, v in params.items()}
+        >>> decay = gc.masked(gc.add_decayed_weights(0.1), matrices)
         >>> params = {"w": torch.ones(2, 2), "b": torch.ones(2)}
         >>> grads = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
         >>> out, _ = decay.update(grads, decay.init(params), params)
-        >>> out["w"].sum().item(), out["b"].sum().item()
-        (0.4, 0.0)
+        >>> out["w"], out["b"]
+        (tensor([[0.1000, 0.1000],
+                [0.1000, 0.1000]]), tensor([0., 0.]))
     """
     who = "masked"
     if not _is_transformation(transform):
@@ -331,7 +333,7 @@ def masked(
         return new_updates, MaskedState(states[True])
 
     if core.gated:
-        _base._mark_gate(update)
+        _base.mark_gate(update)
     return GradientTransformation(init, update)
 
 
@@ -481,5 +483,5 @@ def partition(
         return new_updates, PartitionState(states)
 
     if core.gated:
-        _base._mark_gate(update)
+        _base.mark_gate(update)
     return GradientTransformation(init, update)

@@ -179,7 +179,7 @@ def zeros_like_tree(params: Any, dtype: torch.dtype | None = None) -> Any:
         >>> import torch
         >>> from gradchain.tree import zeros_like_tree
         >>> zeros_like_tree({"w": torch.ones(2, dtype=torch.float16), "b": None}, torch.float32)
-        {'b': None, 'w': tensor([0., 0.])}
+        {'w': tensor([0., 0.]), 'b': None}
     """
     leaves, spec = flatten(params)
     out: list[torch.Tensor | None] = []
@@ -255,7 +255,7 @@ def to_state_dict(state: Any) -> Any:
         >>> tx = gc.chain(gc.clip_by_norm(1.0), gc.accumulate_every(2))
         >>> sd = gc.to_state_dict(tx.init({"w": torch.zeros(2)}))
         >>> sorted(sd[0])
-        ['nonfinite', 'norm']
+        ['nonfinite_error', 'norm']
     """
     if isinstance(state, tuple) and hasattr(state, "_fields"):
         return {f: to_state_dict(getattr(state, f)) for f in state._fields}
