@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import gradchain as gc
 from gradchain.partition import MaskedState, PartitionState, masked, partition
@@ -142,37 +144,85 @@ def test_nested_masked() -> None:
 
 
 # --------------------------------------------------------------------------- partition
-def test_partition_equals_members_on_subsets_by_hand() -> None:
-    params = _tensors(0)
-    labels = {"a": "x", "b": "y", "c": "x"}
-    tx = partition({"x": gc.clip_by_norm(1.0), "y": gc.accumulate_every(1)}, labels)
-    refs = {"x": gc.clip_by_norm(1.0), "y": gc.accumulate_every(1)}
-    keys = {"x": {"a", "c"}, "y": {"b"}}
+def _pad_none(ref_state: Any, full_state: Any) -> Any:
+    """``ref_state`` (built on a sub-dict) with the ``None`` entries of ``full_state`` added."""
+    if isinstance(ref_state, tuple) and hasattr(ref_state, "_fields"):
+        return type(ref_state)(
+            *(_pad_none(getattr(ref_state, f), getattr(full_state, f)) for f in ref_state._fields)
+        )
+    if isinstance(ref_state, (tuple, list)):
+        return type(ref_state)(_pad_none(r, f) for r, f in zip(ref_state, full_state))
+    if isinstance(ref_state, dict):
+        return {
+            k: _pad_none(ref_state[k], v) if k in ref_state else None for k, v in full_state.items()
+        }
+    return ref_state
+
+
+def _check_against_subsets_by_hand(
+    make: dict[str, Any], labels: dict[str, str], steps: int, seed: int = 0
+) -> None:
+    """``partition`` equals running each member by hand on the sub-dict of its leaves."""
+    params = _tensors(seed)
+    tx = partition({k: f() for k, f in make.items()}, labels)
+    refs = {k: f() for k, f in make.items()}
+    keys = {k: {leaf for leaf, lab in labels.items() if lab == k} for k in make}
     state = tx.init(params)
-    assert isinstance(state, PartitionState) and list(state.inner_states) == ["x", "y"]
-    ref_states = {k: refs[k].init(_subset(params, keys[k])) for k in refs}
-    for step in range(3):
-        grads = {k: 2 * v for k, v in _tensors(step + 1).items()}
+    assert isinstance(state, PartitionState) and list(state.inner_states) == list(make)
+    ref_params = {k: _subset(params, keys[k]) for k in make}
+    ref_states = {k: refs[k].init(ref_params[k]) for k in refs}
+    for step in range(steps):
+        grads = {k: 2 * v for k, v in _tensors(seed + step + 1).items()}
         out, state = tx.update(grads, state, params)
         for k in refs:
-            ref_out, ref_states[k] = refs[k].update(_subset(grads, keys[k]), ref_states[k])
+            ref_out, ref_states[k] = refs[k].update(
+                _subset(grads, keys[k]), ref_states[k], ref_params[k]
+            )
+            ref_params[k] = gc.apply_updates(ref_params[k], ref_out)
             for leaf in keys[k]:
                 assert torch.equal(out[leaf], ref_out[leaf])
             _assert_trees_equal(
-                gc.to_state_dict(state.inner_states[k]),
-                gc.to_state_dict(_strip_none(ref_states[k], state.inner_states[k])),
+                state.inner_states[k], _pad_none(ref_states[k], state.inner_states[k])
             )
+        params = gc.apply_updates(params, out)
 
 
-def _strip_none(ref_state: Any, full_state: Any) -> Any:
-    """``ref_state`` (built on a sub-dict) padded with the ``None`` entries of ``full_state``."""
-    if isinstance(ref_state, tuple) and hasattr(ref_state, "_fields"):
-        return type(ref_state)(
-            *(_strip_none(getattr(ref_state, f), getattr(full_state, f)) for f in ref_state._fields)
-        )
-    if isinstance(ref_state, dict):
-        return {k: ref_state[k] if k in ref_state else None for k in full_state}
-    return ref_state
+def test_partition_equals_members_on_subsets_by_hand() -> None:
+    _check_against_subsets_by_hand(
+        {"x": lambda: gc.clip_by_norm(1.0), "y": lambda: gc.accumulate_every(1)},
+        {"a": "x", "b": "y", "c": "x"},
+        steps=3,
+    )
+
+
+def test_partition_with_stateful_optimizers_equals_subsets_by_hand() -> None:
+    _check_against_subsets_by_hand(
+        {
+            "x": lambda: gc.sgd(lr=0.1, momentum=0.9, nesterov=True),
+            "y": lambda: gc.chain(gc.clip_by_norm(1.0), gc.adamw(1e-2, weight_decay=0.1)),
+        },
+        {"a": "y", "b": "x", "c": "y"},
+        steps=4,
+    )
+
+
+@given(
+    labels=st.fixed_dictionaries({k: st.sampled_from(["x", "y", "z"]) for k in "abc"}),
+    seed=st.integers(0, 2**16),
+)
+def test_partition_equals_subsets_by_hand_for_any_labelling(
+    labels: dict[str, str], seed: int
+) -> None:
+    _check_against_subsets_by_hand(
+        {
+            "x": lambda: gc.adam(lr=1e-2),
+            "y": lambda: gc.chain(gc.clip_by_norm(0.5), gc.sgd(lr=0.1, momentum=0.5)),
+            "z": lambda: gc.identity(),
+        },
+        labels,
+        steps=2,
+        seed=seed,
+    )
 
 
 def test_partition_label_with_no_leaves_is_allowed() -> None:
@@ -227,6 +277,47 @@ def test_partition_passes_extra_kwargs_to_members() -> None:
     )
     assert bool(gc.applied(state))
     assert torch.equal(out["a"], torch.tensor([2.0])) and torch.equal(out["b"], torch.tensor([5.0]))
+
+
+def test_gan_generator_and_discriminator_in_one_step_equal_two_chains() -> None:
+    torch.manual_seed(0)
+    gen, disc = torch.nn.Linear(2, 3), torch.nn.Linear(3, 1)
+    params = {
+        "gen": {k: p.detach() for k, p in gen.named_parameters()},
+        "disc": {k: p.detach() for k, p in disc.named_parameters()},
+    }
+
+    def labels_fn(tree: Any) -> Any:
+        return {net: {k: net for k in sub} for net, sub in tree.items()}
+
+    def make_gen() -> gc.GradientTransformation:
+        return gc.adam(lr=2e-4, betas=(0.5, 0.999))
+
+    def make_disc() -> gc.GradientTransformation:
+        return gc.chain(gc.clip_by_norm(1.0), gc.sgd(lr=1e-2, momentum=0.9))
+
+    tx = partition({"gen": make_gen(), "disc": make_disc()}, labels_fn)
+    g_tx, d_tx = make_gen(), make_disc()
+    state = tx.init(params)
+    g_state, d_state = g_tx.init(params["gen"]), d_tx.init(params["disc"])
+    g_params, d_params = params["gen"], params["disc"]
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        grads = {
+            net: {k: torch.randn(p.shape, generator=g) for k, p in sub.items()}
+            for net, sub in params.items()
+        }
+        updates, state = tx.update(grads, state, params)
+        params = gc.apply_updates(params, updates)
+        g_upd, g_state = g_tx.update(grads["gen"], g_state, g_params)
+        d_upd, d_state = d_tx.update(grads["disc"], d_state, d_params)
+        g_params = gc.apply_updates(g_params, g_upd)
+        d_params = gc.apply_updates(d_params, d_upd)
+    _assert_trees_equal(params, {"gen": g_params, "disc": d_params})
+    adam_state = state.inner_states["gen"][0]
+    assert adam_state.mu["disc"] == {"weight": None, "bias": None}
+    _assert_trees_equal(adam_state.mu["gen"], g_state[0].mu)
+    _assert_trees_equal(adam_state.count, g_state[0].count)
 
 
 # --------------------------------------------------------------------------- errors
@@ -420,6 +511,22 @@ def test_gate_inside_partition_behind_an_outer_gate() -> None:
     assert bool(gc.applied(state))
     assert torch.equal(out["a"], torch.tensor([4.0])) and torch.equal(out["b"], torch.tensor([3.0]))
     assert torch.equal(state[1].inner_states["plain"].norm, torch.tensor(3.0))
+
+
+def test_plain_masked_behind_an_outer_gate_keeps_its_state_on_skipped_steps() -> None:
+    params = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    plain = masked(gc.sgd(lr=0.1, momentum=0.9), {"a": True, "b": False})
+    assert not gc.is_gate(plain)
+    tx = gc.chain(gc.skip_if_nonfinite(), plain)
+    state = tx.init(params)
+    _, state = tx.update({"a": torch.ones(2), "b": torch.ones(2)}, state, params)
+    before = gc.to_state_dict(state[1])
+    out, state = tx.update(
+        {"a": torch.ones(2), "b": torch.tensor([float("nan"), 0.0])}, state, params
+    )
+    assert not bool(gc.applied(state))
+    _assert_trees_equal(out, {"a": torch.zeros(2), "b": torch.zeros(2)})
+    _assert_trees_equal(gc.to_state_dict(state[1]), before)
 
 
 # --------------------------------------------------------------------------- tracing

@@ -1,7 +1,8 @@
 """List maths for transformations: ``torch._foreach_*`` when it can serve, else leaf by leaf.
 
 Every function takes lists of tensors (no ``None``) and returns new lists; nothing is
-modified in place. ``torch._foreach_*`` kernels group by (device, dtype) internally; they
+modified in place (except by the trailing-underscore functions at the end, which may
+update lists of fresh intermediates their caller owns). ``torch._foreach_*`` kernels group by (device, dtype) internally; they
 have no ``vmap`` batching rule and no ``torch.func`` autograd, so batched, wrapped or
 grad-requiring tensors take the per-leaf path (which ``torch.compile`` fuses anyway).
 """
@@ -135,9 +136,63 @@ def all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
     if not xs:
         return torch.tensor(True)
     device = xs[0].device
+    # Empty tensors are finite, and the inf-norm of one raises (no identity): leave them out.
+    xs = [x for x in xs if x.numel() > 0]
+    if not xs:
+        return torch.ones((), dtype=torch.bool, device=device)
     if _fe(xs):
         # The inf-norm of each leaf is finite iff the leaf is; nan propagates.
         norms = torch._foreach_norm(xs, float("inf"))
         return torch.stack([n.to(device) for n in norms]).isfinite().all()
     flags = [torch.isfinite(x).all().to(device) for x in xs]
     return torch.stack(flags).all()
+
+
+# --------------------------------------------------------------------------- owned in-place
+# For lists the caller *owns*: fresh intermediates it has just computed, never inputs or
+# state. They are updated in place when foreach serves (plain eager tensors, no autograd),
+# saving an allocation per leaf (on CPU a fresh large tensor costs far more than the maths);
+# otherwise (autograd may have saved them, vmap, torch.func) new tensors are returned.
+# Always use the return value.
+def mul_(xs: list[torch.Tensor], s: Scalar) -> TList:
+    if _fe(xs, scalar=s):
+        torch._foreach_mul_(xs, s)
+        return xs
+    return [x * s for x in xs]
+
+
+def add_(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: float = 1.0) -> TList:
+    if _fe(xs, ys):
+        torch._foreach_add_(xs, ys, alpha=alpha)
+        return xs
+    return add(xs, ys, alpha=alpha)
+
+
+def div_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
+    if _fe(xs, ys):
+        torch._foreach_div_(xs, ys)
+        return xs
+    return [x / y for x, y in zip(xs, ys)]
+
+
+def div_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
+    if _fe(xs, scalar=s):
+        torch._foreach_div_(xs, s)
+        return xs
+    return [x / s for x in xs]
+
+
+def add_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
+    if _fe(xs, scalar=s) and not isinstance(s, torch.Tensor):
+        torch._foreach_add_(xs, s)
+        return xs
+    return [x + s for x in xs]
+
+
+def addcmul_(
+    xs: list[torch.Tensor], ys: list[torch.Tensor], zs: list[torch.Tensor], value: float
+) -> TList:
+    if _fe(xs, ys, zs):
+        torch._foreach_addcmul_(xs, ys, zs, value=value)
+        return xs
+    return [torch.addcmul(x, y, z, value=value) for x, y, z in zip(xs, ys, zs)]

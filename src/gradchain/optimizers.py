@@ -35,13 +35,14 @@ every parameter gets a gradient on every step. For a parameter whose gradient is
 on some steps, torch bias-corrects it with its own step count (Adam) and starts its
 momentum buffer from a copy of its first gradient (SGD, which matters only with
 ``dampening != 0``); gradchain uses the shared count. Also, float16/bfloat16 parameters
-get float32 moments (torch keeps them in the parameter dtype).
+get float32 moments (torch keeps them in the parameter dtype). A step on which every
+gradient is ``None`` still advances ``count`` (torch would advance no parameter's step).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 
@@ -66,7 +67,7 @@ __all__ = [
 
 Params = Any
 Updates = Any
-ScalarOrSchedule = Union[float, torch.Tensor, Schedule]
+ScalarOrSchedule = float | torch.Tensor | Schedule
 TList = list[torch.Tensor]
 
 
@@ -218,7 +219,7 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def _scaled(gs: Sequence[torch.Tensor], factor: float | torch.Tensor) -> TList:
+def _scaled(gs: list[torch.Tensor], factor: float | torch.Tensor) -> TList:
     """``factor * g`` leafwise, ``factor`` cast per (device, dtype) group."""
     if not isinstance(factor, torch.Tensor):
         return _ops.mul(gs, factor)
@@ -243,7 +244,7 @@ class ScaleByScheduleState(NamedTuple):
         ScaleByScheduleState(count=tensor(0))
     """
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
 def scale_by_learning_rate(
@@ -325,7 +326,7 @@ class ScaleByAdamState(NamedTuple):
         (tensor(0), {'w': tensor([0., 0.])}, ())
     """
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count, as in optax
     mu: Updates
     nu: Updates
     nu_max: Updates
@@ -408,15 +409,16 @@ def scale_by_adam(
             v = _pick(nus, idx)
             g = _ops.cast(_pick(gs, idx), [x.dtype for x in m])
             m = _ops.lerp(m, g, 1.0 - b1)
-            v = _ops.addcmul(_ops.mul(v, b2), g, g, 1.0 - b2)
+            v = _ops.addcmul_(_ops.mul(v, b2), g, g, 1.0 - b2)
             if amsgrad:
                 vmax = _ops.maximum(_pick(maxs, idx), v)
                 _scatter(new_maxs, idx, vmax)
             else:
                 vmax = v
-            denom = _ops.div_scalar(_ops.sqrt(vmax), _scalar_for(bias_correction2_sqrt, m[0]))
-            denom = _ops.add_scalar(denom, eps)
-            u = _ops.div(_ops.mul(m, _scalar_for(inv_bias_correction1, m[0])), denom)
+            # Fresh intermediates are updated in place (_ops.*_), the state never is.
+            denom = _ops.div_scalar_(_ops.sqrt(vmax), _scalar_for(bias_correction2_sqrt, m[0]))
+            denom = _ops.add_scalar_(denom, eps)
+            u = _ops.div_(_ops.mul(m, _scalar_for(inv_bias_correction1, m[0])), denom)
             _scatter(out, idx, _ops.cast(u, [x.dtype for x in _pick(gs, idx)]))
             _scatter(new_mus, idx, m)
             _scatter(new_nus, idx, v)
@@ -446,11 +448,13 @@ class TraceState(NamedTuple):
         TraceState(count=tensor(0), trace={'w': tensor([0., 0.])})
     """
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count, as in optax
     trace: Updates
 
 
-def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> GradientTransformation:
+def trace(
+    momentum: float, dampening: float = 0.0, nesterov: bool = False
+) -> GradientTransformation:
     """Momentum with ``torch.optim.SGD`` semantics.
 
     .. math::
@@ -516,7 +520,7 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
         g = _ops.cast(gs, [b.dtype for b in bufs])
         # From a zero buffer this is exactly g when dampening == 0; otherwise the first
         # step selects the undamped copy, as torch does.
-        new = _ops.add(_ops.mul(bufs, momentum), g, alpha=1.0 - dampening)
+        new = _ops.add_(_ops.mul(bufs, momentum), g, alpha=1.0 - dampening)
         if dampening != 0.0:
             new = _ops.where(state.count == 0, g, new)
         out = _ops.add(g, new, alpha=momentum) if nesterov else new
@@ -730,6 +734,11 @@ def adamw(
     i.e. ``p + u = p (1 - \\eta_t \\lambda) - \\eta_t\\,\\mathrm{adam}``, torch's
     ``param.mul_(1 - lr * weight_decay)`` followed by the Adam step; with a schedule the
     decay uses the scheduled learning rate, as torch does with a scheduler.
+
+    torch multiplies by the factor ``1 - lr * weight_decay`` rounded to the parameter
+    dtype; gradchain computes the decay term ``lr * weight_decay * p`` directly. In
+    float32 the two differ by at most half an ulp of 1 (3e-8) relative per step, well
+    inside the parity tolerance (1e-5 after 100 steps).
 
     ``chain(scale(-1) if maximize, scale_by_adam(*betas, eps, amsgrad),
     add_decayed_weights(weight_decay) if weight_decay, scale_by_learning_rate(lr))``.

@@ -10,6 +10,11 @@ subset.
 Masks and labels are decided from the *structure* of the tree (names, shapes, dtypes),
 never from tensor values: they are Python values, so choosing a member costs no
 host-device sync and traces under ``torch.compile`` and ``torch.func``.
+
+Because member states hold ``None`` at the leaves that are not theirs, batching states
+with ``torch.func.vmap`` needs ``in_dims``/``out_dims`` trees with ``None`` at those
+positions (``vmap`` refuses ``in_dims=0`` for a ``None`` input or output), e.g. built with
+``gradchain.tree.flatten``: ``0`` for each tensor leaf, ``None`` for each ``None``.
 """
 
 from __future__ import annotations
@@ -36,9 +41,7 @@ def _is_node(x: Any) -> bool:
     return not optree.tree_is_leaf(x, none_is_leaf=True)
 
 
-def _first_difference(
-    ref: Any, got: Any, ref_name: str, path: tuple[Any, ...] = ()
-) -> str | None:
+def _first_difference(ref: Any, got: Any, ref_name: str, path: tuple[Any, ...] = ()) -> str | None:
     """Where ``got`` stops having the structure of ``ref`` (``ref``'s leaves may be
     anything in ``got``), as a readable sentence; ``None`` when it fits."""
     if not _is_node(ref):

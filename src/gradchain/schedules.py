@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 
@@ -39,8 +38,8 @@ __all__ = [
     "join_schedules",
 ]
 
-Count = Union[int, torch.Tensor]
-ScheduleValue = Union[float, torch.Tensor]
+Count = int | torch.Tensor
+ScheduleValue = float | torch.Tensor
 Schedule = Callable[[Count], ScheduleValue]
 """A callable of the step count returning a learning rate (float or 0-dim tensor)."""
 
@@ -342,7 +341,10 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
             return float(schedules[index](count - start))
         out = torch.as_tensor(schedules[0](count), dtype=torch.float32, device=count.device)
         for b, s in zip(boundaries, schedules[1:]):
-            value = torch.as_tensor(s(count - b), dtype=torch.float32, device=count.device)
+            # Clamped so that a schedule never sees a negative count, even in the branch
+            # that torch.where discards (e.g. 1 / sqrt(count) would give nan there).
+            shifted = torch.clamp(count - b, min=0)
+            value = torch.as_tensor(s(shifted), dtype=torch.float32, device=count.device)
             out = torch.where(count < b, out, value)
         return out
 
