@@ -41,7 +41,6 @@ from gradchain.optimizers import (
 )
 from gradchain.partition import MaskedState, PartitionState, masked, partition
 from gradchain.schedules import (
-    Schedule,
     constant_schedule,
     cosine_decay_schedule,
     exponential_decay,
@@ -94,7 +93,6 @@ __all__ = [
     "scale_by_learning_rate",
     "sgd",
     "trace",
-    "Schedule",
     "constant_schedule",
     "cosine_decay_schedule",
     "exponential_decay",

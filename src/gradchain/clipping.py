@@ -23,6 +23,13 @@ class ClipByNormState(NamedTuple):
         nonfinite_error: with ``error_if_nonfinite=True``, whether that norm was nan or inf
             (bool; always false otherwise). This is how the error surfaces; see
             :func:`clip_by_norm`.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.clip_by_norm(1.0)
+        >>> _, state = tx.update({"w": torch.tensor([6.0, 8.0])}, tx.init({"w": torch.zeros(2)}))
+        >>> state.norm, bool(state.nonfinite_error)
+        (tensor(10.), False)
     """
 
     norm: torch.Tensor

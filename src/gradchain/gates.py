@@ -84,6 +84,14 @@ class AccumulateState(NamedTuple):
         nonempty: whether the closed window held at least one micro-step (bool).
         every: the window length ``n`` (int64, host; constant), so that code holding only
             the state (e.g. ``ChainedOptimizer.no_sync``) knows when the window closes.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.accumulate_every(3)
+        >>> params = {"w": torch.zeros(1)}
+        >>> _, state = tx.update({"w": torch.ones(1)}, tx.init(params))
+        >>> int(state.mini_step), int(state.every), state.sums
+        (1, 3, {'w': tensor([1.])})
     """
 
     mini_step: torch.Tensor
@@ -265,6 +273,15 @@ class SkipIfNonfiniteState(NamedTuple):
         is_open: whether the last incoming updates were all finite (bool).
         consecutive_skips: skipped steps since the last finite one (int64, saturating).
         total_skips: all skipped steps (int64, saturating).
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.skip_if_nonfinite()
+        >>> state = tx.init({"w": torch.zeros(1)})
+        >>> for g in (float("inf"), float("nan"), 1.0):
+        ...     _, state = tx.update({"w": torch.tensor([g])}, state)
+        >>> int(state.consecutive_skips), int(state.total_skips), bool(state.is_open)
+        (0, 2, True)
     """
 
     is_open: torch.Tensor
@@ -337,6 +354,15 @@ class LossScaleState(NamedTuple):
         scale: the current loss scale (float32).
         growth_tracker: consecutive finite steps since the last change of scale (int64).
         is_open: whether the last step's unscaled updates were all finite (bool).
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.loss_scale(init_scale=4.0, growth_interval=2)
+        >>> state = tx.init({"w": torch.zeros(1)})
+        >>> for _ in range(2):
+        ...     _, state = tx.update({"w": torch.ones(1)}, state)
+        >>> float(state.scale), int(state.growth_tracker)
+        (8.0, 0)
     """
 
     scale: torch.Tensor

@@ -239,6 +239,12 @@ class MaskedState(NamedTuple):
     Attributes:
         inner_state: the wrapped transformation's state, built from the params with the
             masked-out leaves replaced by ``None`` (so it holds ``None`` there).
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.masked(gc.trace(0.9), {"w": True, "b": False})
+        >>> tx.init({"w": torch.zeros(1), "b": torch.zeros(1)}).inner_state.trace
+        {'w': tensor([0.]), 'b': None}
     """
 
     inner_state: State
@@ -348,6 +354,12 @@ class PartitionState(NamedTuple):
         inner_states: a dict ``label -> state`` of the members' states, in the order of
             ``transforms``. Each was built from the params with the other labels' leaves
             replaced by ``None``.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.partition({"a": gc.sgd(lr=0.1), "b": gc.adam()}, {"w": "a", "v": "b"})
+        >>> list(tx.init({"w": torch.zeros(1), "v": torch.zeros(1)}).inner_states)
+        ['a', 'b']
     """
 
     inner_states: dict[Hashable, State]
