@@ -423,6 +423,7 @@ def apply_updates_(params: Params, updates: Updates) -> Params:
     pairs = [(p, u) for p, u in zip(p_leaves, u_leaves) if p is not None and u is not None]
     with torch.no_grad():
         for ps, us in _tree.group_by_device_dtype(pairs):
-            us = [u.to(ps[0].dtype) for u in us]
+            # No cast of the updates first: the add runs in the promoted dtype and rounds
+            # once into the param's, exactly as ``apply_updates`` does.
             torch._foreach_add_(ps, us)
     return params

@@ -137,6 +137,8 @@ def clip_by_norm(
                 low = g.dtype in (torch.float16, torch.bfloat16)
                 coefs[(g.device, g.dtype)] = coef.to(g.device, coef.dtype if low else g.dtype)
         clipped = _ops.mul_list(gs, [coefs[(g.device, g.dtype)] for g in gs])
+        # A 0-dim float16 leaf times the 0-dim float32 coefficient promotes to float32.
+        clipped = _ops.cast(clipped, [g.dtype for g in gs])
         new_state = ClipByNormState(
             norm=total.to(state.norm.device, state.norm.dtype),
             nonfinite_error=(

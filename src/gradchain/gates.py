@@ -509,7 +509,12 @@ def _unscale(gs: list[torch.Tensor], inv: torch.Tensor) -> list[torch.Tensor]:
     """Multiply by the float32 inverse scale; float16/bfloat16 in float32, cast back."""
     if all(g.dtype not in _LOW_PRECISION for g in gs):
         return _ops.mul(gs, inv)
-    return [(g.float() * inv.to(g.device)).to(g.dtype) for g in gs]
+    # Only the low-precision leaves go through float32: a float64 leaf keeps its precision.
+    return [
+        (g.float() * inv.to(g.device)).to(g.dtype) if g.dtype in _LOW_PRECISION
+        else g * inv.to(g.device)
+        for g in gs
+    ]
 
 
 def scale_loss(loss: torch.Tensor, state: Any) -> torch.Tensor:
