@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import optree
 import torch
 
-from gradchain.base import GradientTransformation, applied, is_gate
+from gradchain.base import GradientTransformation, _fold_flags, is_gate
 from gradchain.clipping import ClipByNormState
 from gradchain.gates import AccumulateState, scale_loss
 from gradchain.tree import _named_nodes, from_state_dict, to_state_dict
@@ -38,6 +39,19 @@ def _merge_states(old: Any, new: Any) -> Any:
     return optree.tree_unflatten(spec, out)
 
 
+def _leading_accumulator(state: Any) -> AccumulateState | None:
+    """The state of ``accumulate_every`` when it is the first member of the (nested) chain."""
+    while type(state) is tuple and state:
+        state = state[0]
+    return state if isinstance(state, AccumulateState) else None
+
+
+def _replace_leading(state: Any, new: AccumulateState) -> Any:
+    if isinstance(state, AccumulateState):
+        return new
+    return (_replace_leading(state[0], new), *state[1:])
+
+
 class ChainedOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs ``transform`` on the gradients before ``optimizer``.
 
@@ -54,7 +68,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
     * ``should_commit`` (e.g. torchft's ``Manager.should_commit``) is asked once per
       applied step, before the wrapped step; a refusal discards the call: parameters, the
       wrapped optimizer's state and the transformation state stay as before it.
-    * On an applied step the one host-device sync is reading ``applied(state)``.
+    * At most one host-device sync per step: the device-side gate flags and clip error
+      flags are read in one transfer; accumulation micro-steps (known on the host) read
+      nothing from the device.
     * ``clip_by_norm(error_if_nonfinite=True)`` raises ``RuntimeError`` here, before anything
       is changed, when the norm was nan or inf.
     * Optimizers that re-evaluate the closure (``torch.optim.LBFGS``) get the transformation
@@ -126,6 +142,8 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self._warned_capturable_if_run_uncaptured = True
         self.tx_state = transform.init(self._param_tree())
         self._last_applied = False
+        self._self_ref = weakref.ref(self)
+        self._before_seed: Any = None  # the state before no_sync moved the window into .grad
 
     # ------------------------------------------------------------------ torch.optim surface
     @property  # type: ignore[override]
@@ -155,9 +173,20 @@ class ChainedOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"ChainedOptimizer({self.optimizer!r})"
 
+    def _real(self) -> ChainedOptimizer:
+        """``self``, or, when a method is called on a proxy that subclasses this class and
+        forwards attribute reads (Lightning's ``LightningOptimizer`` re-classes itself so),
+        the ChainedOptimizer behind it: methods that write state or call the wrapped
+        optimizer must act on it, not store copies on the proxy or see the proxy's
+        ``optimizer`` (which is this object, not the wrapped optimizer)."""
+        real = self._self_ref()
+        return self if real is None else real
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer; its parameters get fresh transformation state
         and the state of existing parameters is kept."""
+        if self._real() is not self:
+            return self._real().add_param_group(param_group)
         self.optimizer.add_param_group(param_group)
         self.tx_state = _merge_states(self.tx_state, self.transform.init(self._param_tree()))
 
@@ -207,14 +236,51 @@ class ChainedOptimizer(torch.optim.Optimizer):
         """Enter ``model.no_sync()`` (DDP) when the coming step will not apply.
 
         Wrap the forward and backward of each micro-batch: gradients are then all-reduced
-        only on the micro-step that closes the accumulation window. A model without
+        only on the micro-step that closes the accumulation window. On that micro-step the
+        window's accumulated (rank-local) gradient sums are first moved into ``.grad``, so
+        that the closing backward's all-reduce covers the whole window, as DDP's own
+        ``no_sync`` accumulation does; the accumulator carries on from zero with its count
+        kept. Call ``zero_grad()`` outside this block. This needs ``accumulate_every`` first
+        in the chain (only the window's sum of raw gradients is ever all-reduced), e.g.
+        ``chain(accumulate_every(4), loss_scale(), clip_by_norm(1.0))``. A model without
         ``no_sync`` (not DDP) is left alone.
         """
-        if not self.will_apply(flush=flush) and hasattr(model, "no_sync"):
-            with model.no_sync():
+        real = self._real()
+        ddp = hasattr(model, "no_sync")
+        if ddp and _leading_accumulator(real.tx_state) is None and any(
+            isinstance(node, AccumulateState) for _, node in _named_nodes(real.tx_state)
+        ):
+            raise ValueError(
+                "ChainedOptimizer.no_sync: accumulate_every must be the first transformation "
+                "of the chain (e.g. chain(accumulate_every(4), loss_scale(), "
+                "clip_by_norm(1.0))): gradients are all-reduced once per window, so only the "
+                "window's sum of raw gradients is the same on every rank"
+            )
+        if not real.will_apply(flush=flush) and ddp:
+            with model.no_sync():  # type: ignore[operator]
                 yield
         else:
+            if ddp:
+                real._seed_window()
             yield
+
+    def _seed_window(self) -> None:
+        """Move the leading accumulator's sums into ``.grad`` (see :meth:`no_sync`)."""
+        acc = _leading_accumulator(self.tx_state)
+        if acc is None or int(acc.mini_step) == 0:  # host tensor: no sync
+            return
+        with torch.no_grad():
+            for group, sums in zip(self._params(), acc.sums):
+                for p, s in zip(group, sums):
+                    if s is not None:
+                        s = s.to(p.dtype, copy=True)
+                        p.grad = s if p.grad is None else p.grad + s
+        zeros = optree.tree_map(
+            lambda s: None if s is None else torch.zeros_like(s), acc.sums, none_is_leaf=True
+        )
+        if self._before_seed is None:  # entered twice before one step: keep the first
+            self._before_seed = self.tx_state
+        self.tx_state = _replace_leading(self.tx_state, acc._replace(sums=zeros))
 
     # ------------------------------------------------------------------ step
     def _params(self) -> list[list[torch.Tensor]]:
@@ -240,22 +306,40 @@ class ChainedOptimizer(torch.optim.Optimizer):
         return updates, new_state
 
     @staticmethod
-    def _decide(state: Any) -> bool:
-        """Whether the step applies, with the one host read of the step. Raises when a
-        ``clip_by_norm(error_if_nonfinite=True)`` flagged a nan/inf norm."""
+    def _decide(state: Any, old_state: Any) -> bool:
+        """Whether the step applies, with at most one device-to-host read. Raises when a
+        ``clip_by_norm(error_if_nonfinite=True)`` flagged a nan/inf norm.
+
+        Gate flags kept on the host (the accumulation window) are read for free; the flags
+        that are device data (finiteness, the clip error flags that changed in this step) are
+        stacked on the device and copied to the host in one transfer. A step with nothing
+        to read on the device (an accumulation micro-step) does not sync at all.
+        """
+        flag = _fold_flags(True, state)  # a Python bool where known on the host
+        # A stored error flag is always false (a true one raises before it is stored), so
+        # flags carried over unchanged from ``old_state`` need not be read.
+        old = [
+            n.nonfinite_error
+            for _, n in _named_nodes(old_state)
+            if isinstance(n, ClipByNormState)
+        ]
         errors = [
             node.nonfinite_error
             for _, node in _named_nodes(state)
             if isinstance(node, ClipByNormState)
+            and not any(node.nonfinite_error is o for o in old)
         ]
-        ok = applied(state)
-        flags = torch.stack([ok.cpu()] + [e.cpu() for e in errors]).tolist()
-        if any(flags[1:]):
+        pending = ([flag] if isinstance(flag, torch.Tensor) else []) + errors
+        if not pending:
+            return bool(flag)
+        device = next((t.device for t in pending if t.device.type != "cpu"), pending[0].device)
+        values = torch.stack([t.reshape(()).to(device) for t in pending]).tolist()
+        if any(values[1:] if isinstance(flag, torch.Tensor) else values):
             raise RuntimeError(
                 "ChainedOptimizer: the total norm of the gradients is nan or inf, so "
                 "clip_by_norm(error_if_nonfinite=True) refuses the step; nothing was changed"
             )
-        return bool(flags[0])
+        return bool(values[0]) if isinstance(flag, torch.Tensor) else bool(flag)
 
     def _write_grads(self, updates: list[list[Any]]) -> None:
         with torch.no_grad():
@@ -275,12 +359,23 @@ class ChainedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # A refused or failed call restores the state as it was before no_sync moved the
+        # window into .grad, so that the window is not lost with the discarded gradients.
+        before_seed, self._before_seed = self._before_seed, None
         updates, new_state = self._run_transform(self.tx_state, **extra)
-        if not self._decide(new_state):
+        try:
+            applies = self._decide(new_state, self.tx_state)
+        except RuntimeError:
+            if before_seed is not None:
+                self.tx_state = before_seed
+            raise
+        if not applies:
             self.tx_state = new_state
             self._last_applied = False
             return loss
         if self.should_commit is not None and not self.should_commit():
+            if before_seed is not None:
+                self.tx_state = before_seed
             self._last_applied = False
             return loss
         self._write_grads(updates)
@@ -302,8 +397,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
         def wrapped() -> Any:
             with torch.enable_grad():
                 loss = closure()
-            updates, box["state"] = self._run_transform(box["state"], **extra)
-            self._decide(box["state"])
+            old = box["state"]
+            updates, box["state"] = self._run_transform(old, **extra)
+            self._decide(box["state"], old)
             self._write_grads(updates)
             return loss
 
@@ -316,18 +412,23 @@ class ChainedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The wrapped optimizer's state dict and the transformation state, as plain data
         (loads with ``torch.load(..., weights_only=True)``)."""
+        if self._real() is not self:
+            return self._real().state_dict()
         return {
             "optimizer": self.optimizer.state_dict(),
             "transform": to_state_dict(self.tx_state),
             "gradchain": {
                 "format": _FORMAT,
                 "group_sizes": [len(g) for g in self._params()],
+                "shapes": [[list(p.shape) for p in g] for g in self._params()],
             },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore both states. A state dict from another chain or parameter set is refused
         with a ``ValueError`` naming the mismatch, and nothing is changed."""
+        if self._real() is not self:
+            return self._real().load_state_dict(state_dict)
         if not isinstance(state_dict, dict) or not {"optimizer", "transform", "gradchain"} <= set(
             state_dict
         ):
@@ -343,6 +444,17 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 "ChainedOptimizer.load_state_dict: the saved parameter groups have sizes "
                 f"{saved}, this optimizer's have {sizes}"
             )
+        # torch.optim loads per-parameter state of any shape, so check shapes here.
+        saved_shapes = state_dict["gradchain"].get("shapes")
+        if saved_shapes is not None:
+            for i, (group, saved_group) in enumerate(zip(self._params(), saved_shapes)):
+                for j, (p, shape) in enumerate(zip(group, saved_group)):
+                    if list(p.shape) != list(shape):
+                        raise ValueError(
+                            "ChainedOptimizer.load_state_dict: param_groups"
+                            f"[{i}]['params'][{j}] was saved with shape {tuple(shape)}, "
+                            f"this optimizer's has shape {tuple(p.shape)}"
+                        )
         new_tx_state = from_state_dict(self.tx_state, state_dict["transform"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.tx_state = new_tx_state

@@ -223,6 +223,9 @@ def _and(a: Flag, b: Flag) -> Flag:
     if b is True:
         return a
     assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    # Move the host flag to the accelerator, never the other way (that would sync).
+    if a.device.type == "cpu" and b.device.type != "cpu":
+        a, b = b, a
     return torch.logical_and(a, b.to(a.device))
 
 
