@@ -660,3 +660,27 @@ def test_no_sync_needs_accumulate_every_first() -> None:
     with opt.no_sync(model):
         pass
     assert model.entered == 0
+
+
+def test_held_back_steps_consume_the_gradients_so_they_are_not_counted_twice() -> None:
+    """A loop that calls zero_grad() only after applied steps equals one that calls it
+    after every step: held-back steps clear .grad themselves."""
+    torch.manual_seed(0)
+    data = [torch.randn(4, 3, dtype=torch.float64) for _ in range(8)]
+
+    def run(zero_every_step: bool) -> torch.Tensor:
+        torch.manual_seed(1)
+        model = torch.nn.Linear(3, 1).double()
+        opt = gc.ChainedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), gc.accumulate_every(4)
+        )
+        for x in data:
+            model(x).pow(2).mean().backward()
+            opt.step()
+            if not opt.last_step_applied:
+                assert all(p.grad is None for p in model.parameters())
+            if zero_every_step or opt.last_step_applied:
+                opt.zero_grad()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(run(True), run(False))

@@ -73,6 +73,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
       nothing from the device.
     * ``clip_by_norm(error_if_nonfinite=True)`` raises ``RuntimeError`` here, before anything
       is changed, when the norm was nan or inf.
+    * A held-back step (a gate closed it) consumes the gradients: ``.grad`` is set to
+      ``None`` afterwards, since the accumulator now holds them (or they were dropped as
+      non-finite), so they cannot be counted twice.
     * Optimizers that re-evaluate the closure (``torch.optim.LBFGS``) get the transformation
       applied at every evaluation; a transformation with gates is refused for them.
 
@@ -372,6 +375,12 @@ class ChainedOptimizer(torch.optim.Optimizer):
         if not applies:
             self.tx_state = new_state
             self._last_applied = False
+            # The chain consumed these gradients (into its accumulator, or dropped them as
+            # non-finite): clear them, so a loop that skips zero_grad() on held-back steps
+            # does not count them twice.
+            for group in self._params():
+                for p in group:
+                    p.grad = None
             return loss
         if self.should_commit is not None and not self.should_commit():
             if before_seed is not None:
