@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from gradchain import _dist
 from gradchain.tree import _use_foreach
 
 Scalar = float | torch.Tensor
@@ -29,16 +30,28 @@ def _fe(*lists: list[torch.Tensor], scalar: object = None) -> bool:
     return all(_use_foreach(x) for x in lists)
 
 
+def _mul1(x: torch.Tensor, y: Scalar) -> torch.Tensor:
+    """``x * y`` in ``x``'s dtype, as ``torch._foreach_mul`` computes it: a wider 0-dim
+    ``y`` (a float32 coefficient for float16 leaves) is not rounded to ``x``'s dtype first."""
+    if (
+        not isinstance(y, torch.Tensor)
+        or y.dtype == x.dtype
+        or x.dtype not in (torch.float16, torch.bfloat16)
+    ):
+        return x * y
+    return (x.to(torch.promote_types(x.dtype, y.dtype)) * y).to(x.dtype)
+
+
 def mul(xs: list[torch.Tensor], s: Scalar) -> TList:
     if _fe(xs, scalar=s):
         return list(torch._foreach_mul(xs, s))
-    return [x * s for x in xs]
+    return [_mul1(x, s) for x in xs]
 
 
 def mul_list(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     if _fe(xs, ys):
         return list(torch._foreach_mul(xs, ys))
-    return [x * y for x, y in zip(xs, ys)]
+    return [_mul1(x, y) for x, y in zip(xs, ys)]
 
 
 def add(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: float = 1.0) -> TList:
@@ -131,10 +144,14 @@ def zeros_like(xs: list[torch.Tensor]) -> TList:
 def all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
     """A 0-dim bool tensor: no nan/inf anywhere in ``xs`` (``True`` for an empty list).
 
-    One reduction per leaf and one over the leaves; no host-device sync.
+    One reduction per leaf and one over the leaves; no host-device sync. With DTensor
+    leaves, every rank gets the same answer (one all-reduce of a flag per group of leaves
+    sharded alike), so every rank must call it.
     """
     if not xs:
         return torch.tensor(True)
+    if _dist.has_dtensor(xs):
+        return _sharded_all_finite(xs)
     device = xs[0].device
     # Empty tensors are finite, and the inf-norm of one raises (no identity): leave them out.
     xs = [x for x in xs if x.numel() > 0]
@@ -146,6 +163,20 @@ def all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([n.to(device) for n in norms]).isfinite().all()
     flags = [torch.isfinite(x).all().to(device) for x in xs]
     return torch.stack(flags).all()
+
+
+def _sharded_all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`all_finite` when some leaves are DTensors: one all-reduce of a flag per group
+    of leaves sharded alike (see :mod:`gradchain._dist`), so every rank gets the same
+    answer and a nan in one rank's shard closes the gates on all ranks."""
+    plain, groups = _dist.local_parts(xs, exact=False)
+    flags = [all_finite(plain)] if plain else []
+    for mesh, dims, locals_ in groups:
+        # As a float (gloo reduces no bools): the min over ranks is 1 iff all are finite.
+        local = all_finite(locals_).to(device=locals_[0].device, dtype=torch.float32)
+        flags.append(_dist.all_reduce(local, mesh, dims, "min") > 0)
+    device = xs[0].device
+    return torch.stack([f.to(device) for f in flags]).all()
 
 
 # --------------------------------------------------------------------------- owned in-place

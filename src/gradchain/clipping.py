@@ -76,6 +76,12 @@ def clip_by_norm(
     turns finite entries into zeros. Put ``skip_if_nonfinite()`` or ``loss_scale()``
     before the clip to drop such steps.
 
+    **Distributed.** On DTensor gradients (FSDP2 ``fully_shard``, tensor parallel) the norm
+    is over all shards: one all-reduce of a scalar per step (as ``clip_grad_norm_``), after
+    which the norm is a plain tensor, equal on every rank, and each rank scales its own
+    shards. Every rank must call ``update``. DDP gradients are already identical on every
+    rank, so there clipping needs no communication.
+
     ``error_if_nonfinite=True`` cannot raise inside ``update`` without a host-device
     sync. Instead, on a non-finite norm the updates pass through unclipped (torch leaves
     the gradients untouched when it raises) and the state's ``nonfinite_error`` flag is set.

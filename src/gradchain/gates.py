@@ -23,7 +23,7 @@ from gradchain.base import (
     gate_state,
     mark_gate,
 )
-from gradchain.tree import Leaves, flatten, unflatten
+from gradchain.tree import Leaves, config_fields, flatten, unflatten
 
 __all__ = [
     "AccumulateState",
@@ -70,6 +70,7 @@ def _known_int(t: torch.Tensor) -> int | None:
 
 
 # --------------------------------------------------------------------------- accumulate_every
+@config_fields("every")
 @gate_state(flags=("is_open", "nonempty"), host_flags=("is_open",), absorbs_upstream=True)
 class AccumulateState(NamedTuple):
     """State of :func:`accumulate_every`.
@@ -297,7 +298,9 @@ def skip_if_nonfinite() -> GradientTransformation:
 
     **Performance.** Finiteness is data on the device, so the decision stays a tensor: the
     rest of the chain is computed on every step and its new state is selected with
-    ``torch.where``. That costs one reduction per step and no host-device sync.
+    ``torch.where``. That costs one reduction per step and no host-device sync. On DTensor
+    (FSDP2) gradients the flag is all-reduced (one scalar per step), so a nan in one rank's
+    shard closes the step on every rank.
 
     Returns:
         A gate :class:`GradientTransformation` with :class:`SkipIfNonfiniteState`.
@@ -404,6 +407,8 @@ def loss_scale(
     overflow caused by unscaling with a scale below 1 is caught too), float16 gradients are
     accepted (unscaled in float32), there is an optional floor ``min_scale``, and the
     decision never needs a host-device sync (finiteness is selected with ``torch.where``).
+    On DTensor (FSDP2) gradients the finiteness flag is all-reduced (one scalar per step),
+    so every rank skips the same steps and keeps the same scale.
 
     Args:
         init_scale: the first scale (> 0).

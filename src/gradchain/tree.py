@@ -7,11 +7,15 @@ Every tree in gradchain is an optree pytree flattened with ``none_is_leaf=True``
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import optree
 import torch
+
+from gradchain import _dist
+
+_T = TypeVar("_T", bound=type)
 
 __all__ = [
     "flatten",
@@ -128,6 +132,11 @@ def global_norm(tensors: Sequence[torch.Tensor | None], norm_type: float = 2.0) 
     ``torch.nn.utils.get_total_norm`` for ``norm_type`` 1, 2, any p > 0 and ``inf``.
     Empty input gives ``0.``.
 
+    DTensor leaves (FSDP2 ``fully_shard``, tensor parallel) count with all their shards:
+    the result is a plain tensor, the same on every rank, from one all-reduce per group of
+    leaves sharded alike (one for FSDP2). So every rank must call it. Plain tensors mixed
+    in are taken as replicated (counted once).
+
     Example:
         >>> import torch
         >>> from gradchain.tree import global_norm
@@ -140,16 +149,67 @@ def global_norm(tensors: Sequence[torch.Tensor | None], norm_type: float = 2.0) 
     if not ts:
         return torch.tensor(0.0)
     dtype = _norm_dtype(ts)
+    device = ts[0].device
+    # Empty tensors add nothing to a p-norm, and the inf-norm of one raises (no identity).
+    ts = [t for t in ts if t.numel() > 0]
+    if not ts:
+        return torch.zeros((), dtype=dtype, device=device)
     p = float(norm_type)
+    if _dist.has_dtensor(ts):
+        return _sharded_global_norm(ts, p, dtype, device)
+    stacked = torch.stack(_leaf_norms(ts, p, dtype, device))
+    return torch.linalg.vector_norm(stacked, p)
+
+
+def _leaf_norms(
+    ts: Sequence[torch.Tensor], p: float, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """The ``p``-norm of each (non-empty) tensor, in ``dtype`` on ``device``."""
     norms: list[torch.Tensor] = []
     for (group,) in group_by_device_dtype([(t,) for t in ts]):
         if _use_foreach(group):
             norms.extend(torch._foreach_norm(group, p, dtype=dtype))
         else:
             norms.extend(torch.linalg.vector_norm(t, p, dtype=dtype) for t in group)
-    device = ts[0].device
-    stacked = torch.stack([n.to(device) for n in norms])
-    return torch.linalg.vector_norm(stacked, p)
+    return [n.to(device) for n in norms]
+
+
+def _sharded_global_norm(
+    ts: Sequence[torch.Tensor], p: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """:func:`global_norm` when some leaves are DTensors: a plain tensor, equal on all ranks.
+
+    Each rank takes the norms of its local shards; per group of leaves sharded alike
+    (see :mod:`gradchain._dist`) the sum of their ``p``-th powers (the max for ``inf``) is
+    all-reduced once. For ``inf`` a nan flag travels in the same all-reduce, since a max
+    reduction may drop a nan.
+    """
+    plain, groups = _dist.local_parts(ts, exact=True)
+    inf = math.isinf(p)
+
+    def part(norms: list[torch.Tensor], on: torch.device) -> torch.Tensor:
+        # This rank's share: max (inf) or sum of p-th powers of ``norms``; 0 for none.
+        if not norms:
+            return torch.zeros((), dtype=dtype, device=on)
+        stacked = torch.stack(norms)
+        return stacked.max() if inf else stacked.pow(p).sum()
+
+    parts: list[torch.Tensor] = []
+    if plain:  # replicated by the user's contract: counted once, not reduced
+        parts.append(part(_leaf_norms(plain, p, dtype, device), device))
+    for mesh, dims, locals_ in groups:
+        on = locals_[0].device
+        local = part(_leaf_norms([x for x in locals_ if x.numel() > 0], p, dtype, on), on)
+        if inf:
+            isnan = torch.isnan(local)
+            packed = torch.stack([torch.where(isnan, 0.0, local), isnan.to(dtype)])
+            packed = _dist.all_reduce(packed, mesh, dims, "max")
+            local = torch.where(packed[1] > 0, torch.nan, packed[0])
+        else:
+            local = _dist.all_reduce(local, mesh, dims, "sum")
+        parts.append(local.to(device))
+    total = torch.stack(parts)
+    return total.max() if inf else total.sum().pow(1.0 / p)
 
 
 def _use_foreach(tensors: Sequence[torch.Tensor]) -> bool:
@@ -270,6 +330,33 @@ def to_state_dict(state: Any) -> Any:
     raise TypeError(f"to_state_dict: cannot store a {type(state).__name__} in a state dict")
 
 
+_CONFIG_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def config_fields(*names: str) -> Callable[[_T], _T]:
+    """Class decorator: these tensor fields of a state hold configuration (e.g. a window
+    length), so :func:`from_state_dict` refuses data whose values differ from the template's.
+
+    Example:
+        >>> from typing import NamedTuple
+        >>> import torch
+        >>> from gradchain.tree import config_fields, from_state_dict
+        >>> @config_fields("n")
+        ... class WindowState(NamedTuple):
+        ...     n: torch.Tensor
+        >>> from_state_dict(WindowState(torch.tensor(4)), {"n": torch.tensor(3)})
+        Traceback (most recent call last):
+        ...
+        ValueError: from_state_dict: state.n is part of the transformation's configuration: ...
+    """
+
+    def register(cls: _T) -> _T:
+        _CONFIG_FIELDS[cls] = tuple(names)
+        return cls
+
+    return register
+
+
 def _mismatch(path: str, expected: str, got: Any) -> ValueError:
     if isinstance(got, torch.Tensor):
         desc = f"a tensor of shape {tuple(got.shape)} and dtype {got.dtype}"
@@ -296,9 +383,18 @@ def _rebuild(template: Any, data: Any, path: str) -> Any:
             raise _mismatch(f"{path}.{missing[0]}", "a value (key missing)", data)
         if extra:
             raise _mismatch(f"{path}.{extra[0]}", f"no such key in {type(template).__name__}", data)
-        return type(template)(
+        rebuilt = type(template)(
             *(_rebuild(getattr(template, f), data[f], f"{path}.{f}") for f in fields)
         )
+        for f in _CONFIG_FIELDS.get(type(template), ()):
+            want, got = getattr(template, f), getattr(rebuilt, f)
+            if not torch.equal(want.cpu(), got.cpu()):
+                raise ValueError(
+                    f"from_state_dict: {path}.{f} is part of the transformation's configuration: "
+                    f"this one has {want.tolist()}, the state dict has {got.tolist()} "
+                    "(it comes from a differently configured transformation)"
+                )
+        return rebuilt
     if isinstance(template, (tuple, list)):
         if not isinstance(data, (list, tuple)) or len(data) != len(template):
             raise _mismatch(path, f"a list of length {len(template)}", data)
