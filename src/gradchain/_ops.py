@@ -14,9 +14,10 @@ from collections.abc import Sequence
 import torch
 
 from gradchain import _dist
-from gradchain.tree import _use_foreach
+from gradchain.tree import _known_bool, _use_foreach, group_by_device_dtype
 
 Scalar = float | torch.Tensor
+_HAS_AMP_CHECK = hasattr(torch, "_amp_foreach_non_finite_check_and_unscale_")
 TList = list[torch.Tensor]
 
 
@@ -133,7 +134,14 @@ def cast(xs: list[torch.Tensor], dtypes: Sequence[torch.dtype]) -> TList:
 
 
 def where(flag: torch.Tensor, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
-    """``x`` where the 0-dim bool ``flag`` is true, else ``y``, leafwise."""
+    """``x`` where the 0-dim bool ``flag`` is true, else ``y``, leafwise.
+
+    A flag known on the host (eager, CPU) picks a list without computing a select; the
+    result may then alias ``xs`` or ``ys``, so never update it in place.
+    """
+    known = _known_bool(flag)
+    if known is not None:
+        return list(xs) if known else list(ys)
     return [torch.where(flag.to(x.device), x, y) for x, y in zip(xs, ys)]
 
 
@@ -157,10 +165,17 @@ def all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
     xs = [x for x in xs if x.numel() > 0]
     if not xs:
         return torch.ones((), dtype=torch.bool, device=device)
-    if _fe(xs):
-        # The inf-norm of each leaf is finite iff the leaf is; nan propagates.
-        norms = torch._foreach_norm(xs, float("inf"))
-        return torch.stack([n.to(device) for n in norms]).isfinite().all()
+    if _fe(xs) and _HAS_AMP_CHECK:
+        # GradScaler's fused kernel: with an inverse scale of 1 it only reads (no write),
+        # one pass per (device, dtype) group; much faster than an inf-norm on CPU.
+        found = []
+        for (group,) in group_by_device_dtype([(x,) for x in xs]):
+            flag = torch.zeros((), dtype=torch.float32, device=group[0].device)
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                group, flag, torch.ones((), dtype=torch.float32, device=group[0].device)
+            )
+            found.append(flag.to(device))
+        return (torch.stack(found) == 0).all() if len(found) > 1 else found[0] == 0
     flags = [torch.isfinite(x).all().to(device) for x in xs]
     return torch.stack(flags).all()
 

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 import torch
 
 from gradchain import tree as _tree
+from gradchain.tree import _known_bool
 
 Params = Any
 Updates = Any
@@ -199,22 +200,6 @@ def _gate_flags(state: State) -> list[tuple[torch.Tensor, bool, bool]]:
     return flags
 
 
-def _known_bool(flag: torch.Tensor) -> bool | None:
-    """The value of a 0-dim bool flag if it can be read without a host-device sync and
-    without breaking a trace; ``None`` when it must stay a tensor.
-
-    Host (CPU) tensors are readable for free in eager mode. Under ``torch.compile`` or
-    ``torch.func`` transforms (vmap, grad) flags are symbolic or batched, and stay tensors.
-    """
-    if flag.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
-    if torch._C._functorch.is_functorch_wrapped_tensor(flag):
-        return None
-    if isinstance(flag, torch._subclasses.FakeTensor):
-        return None
-    return bool(flag)
-
-
 def _and(a: Flag, b: Flag) -> Flag:
     if a is False or b is False:
         return False
@@ -298,6 +283,10 @@ def _zeros_like_tree(updates: Updates) -> Updates:
 
 def _select_tree(flag: torch.Tensor, new: Any, old: Any) -> Any:
     """``new`` where ``flag`` else ``old``, leafwise over two trees of the same shape."""
+    known = _known_bool(flag)
+    if known is not None:
+        # A host flag in eager mode: pick without computing a select (same result).
+        return new if known else old
     new_leaves, spec = _tree.flatten(new)
     old_leaves = spec.flatten_up_to(old) if new_leaves else []
     out = []
@@ -365,6 +354,15 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         gate_open: torch.Tensor | None = extra.pop("gate_open", None)
         new_states: list[State] = []
         for i, (t, s) in enumerate(zip(transforms, state)):
+            known = None if gate_open is None else _known_bool(gate_open)
+            if known is True:
+                gate_open = None
+            if known is False and not gates[i]:
+                # Closed by a flag that is data but happens to be on the host (eager, CPU):
+                # the select below would keep the old state, so skip the work. Later gates
+                # still run (they see gate_open and keep their own state).
+                new_states.append(s)
+                continue
             new_u, new_s = t.update(updates, s, params, gate_open=gate_open, **extra)
             if gate_open is not None and not gates[i]:
                 # A plain member behind an undecided gate: keep its old state where closed.

@@ -212,6 +212,25 @@ def _sharded_global_norm(
     return total.max() if inf else total.sum().pow(1.0 / p)
 
 
+def _known_bool(flag: torch.Tensor) -> bool | None:
+    """The value of a 0-dim bool flag if it can be read without a host-device sync and
+    without breaking a trace; ``None`` when it must stay a tensor.
+
+    Host (CPU) tensors are readable for free in eager mode: there is no device to wait
+    for, so reading one is not a host-device sync. Under ``torch.compile`` or
+    ``torch.func`` transforms (vmap, grad) flags are symbolic or batched, and stay tensors;
+    on an accelerator they stay tensors too. Code that uses the value must give exactly
+    the result the tensor path gives; it only skips work (a select, a discarded tail).
+    """
+    if flag.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(flag):
+        return None
+    if isinstance(flag, torch._subclasses.FakeTensor):
+        return None
+    return bool(flag)
+
+
 def _use_foreach(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether ``torch._foreach_*`` kernels can serve these tensors: plain eager tensors.
 

@@ -1,0 +1,277 @@
+"""gradchain against the torch-native code users would write instead, measured side by side.
+
+One process times both on the same tensors, alternating them round by round, and prints
+medians, ratios (gradchain / torch; below 1 means gradchain is faster) and peak extra memory
+(from the torch profiler's allocation events). Parameter sets are GPT-2-style decoders:
+
+    small:  2 layers, width 128, vocab 1024, context 128   (28 tensors, ~0.5M parameters)
+    medium: 12 layers, width 512, vocab 8192, context 512  (148 tensors, ~42M parameters)
+
+Usage::
+
+    python benchmarks/speed.py                    # both sets, all rows
+    python benchmarks/speed.py --sets small --rounds 30
+    python benchmarks/speed.py --smoke            # tiny set, one round: checks it runs (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import gradchain as gc
+
+SETS = {
+    "tiny": dict(layers=1, width=16, vocab=64, context=16),
+    "small": dict(layers=2, width=128, vocab=1024, context=128),
+    "medium": dict(layers=12, width=512, vocab=8192, context=512),
+}
+
+
+def gpt2_params(layers: int, width: int, vocab: int, context: int) -> dict[str, torch.Tensor]:
+    """The parameter shapes of a GPT-2-style decoder (weights as (in, out), biases)."""
+    shapes: dict[str, tuple[int, ...]] = {"wte": (vocab, width), "wpe": (context, width)}
+    for i in range(layers):
+        p = f"h{i}."
+        shapes.update(
+            {
+                p + "ln_1.weight": (width,), p + "ln_1.bias": (width,),
+                p + "attn.c_attn.weight": (width, 3 * width), p + "attn.c_attn.bias": (3 * width,),
+                p + "attn.c_proj.weight": (width, width), p + "attn.c_proj.bias": (width,),
+                p + "ln_2.weight": (width,), p + "ln_2.bias": (width,),
+                p + "mlp.c_fc.weight": (width, 4 * width), p + "mlp.c_fc.bias": (4 * width,),
+                p + "mlp.c_proj.weight": (4 * width, width), p + "mlp.c_proj.bias": (width,),
+            }
+        )
+    shapes.update({"ln_f.weight": (width,), "ln_f.bias": (width,)})
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+
+
+def fresh_grads(params: dict[str, torch.Tensor], scale: float = 1.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {k: torch.randn(v.shape, generator=g) * scale for k, v in params.items()}
+
+
+@dataclass
+class Row:
+    name: str
+    ours: Callable[[], object]
+    theirs: Callable[[], object]
+    note: str = ""
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Peak of (allocated - freed) CPU bytes during one call, from the profiler's events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        fn()
+    # Allocations are the ops' *self* memory (children report theirs), frees are the
+    # negative "[memory]" events.
+    deltas = sorted(
+        (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+        for e in prof.events()
+    )
+    level = peak = 0
+    for _, delta in deltas:
+        level += delta
+        peak = max(peak, level)
+    return peak
+
+
+def timed(fn: Callable[[], object], inner: int) -> float:
+    start = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - start) / inner
+
+
+def measure(row: Row, rounds: int, inner: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        row.ours()
+        row.theirs()
+    ours, theirs, ratios = [], [], []
+    for r in range(rounds):
+        # Alternate which goes first, so drift and cache effects fall on both.
+        if r % 2:
+            a = timed(row.ours, inner)
+            b = timed(row.theirs, inner)
+        else:
+            b = timed(row.theirs, inner)
+            a = timed(row.ours, inner)
+        ours.append(a)
+        theirs.append(b)
+        ratios.append(a / b)
+    return {
+        "ours_ms": statistics.median(ours) * 1e3,
+        "torch_ms": statistics.median(theirs) * 1e3,
+        "ratio": statistics.median(ratios),
+        "ours_peak_mb": peak_extra_bytes(row.ours) / 2**20,
+        "torch_peak_mb": peak_extra_bytes(row.theirs) / 2**20,
+    }
+
+
+def build_rows(params: dict[str, torch.Tensor], compile_row3: bool) -> list[Row]:
+    rows: list[Row] = []
+    grads = fresh_grads(params)
+
+    # 1. clip_by_norm vs clip_grad_norm_(foreach=True)
+    clip = gc.clip_by_norm(1.0)
+    clip_state = clip.init(params)
+    t_params = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    for p, g in zip(t_params, grads.values()):
+        p.grad = g.clone()
+    rows.append(Row(
+        "1 clip_by_norm",
+        lambda: clip.update(grads, clip_state),
+        lambda: torch.nn.utils.clip_grad_norm_(t_params, 1.0, foreach=True),
+    ))
+
+    # 2. chain(clip, adamw) + apply_updates (pure) vs clip + AdamW(foreach=True)
+    tx = gc.chain(gc.clip_by_norm(1.0), gc.adamw(1e-3))
+    box = {"params": dict(params), "state": tx.init(params)}
+
+    def pure_step() -> None:
+        updates, box["state"] = tx.update(grads, box["state"], box["params"])
+        box["params"] = gc.apply_updates(box["params"], updates)
+
+    opt_foreach = torch.optim.AdamW(t_params, lr=1e-3, foreach=True)
+
+    def torch_foreach_step() -> None:
+        torch.nn.utils.clip_grad_norm_(t_params, 1.0, foreach=True)
+        opt_foreach.step()
+
+    rows.append(Row("2 clip+adamw pure", pure_step, torch_foreach_step))
+
+    # 3. the fastest path gradchain offers vs clip + AdamW(fused=True)
+    f_params = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    for p, g in zip(f_params, grads.values()):
+        p.grad = g.clone()
+    opt_fused = torch.optim.AdamW(f_params, lr=1e-3, fused=True)
+
+    def torch_fused_step() -> None:
+        torch.nn.utils.clip_grad_norm_(f_params, 1.0, foreach=True)
+        opt_fused.step()
+
+    live = {k: torch.nn.Parameter(p.clone()) for k, p in params.items()}
+    fast = {"state": tx.init(params)}
+
+    def eager_inplace_step() -> None:
+        with torch.no_grad():
+            updates, fast["state"] = tx.update(grads, fast["state"], live)
+            gc.apply_updates_(live, updates)
+
+    rows.append(Row("3 clip+adamw in-place", eager_inplace_step, torch_fused_step,
+                    "eager, apply_updates_"))
+    if compile_row3:
+        cparams = {k: p.clone() for k, p in params.items()}
+
+        def step_fn(g, s, p):  # type: ignore[no-untyped-def]
+            u, s = tx.update(g, s, p)
+            return gc.apply_updates(p, u), s
+
+        compiled = torch.compile(step_fn, fullgraph=True)
+        cbox = {"params": cparams, "state": tx.init(params)}
+
+        def compiled_step() -> None:
+            cbox["params"], cbox["state"] = compiled(grads, cbox["state"], cbox["params"])
+
+        t0 = time.perf_counter()
+        compiled_step()
+        compile_s = time.perf_counter() - t0
+        rows.append(Row("3 clip+adamw compiled", compiled_step, torch_fused_step,
+                        f"compile {compile_s:.1f}s"))
+
+    # 4. ChainedOptimizer(AdamW(fused), clip) vs clip + AdamW(fused)
+    a_params = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    a_grads = [g.clone() for g in grads.values()]
+    chained = gc.ChainedOptimizer(torch.optim.AdamW(a_params, lr=1e-3, fused=True),
+                                  gc.clip_by_norm(1.0))
+
+    def adapter_step() -> None:
+        for p, g in zip(a_params, a_grads):
+            p.grad = g
+        chained.step()
+
+    def torch_fused_step_regrad() -> None:
+        for p, g in zip(f_params, a_grads):
+            p.grad = g
+        torch_fused_step()
+
+    rows.append(Row("4 ChainedOptimizer", adapter_step, torch_fused_step_regrad))
+
+    # 5. accumulate_every(4) micro-step that does not close vs one _foreach_add_
+    acc = gc.accumulate_every(4)
+    acc_state = acc.init(params)
+    buf = [torch.zeros_like(p) for p in params.values()]
+    glist = list(grads.values())
+    rows.append(Row(
+        "5 accumulate micro-step",
+        lambda: acc.update(grads, acc_state),  # mini_step 0 -> 1: never closes
+        lambda: torch._foreach_add_(buf, glist),
+    ))
+
+    # 6. loss_scale update vs GradScaler.unscale_ + update
+    ls = gc.loss_scale()
+    ls_box = {"state": ls.init(params)}
+    scaled = fresh_grads(params, scale=2.0**16)
+    s_params = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    s_opt = torch.optim.SGD(s_params, lr=0.0)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.ones(()))  # create its scale tensor
+
+    def ours_ls() -> None:
+        _, ls_box["state"] = ls.update(scaled, ls_box["state"])
+
+    def torch_ls() -> None:
+        for p, g in zip(s_params, scaled.values()):
+            p.grad = g.clone()  # unscale_ is in place; give it scaled grads each time
+        scaler.unscale_(s_opt)
+        scaler.update()
+
+    def torch_clone_only() -> None:
+        for p, g in zip(s_params, scaled.values()):
+            p.grad = g.clone()
+
+    rows.append(Row("6 loss_scale", ours_ls, torch_ls, "torch side includes re-cloning grads"))
+    rows.append(Row("6' (clone cost alone)", torch_clone_only, torch_clone_only, "reference"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="+", default=["small", "medium"], choices=list(SETS))
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="add the compiled row 3")
+    parser.add_argument("--smoke", action="store_true", help="tiny set, 1 round, no timing claims")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sets = ["tiny"] if args.smoke else args.sets
+    rounds = 1 if args.smoke else args.rounds
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rounds {rounds}")
+    header = f"{'set':7} {'row':26} {'gradchain ms':>12} {'torch ms':>9} {'ratio':>6} " \
+             f"{'peak MB ours/torch':>19}  note"
+    print(header)
+    print("-" * len(header))
+    for name in sets:
+        params = gpt2_params(**SETS[name])
+        n = sum(p.numel() for p in params.values())
+        inner = 1 if args.smoke else (20 if name == "small" else 3)
+        for row in build_rows(params, compile_row3=args.compile):
+            m = measure(row, rounds=rounds, inner=inner, warmup=0 if args.smoke else 2)
+            print(f"{name:7} {row.name:26} {m['ours_ms']:12.3f} {m['torch_ms']:9.3f} "
+                  f"{m['ratio']:6.2f} {m['ours_peak_mb']:8.1f} / {m['torch_peak_mb']:<8.1f}  "
+                  f"{row.note}")
+        print(f"({name}: {len(params)} tensors, {n / 1e6:.2f}M parameters)")
+    if args.smoke:
+        print("smoke run: sizes are tiny, the figures mean nothing")
+
+
+if __name__ == "__main__":
+    main()
