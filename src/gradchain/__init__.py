@@ -3,6 +3,7 @@
 The public API is re-exported here; see the modules for the details.
 """
 
+from gradchain import checkpoint
 from gradchain.adapter import ChainedOptimizer
 from gradchain.base import (
     EmptyState,
@@ -55,6 +56,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ChainedOptimizer",
+    "checkpoint",
     "AccumulateState",
     "ClipByNormState",
     "LossScaleState",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -52,6 +53,56 @@ def _replace_leading(state: Any, new: AccumulateState) -> Any:
     return (_replace_leading(state[0], new), *state[1:])
 
 
+class _NonfiniteNormError(RuntimeError):
+    """``clip_by_norm(error_if_nonfinite=True)`` refused the step (a refusal, not a fault)."""
+
+
+class _Snapshot:
+    """Parameters, optimizer state and param_groups as they were, to undo a failed step.
+
+    Tensors are cloned (one copy of the parameters and of the optimizer's state tensors)
+    and restored in place into the original tensor objects, so references held elsewhere
+    (an EMA of the weights, a logger) stay valid. Other state values are deep-copied.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        with torch.no_grad():
+            self.params = [(p, p.detach().clone()) for p in params]
+            self.state: list[tuple[Any, dict[Any, Any], list[tuple[Any, Any, Any]]]] = []
+            for key, entry in optimizer.state.items():
+                values: list[tuple[Any, Any, Any]] = []
+                for k, v in entry.items():
+                    if isinstance(v, torch.Tensor):
+                        values.append((k, v, v.detach().clone()))
+                    else:
+                        values.append((k, None, copy.deepcopy(v)))
+                self.state.append((key, entry, values))
+        self.groups = [dict(g) for g in optimizer.param_groups]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, saved in self.params:
+                p.copy_(saved)
+            state = self.optimizer.state
+            known = {id(key) for key, _, _ in self.state}
+            for key in [k for k in state if id(k) not in known]:
+                del state[key]  # state the failed step created (lazy init)
+            for key, entry, values in self.state:
+                entry.clear()
+                for k, orig, saved in values:
+                    if orig is not None and orig.shape == saved.shape:
+                        orig.copy_(saved)
+                        entry[k] = orig
+                    else:
+                        entry[k] = saved
+                state[key] = entry
+        for group, saved_group in zip(self.optimizer.param_groups, self.groups):
+            group.clear()
+            group.update(saved_group)
+
+
 class ChainedOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs ``transform`` on the gradients before ``optimizer``.
 
@@ -78,12 +129,29 @@ class ChainedOptimizer(torch.optim.Optimizer):
       non-finite), so they cannot be counted twice.
     * Optimizers that re-evaluate the closure (``torch.optim.LBFGS``) get the transformation
       applied at every evaluation; a transformation with gates is refused for them.
+    * **Transactional.** If anything raises during ``step()`` (the closure, the
+      transformation, ``should_commit``, the wrapped optimizer's step, even
+      ``KeyboardInterrupt``), the parameters, their ``.grad``, the transformation state and
+      the wrapped optimizer's state and ``param_groups`` are restored to what they were
+      before the call, and the exception propagates; ``step()`` can then be retried. The
+      wrapped step updates the parameters and its state in place, so, to undo it, applied
+      steps first copy the parameters and the optimizer's state tensors (a transient copy:
+      on CPU it costs about as much as an SGD-with-momentum step; held-back steps copy
+      nothing). With a closure, gradients that already exist are copied too (a closure may
+      zero or accumulate into them in place). ``transactional=False`` skips these copies:
+      a failure inside the wrapped step may then leave the parameters and its state
+      partly updated, as with ``torch.optim`` itself; failures before it still change
+      nothing. ``clip_by_norm(error_if_nonfinite=True)``'s ``RuntimeError`` is a refusal,
+      like ``should_commit``: inside :meth:`no_sync` it also moves the window back into the
+      accumulator, so that ``zero_grad()`` and the next micro-batch carry on.
 
     Args:
         optimizer: the ``torch.optim.Optimizer`` to wrap.
         transform: a gradchain transformation whose output is written into ``.grad``
             (gradient processing: clip, accumulate, scale, skip; not an update rule).
         should_commit: optional callable returning a bool, asked before each wrapped step.
+        transactional: undo a ``step()`` that raises (see above); ``False`` saves a copy of
+            the parameters and optimizer state per applied step.
 
     Example:
         >>> import torch, gradchain as gc
@@ -109,6 +177,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         transform: GradientTransformation,
         *,
         should_commit: Callable[[], bool] | None = None,
+        transactional: bool = True,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -124,6 +193,10 @@ class ChainedOptimizer(torch.optim.Optimizer):
             )
         if should_commit is not None and not callable(should_commit):
             raise TypeError("ChainedOptimizer: should_commit must be a callable returning bool")
+        if not isinstance(transactional, bool):
+            raise TypeError(
+                f"ChainedOptimizer: transactional must be a bool, got {type(transactional).__name__}"
+            )
         self._reevaluates = isinstance(optimizer, torch.optim.LBFGS)
         if self._reevaluates and is_gate(transform):
             raise ValueError(
@@ -135,6 +208,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.transform = transform
         self.should_commit = should_commit
+        self.transactional = transactional
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -295,12 +369,13 @@ class ChainedOptimizer(torch.optim.Optimizer):
     def _run_transform(self, state: Any, **extra: Any) -> tuple[list[list[Any]], Any]:
         params = self._params()
         grads = [[p.grad for p in group] for group in params]
-        for group in grads:
-            for g in group:
-                if g is not None and g.is_sparse:
+        for i, group in enumerate(grads):
+            for j, g in enumerate(group):
+                if g is not None and g.layout is not torch.strided:
                     raise TypeError(
-                        "ChainedOptimizer: sparse gradients are not supported by gradchain "
-                        "transformations"
+                        f"ChainedOptimizer: param_groups[{i}]['params'][{j}].grad is sparse "
+                        f"({g.layout}); gradchain transformations need dense gradients "
+                        "(e.g. nn.Embedding(..., sparse=False))"
                     )
         with torch.no_grad():
             updates, new_state = self.transform.update(
@@ -338,7 +413,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         device = next((t.device for t in pending if t.device.type != "cpu"), pending[0].device)
         values = torch.stack([t.reshape(()).to(device) for t in pending]).tolist()
         if any(values[1:] if isinstance(flag, torch.Tensor) else values):
-            raise RuntimeError(
+            raise _NonfiniteNormError(
                 "ChainedOptimizer: the total norm of the gradients is nan or inf, so "
                 "clip_by_norm(error_if_nonfinite=True) refuses the step; nothing was changed"
             )
@@ -349,29 +424,63 @@ class ChainedOptimizer(torch.optim.Optimizer):
             for group, ugroup in zip(self._params(), updates):
                 for p, u in zip(group, ugroup):
                     if u is not None:
+                        if self.transactional and u is p.grad:
+                            # Passed through unchanged: the wrapped step must not get the
+                            # caller's tensor, which a failed step could leave modified.
+                            u = u.clone()  # type: ignore[union-attr]
                         p.grad = u.to(p.dtype) if u.dtype != p.dtype else u
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, **extra: Any) -> Any:  # type: ignore[override]
         """Evaluate ``closure`` (with grad enabled) if given, run the transformation on the
         gradients, and call the wrapped ``step()`` if the step applies. Extra keyword
-        arguments (e.g. ``flush=True``) reach the transformation. Returns the loss."""
-        if self._reevaluates:
-            return self._step_reevaluating(closure, **extra)
+        arguments (e.g. ``flush=True``) reach the transformation. Returns the loss.
+
+        If anything raises, everything is restored to what it was before the call (see
+        *Transactional* above) and the exception propagates."""
+        params = [p for group in self._params() for p in group]
+        grads = [p.grad for p in params]
+        versions = [None if g is None else g._version for g in grads]
+        # A closure may zero or accumulate into existing gradients in place: keep values.
+        grad_values = (
+            [None if g is None else g.clone() for g in grads]
+            if closure is not None and self.transactional
+            else None
+        )
+        saved = (self.tx_state, self._before_seed, self._last_applied)
+        snapshot: list[_Snapshot] = []  # taken just before the wrapped step, if transactional
+        try:
+            if self._reevaluates:
+                return self._step_reevaluating(closure, snapshot, **extra)
+            return self._step(closure, snapshot, **extra)
+        except BaseException as err:
+            if snapshot:
+                snapshot[0].restore()
+            self.tx_state, self._before_seed, self._last_applied = saved
+            if isinstance(err, _NonfiniteNormError) and saved[1] is not None:
+                # A refusal: move the window back into the accumulator (see no_sync), so
+                # that it is not lost with the gradients the caller will discard.
+                self.tx_state, self._before_seed = saved[1], None
+            for p, g, v, value in zip(
+                params, grads, versions, grad_values or [None] * len(params)
+            ):
+                p.grad = g
+                if g is not None and value is not None and g._version != v:
+                    g.copy_(value)
+            raise
+
+    def _step(
+        self, closure: Callable[[], Any] | None, snapshot: list[_Snapshot], **extra: Any
+    ) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # A refused or failed call restores the state as it was before no_sync moved the
-        # window into .grad, so that the window is not lost with the discarded gradients.
+        # A refused call restores the state as it was before no_sync moved the window into
+        # .grad, so that the window is not lost with the discarded gradients.
         before_seed, self._before_seed = self._before_seed, None
         updates, new_state = self._run_transform(self.tx_state, **extra)
-        try:
-            applies = self._decide(new_state, self.tx_state)
-        except RuntimeError:
-            if before_seed is not None:
-                self.tx_state = before_seed
-            raise
+        applies = self._decide(new_state, self.tx_state)
         if not applies:
             self.tx_state = new_state
             self._last_applied = False
@@ -388,12 +497,16 @@ class ChainedOptimizer(torch.optim.Optimizer):
             self._last_applied = False
             return loss
         self._write_grads(updates)
+        if self.transactional:
+            snapshot.append(_Snapshot(self.optimizer))
         self.optimizer.step()
         self.tx_state = new_state
         self._last_applied = True
         return loss
 
-    def _step_reevaluating(self, closure: Callable[[], Any] | None, **extra: Any) -> Any:
+    def _step_reevaluating(
+        self, closure: Callable[[], Any] | None, snapshot: list[_Snapshot], **extra: Any
+    ) -> Any:
         if closure is None:
             raise ValueError(
                 f"ChainedOptimizer: {type(self.optimizer).__name__}.step needs a closure"
@@ -412,6 +525,8 @@ class ChainedOptimizer(torch.optim.Optimizer):
             self._write_grads(updates)
             return loss
 
+        if self.transactional:
+            snapshot.append(_Snapshot(self.optimizer))
         loss = self.optimizer.step(wrapped)
         self.tx_state = box["state"]
         self._last_applied = True

@@ -252,6 +252,25 @@ def applied(state: State) -> torch.Tensor:
     return torch.tensor(result) if isinstance(result, bool) else result
 
 
+def _expect_state(state: Any, cls: type, who: str) -> None:
+    """Raise ``TypeError`` unless ``state`` is a ``cls`` (the state ``who``'s init makes).
+
+    One ``isinstance`` per call: it turns a state passed to the wrong transformation
+    (e.g. a chain's tuple, or another member's state) into a message instead of an
+    ``AttributeError`` deep inside the maths.
+    """
+    if not isinstance(state, cls):
+        hint = (
+            " (a chain's state is a tuple of its members' states: give each member its own)"
+            if type(state) is tuple
+            else ""
+        )
+        raise TypeError(
+            f"{who}.update: state must be the {cls.__name__} made by {who}(...).init(params), "
+            f"got {type(state).__name__}{hint}"
+        )
+
+
 # --------------------------------------------------------------------------- basics
 def identity() -> GradientTransformation:
     """The transformation that passes updates through unchanged.
@@ -346,7 +365,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         updates: Updates, state: tuple[State, ...], params: Params | None = None, **extra: Any
     ) -> tuple[Updates, tuple[State, ...]]:
         if not isinstance(state, tuple) or len(state) != len(transforms):
-            got = len(state) if isinstance(state, tuple) else type(state).__name__
+            got = f"a tuple of {len(state)}" if type(state) is tuple else type(state).__name__
             raise ValueError(
                 f"chain.update: state must be a tuple of {len(transforms)} member states "
                 f"(from this chain's init), got {got}"
@@ -399,10 +418,32 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     """
     p_leaves, spec = _tree.flatten(params)
     u_leaves = _tree.flatten_like(spec, updates, "updates", "params")
+    _check_updates_fit(spec, p_leaves, u_leaves, "apply_updates")
     out = [
         p if (u is None or p is None) else (p + u).to(p.dtype) for p, u in zip(p_leaves, u_leaves)
     ]
     return _tree.unflatten(spec, out)
+
+
+def _check_updates_fit(spec: Any, p_leaves: list[Any], u_leaves: list[Any], who: str) -> None:
+    """Each update is ``None`` or a tensor of its param's shape: metadata checks, done before
+    anything is changed (a broadcast would silently change the param's shape, and an
+    in-place update could fail half-way)."""
+    for i, (p, u) in enumerate(zip(p_leaves, u_leaves)):
+        if u is None or p is None:
+            continue
+        if not (isinstance(u, torch.Tensor) and isinstance(p, torch.Tensor)):
+            bad, what = ("updates", u) if not isinstance(u, torch.Tensor) else ("params", p)
+            raise TypeError(
+                f"{who}: {bad}{_tree._leaf_path(spec, i)} must be a torch.Tensor or None, "
+                f"got {type(what).__name__}"
+            )
+        if u.shape != p.shape:
+            path = _tree._leaf_path(spec, i)
+            raise ValueError(
+                f"{who}: updates{path} has shape {tuple(u.shape)} but params{path} has shape "
+                f"{tuple(p.shape)}"
+            )
 
 
 def apply_updates_(params: Params, updates: Updates) -> Params:
@@ -421,6 +462,7 @@ def apply_updates_(params: Params, updates: Updates) -> Params:
     """
     p_leaves, spec = _tree.flatten(params)
     u_leaves = _tree.flatten_like(spec, updates, "updates", "params")
+    _check_updates_fit(spec, p_leaves, u_leaves, "apply_updates_")
     pairs = [(p, u) for p, u in zip(p_leaves, u_leaves) if p is not None and u is not None]
     with torch.no_grad():
         for ps, us in _tree.group_by_device_dtype(pairs):

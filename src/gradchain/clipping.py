@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from gradchain import _ops
-from gradchain.base import EmptyState, GradientTransformation
+from gradchain.base import EmptyState, GradientTransformation, _expect_state
 from gradchain.tree import Leaves, _norm_dtype, flatten, global_norm
 
 __all__ = ["ClipByNormState", "clip_by_norm", "clip_by_value"]
@@ -39,22 +39,29 @@ class ClipByNormState(NamedTuple):
 def _check_norm_type(norm_type: float | str) -> float:
     if isinstance(norm_type, str):
         if norm_type.lower() != "inf":
-            raise ValueError(f"norm_type must be a positive float or 'inf', got {norm_type!r}")
+            raise ValueError(
+                f"clip_by_norm: norm_type must be a positive float or 'inf', got {norm_type!r}"
+            )
         return math.inf
     if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)):
-        raise TypeError(f"norm_type must be a positive float or inf, got {type(norm_type).__name__}")
+        raise TypeError(
+            f"clip_by_norm: norm_type must be a positive float or inf, "
+            f"got {type(norm_type).__name__}"
+        )
     p = float(norm_type)
     if not p > 0:
-        raise ValueError(f"norm_type must be > 0 (1, 2, 3.5, inf, ...), got {norm_type!r}")
+        raise ValueError(
+            f"clip_by_norm: norm_type must be > 0 (1, 2, 3.5, inf, ...), got {norm_type!r}"
+        )
     return p
 
 
 def _check_positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
+        raise TypeError(f"clip_by_norm: {name} must be a positive float, got {type(value).__name__}")
     v = float(value)
     if not (v > 0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        raise ValueError(f"clip_by_norm: {name} must be a positive finite number, got {value!r}")
     return v
 
 
@@ -108,7 +115,10 @@ def clip_by_norm(
     max_norm = _check_positive("max_norm", max_norm)
     p = _check_norm_type(norm_type)
     if not isinstance(error_if_nonfinite, bool):
-        raise TypeError("error_if_nonfinite must be a bool")
+        raise TypeError(
+            f"clip_by_norm: error_if_nonfinite must be a bool, "
+            f"got {type(error_if_nonfinite).__name__}"
+        )
 
     def init(params: Any) -> ClipByNormState:
         leaves, _ = flatten(params)
@@ -124,6 +134,7 @@ def clip_by_norm(
         updates: Any, state: ClipByNormState, params: Any = None, **extra: Any
     ) -> tuple[Any, ClipByNormState]:
         del params, extra
+        _expect_state(state, ClipByNormState, "clip_by_norm")
         view = Leaves(updates)
         gs = view.values
         if not gs:
@@ -181,7 +192,7 @@ def clip_by_value(max_value: float, min_value: float | None = None) -> GradientT
         if v is None and name == "min_value":
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(float(v)):
-            raise TypeError(f"{name} must be a float (not nan), got {v!r}")
+            raise TypeError(f"clip_by_value: {name} must be a float (not nan), got {v!r}")
     hi = float(max_value)
     lo = -hi if min_value is None else float(min_value)
     if lo > hi:

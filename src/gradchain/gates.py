@@ -18,6 +18,7 @@ import torch
 from gradchain import _ops
 from gradchain.base import (
     GradientTransformation,
+    _expect_state,
     _known_bool,
     _select_tree,
     gate_state,
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 _INT64_MAX = torch.iinfo(torch.int64).max
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_F32_TINY = float(torch.finfo(torch.float32).tiny)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -201,9 +204,11 @@ def accumulate_every(
         **extra: Any,
     ) -> tuple[Any, AccumulateState]:
         del params, extra
+        _expect_state(state, AccumulateState, "accumulate_every")
         view = Leaves(updates)
         gs = view.values
-        sums = view.take(state.sums, "state.sums")
+        # An explicitly narrower accumulator_dtype rounds on purpose.
+        sums = view.take(state.sums, "state.sums", dtype=accumulator_dtype is None)
         contrib = _ops.cast(gs, [s.dtype for s in sums])
         if gate_open is not None:
             contrib = _ops.where(gate_open, contrib, _ops.zeros_like(contrib))
@@ -331,6 +336,7 @@ def skip_if_nonfinite() -> GradientTransformation:
         **extra: Any,
     ) -> tuple[Any, SkipIfNonfiniteState]:
         del params, extra
+        _expect_state(state, SkipIfNonfiniteState, "skip_if_nonfinite")
         view = Leaves(updates)
         gs = view.values
         finite = _ops.all_finite(gs).to(state.is_open.device)
@@ -343,7 +349,9 @@ def skip_if_nonfinite() -> GradientTransformation:
         counters = _keep_where_closed(gate_open, counters, (state.consecutive_skips,
                                                              state.total_skips))
         out = _ops.where(finite, gs, _ops.zeros_like(gs))
-        return view.put(out), SkipIfNonfiniteState(finite, *counters)
+        # On a step an earlier gate closed, the flag stays too (as when the chain skips us).
+        is_open = _keep_where_closed(gate_open, finite, state.is_open)
+        return view.put(out), SkipIfNonfiniteState(is_open, *counters)
 
     return GradientTransformation(init, mark_gate(update))
 
@@ -394,7 +402,9 @@ def loss_scale(
     ``torch.amp.GradScaler``) and, when any unscaled entry is nan or inf, emits zeros and
     closes the step. The scale then follows GradScaler's algorithm exactly:
 
-    * non-finite step: ``scale = max(scale * backoff_factor, min_scale)``, tracker 0;
+    * non-finite step: ``scale = max(scale * backoff_factor, min_scale)``, tracker 0
+      (without ``min_scale`` the floor is the smallest normal float32, ~1.2e-38, so the
+      scale never underflows to 0, from which GradScaler never recovers);
     * finite step: tracker + 1; when it reaches ``growth_interval``, ``scale *= growth_factor``
       if the result is finite, and the tracker restarts at 0.
 
@@ -410,8 +420,11 @@ def loss_scale(
     On DTensor (FSDP2) gradients the finiteness flag is all-reduced (one scalar per step),
     so every rank skips the same steps and keeps the same scale.
 
+    The scale stays within float32's normal range whatever happens (no growth to inf, no
+    underflow to 0), and ``growth_tracker`` saturates at the int64 maximum.
+
     Args:
-        init_scale: the first scale (> 0).
+        init_scale: the first scale (> 0, within float32's normal range).
         growth_factor: factor applied after ``growth_interval`` finite steps (> 1).
         backoff_factor: factor applied on a non-finite step, in (0, 1).
         growth_interval: finite steps between growths (int >= 1).
@@ -438,8 +451,11 @@ def loss_scale(
     init_scale = _check_float("init_scale", init_scale)
     growth_factor = _check_float("growth_factor", growth_factor)
     backoff_factor = _check_float("backoff_factor", backoff_factor)
-    if not (init_scale > 0 and init_scale < float("inf")):
-        raise ValueError(f"loss_scale: init_scale must be a positive finite float, got {init_scale}")
+    if not _F32_TINY <= init_scale <= _F32_MAX:
+        raise ValueError(
+            "loss_scale: init_scale must be a positive float within float32's normal range "
+            f"[{_F32_TINY:.6g}, {_F32_MAX:.6g}] (the scale is kept in float32), got {init_scale}"
+        )
     if not growth_factor > 1.0 or growth_factor == float("inf"):
         raise ValueError(f"loss_scale: growth_factor must be > 1 and finite, got {growth_factor}")
     if not 0.0 < backoff_factor < 1.0:
@@ -458,6 +474,7 @@ def loss_scale(
             )
     if not isinstance(dynamic, bool):
         raise TypeError(f"loss_scale: dynamic must be a bool, got {type(dynamic).__name__}")
+    floor = _F32_TINY if min_scale is None else max(min_scale, _F32_TINY)
 
     def init(params: Any) -> LossScaleState:
         device = _first_device(params)
@@ -476,6 +493,7 @@ def loss_scale(
         **extra: Any,
     ) -> tuple[Any, LossScaleState]:
         del params, extra
+        _expect_state(state, LossScaleState, "loss_scale")
         view = Leaves(updates)
         gs = view.values
         scale = state.scale
@@ -483,12 +501,12 @@ def loss_scale(
         unscaled = _unscale(gs, inv)
         finite = _ops.all_finite(unscaled).to(scale.device)
         if dynamic:
-            successful = state.growth_tracker + 1
+            successful = _saturating_increment(state.growth_tracker)
             grow = torch.logical_and(finite, successful >= growth_interval)
             grown = scale * growth_factor
-            backed_off = scale * backoff_factor
-            if min_scale is not None:
-                backed_off = torch.clamp(backed_off, min=min_scale)
+            # Never below the floor: min_scale, else the smallest normal float32, so the
+            # scale cannot underflow to 0 (a scale of 0 would skip every later step).
+            backed_off = torch.clamp(scale * backoff_factor, min=floor)
             new_scale = torch.where(
                 finite,
                 torch.where(torch.logical_and(grow, torch.isfinite(grown)), grown, scale),
@@ -505,7 +523,9 @@ def loss_scale(
         else:
             new_scale, new_tracker = scale, state.growth_tracker
         out = _ops.where(finite, unscaled, _ops.zeros_like(unscaled))
-        return view.put(out), LossScaleState(new_scale, new_tracker, finite)
+        # On a step an earlier gate closed, the flag stays too (as when the chain skips us).
+        is_open = _keep_where_closed(gate_open, finite, state.is_open)
+        return view.put(out), LossScaleState(new_scale, new_tracker, is_open)
 
     return GradientTransformation(init, mark_gate(update))
 

@@ -41,13 +41,14 @@ gradient is ``None`` still advances ``count`` (torch would advance no parameter'
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 
 from gradchain import _ops
-from gradchain.base import EmptyState, GradientTransformation, chain
+from gradchain.base import EmptyState, GradientTransformation, _expect_state, chain
 from gradchain.schedules import Schedule
 from gradchain.tree import Leaves, flatten, unflatten
 
@@ -82,6 +83,15 @@ def _first_device(params: Params) -> torch.device:
 
 def _zero_count(params: Params) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=_first_device(params))
+
+
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def _next_count(count: torch.Tensor) -> torch.Tensor:
+    """``count + 1``, saturating at the int64 maximum instead of wrapping to a negative
+    count (two tiny ops on a 0-dim tensor; no sync)."""
+    return torch.clamp(count, max=_INT64_MAX - 1) + 1
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -174,6 +184,18 @@ def _check_beta(value: float, name: str, fn: str) -> float:
     return float(value)
 
 
+def _check_bool(value: object, name: str, fn: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_finite(value: float | torch.Tensor, name: str, fn: str) -> None:
+    """A float hyperparameter must be finite (a tensor one is not read: that would sync)."""
+    if not isinstance(value, torch.Tensor) and not math.isfinite(value):
+        raise ValueError(f"{fn}: {name} must be finite, got {value}")
+
+
 def _check_betas(betas: tuple[float, float], fn: str) -> tuple[float, float]:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{fn}: betas must be a pair (beta1, beta2), got {betas!r}")
@@ -204,6 +226,7 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
         {'w': tensor([-2., -4.]), 'b': None}
     """
     factor = _as_scalar(step_size, "step_size", "scale")
+    _check_finite(factor, "step_size", "scale")
 
     def init(params: Params) -> EmptyState:
         del params
@@ -293,15 +316,17 @@ def scale_by_learning_rate(
             **extra: Any,
         ) -> tuple[Updates, ScaleByScheduleState]:
             del params, extra
+            _expect_state(state, ScaleByScheduleState, "scale_by_learning_rate")
             lr = schedule(state.count)
             factor = lr * sign if isinstance(lr, torch.Tensor) else float(lr) * sign
             view = Leaves(updates)
             out = _scaled(view.values, factor)
-            return view.put(out), ScaleByScheduleState(count=state.count + 1)
+            return view.put(out), ScaleByScheduleState(count=_next_count(state.count))
 
         return GradientTransformation(init_s, update_s)
 
     lr = _as_scalar(learning_rate, "learning_rate", "scale_by_learning_rate")  # type: ignore[arg-type]
+    _check_finite(lr, "learning_rate", "scale_by_learning_rate")
     inner = scale(-lr if flip_sign else lr)
     return GradientTransformation(inner.init, inner.update)
 
@@ -371,6 +396,7 @@ def scale_by_adam(
         tensor(1)
     """
     fn = "scale_by_adam"
+    amsgrad = _check_bool(amsgrad, "amsgrad", fn)
     b1 = _check_beta(b1, "b1", fn)
     b2 = _check_beta(b2, "b2", fn)
     eps = _check_nonneg(eps, "eps", "epsilon value", fn)
@@ -387,6 +413,7 @@ def scale_by_adam(
         updates: Updates, state: ScaleByAdamState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, ScaleByAdamState]:
         del params, extra
+        _expect_state(state, ScaleByAdamState, fn)
         view = Leaves(updates)
         gs = view.values
         mus: list[Any] = view.take(state.mu, "mu")
@@ -397,7 +424,7 @@ def scale_by_adam(
         new_nus: list[Any] = [None] * len(gs)
         new_maxs: list[Any] = [None] * len(gs)
 
-        count = state.count + 1
+        count = _next_count(state.count)
         step = count.to(_scalar_dtype(count.device))
         bias_correction1 = 1.0 - b1**step
         bias_correction2 = 1.0 - b2**step
@@ -497,6 +524,7 @@ def trace(
         tensor([1.7500])
     """
     fn = "trace"
+    nesterov = _check_bool(nesterov, "nesterov", fn)
     momentum = _check_nonneg(momentum, "momentum", "momentum value", fn)
     if isinstance(dampening, bool) or not isinstance(dampening, (int, float)):
         raise TypeError(f"{fn}: dampening must be a float, got {type(dampening).__name__}")
@@ -514,6 +542,7 @@ def trace(
         updates: Updates, state: TraceState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, TraceState]:
         del params, extra
+        _expect_state(state, TraceState, fn)
         view = Leaves(updates)
         gs = view.values
         bufs: list[Any] = view.take(state.trace, "trace")
@@ -526,7 +555,7 @@ def trace(
         out = _ops.add(g, new, alpha=momentum) if nesterov else new
         out = _ops.cast(out, [x.dtype for x in gs])
         return view.put(out), TraceState(
-            count=state.count + 1, trace=view.put_into(state.trace, new)
+            count=_next_count(state.count), trace=view.put_into(state.trace, new)
         )
 
     return GradientTransformation(init, update)
@@ -560,6 +589,7 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)):
         raise TypeError(f"{fn}: weight_decay must be a float, got {type(weight_decay).__name__}")
     weight_decay = float(weight_decay)
+    _check_finite(weight_decay, "weight_decay", fn)
 
     def init(params: Params) -> EmptyState:
         del params
@@ -576,12 +606,7 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
             )
         view = Leaves(updates)
         gs = view.values
-        ps = view.take(params, "params")
-        for p in ps:
-            if not isinstance(p, torch.Tensor):
-                raise ValueError(
-                    f"{fn}: a parameter with a gradient is {type(p).__name__}, expected a tensor"
-                )
+        ps = view.take(params, "params", dtype=False)
         out = _ops.cast(_ops.add(gs, ps, alpha=weight_decay), [g.dtype for g in gs])
         return view.put(out), state
 
@@ -638,6 +663,8 @@ def sgd(
         tensor([0.7100, 1.7100])
     """
     fn = "sgd"
+    nesterov = _check_bool(nesterov, "nesterov", fn)
+    maximize = _check_bool(maximize, "maximize", fn)
     lr = _check_lr(lr, fn)
     momentum = _check_nonneg(momentum, "momentum", "momentum value", fn)
     weight_decay = _check_nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
@@ -703,6 +730,8 @@ def adam(
         tensor([ 0.9000, -0.9000])
     """
     fn = "adam"
+    amsgrad = _check_bool(amsgrad, "amsgrad", fn)
+    maximize = _check_bool(maximize, "maximize", fn)
     lr = _check_lr(lr, fn)
     eps = _check_nonneg(eps, "eps", "epsilon value", fn)
     b1, b2 = _check_betas(betas, fn)
@@ -768,6 +797,8 @@ def adamw(
         tensor([ 0.8500, -0.8500])
     """
     fn = "adamw"
+    amsgrad = _check_bool(amsgrad, "amsgrad", fn)
+    maximize = _check_bool(maximize, "maximize", fn)
     lr = _check_lr(lr, fn)
     eps = _check_nonneg(eps, "eps", "epsilon value", fn)
     b1, b2 = _check_betas(betas, fn)

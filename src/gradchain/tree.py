@@ -91,11 +91,39 @@ def flatten_like(spec: optree.PyTreeSpec, tree: Any, name: str, like: str) -> li
     try:
         leaves = spec.flatten_up_to(tree)
     except (ValueError, TypeError) as err:
-        raise ValueError(
-            f"{name} does not have the structure of {like}: expected {spec}, "
-            f"got {optree.tree_structure(tree, none_is_leaf=True)} ({err})"
-        ) from None
+        ref = optree.tree_unflatten(spec, [0] * spec.num_leaves)
+        why = _first_difference(ref, tree, name, like) or str(err)
+        raise ValueError(f"{name} does not have the structure of {like}: {why}") from None
     return leaves
+
+
+def _first_difference(ref: Any, got: Any, name: str, like: str, path: tuple[Any, ...] = ()) -> str | None:
+    """Where ``got`` first departs from the structure of ``ref`` (whose leaves may be
+    anything in ``got``), as a short sentence; ``None`` when it fits."""
+    if optree.tree_is_leaf(ref, none_is_leaf=True):
+        return None
+    where = _path_str(path)
+    if optree.tree_is_leaf(got, none_is_leaf=True) or type(got) is not type(ref):
+        return (
+            f"{like} have a {type(ref).__name__} at {where or 'the root'}, "
+            f"{name} has a {type(got).__name__}"
+        )
+    r = optree.tree_flatten_one_level(ref, none_is_leaf=True)
+    g = optree.tree_flatten_one_level(got, none_is_leaf=True)
+    r_keys, g_keys = list(r.entries), list(g.entries)
+    if r_keys != g_keys:
+        missing = [k for k in r_keys if k not in g_keys]
+        extra = [k for k in g_keys if k not in r_keys]
+        if missing:
+            return f"{name} has no {_path_str((*path, missing[0]))}, which {like} have"
+        if extra:
+            return f"{name}{_path_str((*path, extra[0]))} is not in {like}"
+        return f"the entries of {name}{where} are in another order than in {like}"
+    for key, rc, gc in zip(r_keys, r.children, g.children):
+        found = _first_difference(rc, gc, name, like, (*path, key))
+        if found is not None:
+            return found
+    return None
 
 
 def group_by_device_dtype(
@@ -498,17 +526,39 @@ class Leaves:
         self.leaves, self.spec = flatten(updates)
         self.index = [i for i, g in enumerate(self.leaves) if g is not None]
         self.values: list[torch.Tensor] = [self.leaves[i] for i in self.index]
+        # Metadata only (no device read, traceable): a few hundred ns per leaf.
         for i, g in zip(self.index, self.values):
-            if not isinstance(g, torch.Tensor):
-                paths = leaf_paths(updates)
-                raise TypeError(
-                    f"updates{paths[i]}: expected a torch.Tensor or None, got {type(g).__name__}"
-                )
+            if not (
+                isinstance(g, torch.Tensor) and g.is_floating_point() and g.layout is _STRIDED
+            ):
+                raise _bad_update(self.spec, i, g)
 
-    def take(self, tree: Any, name: str = "state") -> list[Any]:
-        """Leaves of ``tree`` (same structure as the updates) at the present positions."""
+    def take(
+        self, tree: Any, name: str = "state", *, check: bool = True, dtype: bool = True
+    ) -> list[Any]:
+        """Leaves of ``tree`` (same structure as the updates) at the present positions.
+
+        With ``check`` (default) every taken leaf must be a tensor of its gradient's shape
+        and device and, with ``dtype`` (default), of its gradient's dtype or a wider one
+        (float32 moments for bfloat16 gradients are fine, float32 state for float64
+        gradients is not: it would round them silently); a ``ValueError`` names the first
+        leaf that is not. These are metadata checks: no device read, and they trace under
+        ``torch.compile`` and ``vmap``. Pass ``check=False`` for state shaped or typed
+        differently on purpose (factored moments, offloaded or quantized state), and
+        ``dtype=False`` for trees that are not state (e.g. the params).
+        """
         leaves = flatten_like(self.spec, tree, name, "the updates")
-        return [leaves[i] for i in self.index]
+        taken = [leaves[i] for i in self.index]
+        if check:
+            for k, (g, s) in enumerate(zip(self.values, taken)):
+                if not (
+                    isinstance(s, torch.Tensor)
+                    and s.shape == g.shape
+                    and (s.dtype is g.dtype or not dtype or _holds(s.dtype, g.dtype))
+                    and s.device == g.device
+                ):
+                    raise _misfit(self.spec, self.index[k], g, s, name)
+        return taken
 
     def take_all(self, tree: Any, name: str = "params") -> list[Any]:
         """All leaves of ``tree`` (same structure as the updates), ``None`` included."""
@@ -525,3 +575,63 @@ class Leaves:
         for i, v in zip(self.index, values):
             out[i] = v
         return unflatten(self.spec, out)
+
+
+_STRIDED = torch.strided
+_HOLDS: dict[tuple[torch.dtype, torch.dtype], bool] = {}
+
+
+def _holds(state: torch.dtype, grad: torch.dtype) -> bool:
+    """Whether a ``state`` dtype holds ``grad`` values without rounding (cached)."""
+    key = (state, grad)
+    ok = _HOLDS.get(key)
+    if ok is None:
+        ok = _HOLDS[key] = state.is_floating_point and torch.promote_types(state, grad) == state
+    return ok
+
+
+def _leaf_path(spec: optree.PyTreeSpec, i: int) -> str:
+    return _path_str(spec.paths()[i])
+
+
+def _bad_update(spec: optree.PyTreeSpec, i: int, g: Any) -> TypeError:
+    """The error for an update leaf that is not a dense floating tensor."""
+    where = f"updates{_leaf_path(spec, i)}"
+    if not isinstance(g, torch.Tensor):
+        return TypeError(f"{where}: expected a torch.Tensor or None, got {type(g).__name__}")
+    if g.layout is not _STRIDED:
+        return TypeError(
+            f"{where} is a sparse tensor ({g.layout}); gradchain transformations need dense "
+            "gradients: convert with .to_dense(), or make the layer produce dense ones "
+            "(e.g. nn.Embedding(..., sparse=False))"
+        )
+    kind = "complex" if g.is_complex() else "integer" if g.dtype != torch.bool else "boolean"
+    return TypeError(
+        f"{where} has dtype {g.dtype}; gradients must be floating point "
+        f"(float16, bfloat16, float32 or float64), not {kind}"
+        + (": view complex parameters as real ones (torch.view_as_real)" if kind == "complex" else "")
+    )
+
+
+def _misfit(spec: optree.PyTreeSpec, i: int, g: torch.Tensor, s: Any, name: str) -> ValueError:
+    """The error for a state (or params) leaf that does not fit its gradient."""
+    path = _leaf_path(spec, i)
+    if name.split(".")[0].startswith("params"):
+        hint = "the gradients must have the structure and shapes of the params"
+    else:
+        hint = (
+            "the state was made for other params (call init on the params these gradients "
+            "belong to, or move/cast the state with them)"
+        )
+    if not isinstance(s, torch.Tensor):
+        what = "is None" if s is None else f"is a {type(s).__name__}"
+        return ValueError(f"updates{path} is a tensor but {name}{path} {what}; {hint}")
+    if s.shape != g.shape:
+        diff = f"has shape {tuple(g.shape)} but {name}{path} has shape {tuple(s.shape)}"
+    elif s.device != g.device:
+        diff = f"is on {g.device} but {name}{path} is on {s.device}"
+    else:
+        diff = (
+            f"has dtype {g.dtype} but {name}{path} has dtype {s.dtype}, which would round it"
+        )
+    return ValueError(f"updates{path} {diff}; {hint}")
