@@ -12,7 +12,7 @@ fast), the weights stay float32, and one chain does what ``torch.amp.GradScaler`
   some float16 intermediate overflowed to inf, the step is skipped (AdamW's moments, its
   step count and the weights stay as they were) and the scale halves. After
   ``growth_interval`` good steps in a row it doubles again, and so on: the scale hovers
-  just below the largest value float16 can take.
+  around the largest value at which the float16 gradients still fit.
 * ``clip_by_norm`` comes after ``loss_scale``, so it always clips unscaled gradients.
 
 The run starts with a deliberately large scale (2**24) so that the first steps overflow,

@@ -31,8 +31,9 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from sklearn.datasets import load_digits
@@ -78,7 +79,9 @@ def make_model(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
 
 
-def micro_batches(data: Data, args: argparse.Namespace, corrupt: set[int]):
+def micro_batches(
+    data: Data, args: argparse.Namespace, corrupt: set[int]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
     """Yield ``(x, y, end_of_epoch)``: the same sequence for both runs."""
     gen = torch.Generator().manual_seed(args.seed)
     n, per_epoch = len(data.x_train), args.per_epoch
@@ -129,7 +132,7 @@ class Log:
         self.batch_losses = []
         self.bar.set_postfix_str(f"loss {self.losses[-1]:.3f}, test acc {self.accuracies[-1]:.1%}")
 
-    def done(self, **fields) -> Run:
+    def done(self, **fields: Any) -> Run:
         self.bar.close()
         return Run(
             accuracy=self.accuracies[-1],

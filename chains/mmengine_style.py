@@ -17,15 +17,16 @@ the window's mean), ``opt.step()``, ``opt.zero_grad()``.
 To compare without installing mmengine, ``MMEngineOptimWrapper`` below is a short
 stand-in with ``OptimWrapper``'s accumulation and clipping logic (mmengine 0.10: each loss
 divided by ``accumulative_counts``, ``clip_grad_norm_`` before the step, ``zero_grad``
-right after it). Three runs train the same model on the same batches:
+right after it). Four runs train the same model on the same batches:
 
-* mmengine: ``initialize_count_status(model, 0, max_iters)`` (the Runner calls it) makes
-  the last, short window step with its losses divided by its true size;
+* mmengine with ``initialize_count_status(model, 0, max_iters)`` (the Runner calls it):
+  the last, short window steps, its losses divided by its true size;
 * gradchain with ``opt.step(flush=True)`` on the last iteration: the same, without knowing
-  ``max_iters`` in advance: the weights agree to float32 rounding;
-* gradchain without ``flush``: the last window is held in the chain's state (and in
-  ``opt.state_dict()``), ready to be continued; mmengine without
-  ``initialize_count_status`` leaves it in ``.grad`` and never steps it.
+  ``max_iters`` in advance; the weights agree (to float32 rounding at most);
+* mmengine without ``initialize_count_status``: the last window never steps and its
+  gradients linger in ``.grad``;
+* gradchain without ``flush``: the last window is not applied either; it waits in the
+  chain's state (and in ``opt.state_dict()``), ready to be continued.
 
 Run: ``python chains/mmengine_style.py`` (``--help`` for options); about a second of training.
 """

@@ -1,9 +1,8 @@
 """Ensemble recipe: train several models at once with ``torch.func.vmap`` over the chain.
 
 The members' parameters are stacked along a new first dimension
-(``torch.func.stack_module_state``), and one ``vmap`` runs the forward, the gradients,
-``tx.init`` and ``tx.update`` for all of them in a single call: no Python loop over
-members. Each member has its own initial weights, its own shuffling of the data and its
+(``torch.func.stack_module_state``), and ``vmap`` runs the forward and backward,
+``tx.init`` and ``tx.update`` for all of them at once: no Python loop over members. Each member has its own initial weights, its own shuffling of the data and its
 own chain state (its own clip norm, Adam moments and skip counter):
 
     chain(skip_if_nonfinite(), clip_by_norm(1.0), adamw(lr=schedule))

@@ -72,8 +72,9 @@ BUILTINS: dict[str, Callable[[], gc.GradientTransformation]] = {
     "masked(gate)": lambda: gc.masked(
         gc.chain(gc.skip_if_nonfinite(), gc.sgd(0.1, momentum=0.9)), gst.every_other_leaf
     ),
+    # adam, not adamw, until test_weight_decay_in_an_empty_subset passes.
     "partition": lambda: gc.partition(
-        {"a": gc.chain(gc.clip_by_norm(1.0), gc.sgd(0.1, momentum=0.9)), "b": gc.adamw(1e-3)},
+        {"a": gc.chain(gc.clip_by_norm(1.0), gc.sgd(0.1, momentum=0.9)), "b": gc.adam(1e-3)},
         _ab,
     ),
     "partition(gate)": lambda: gc.partition(
@@ -102,22 +103,7 @@ BUILTINS: dict[str, Callable[[], gc.GradientTransformation]] = {
 PARTNERS = gst.transformations(combinators=False, exclude=["accumulate_every"])
 
 
-# Known violations, reported to the lead; strict, so the mark goes once they are fixed.
-KNOWN_BUGS = {
-    "partition": "a member whose subset is empty gets params=None when the params tree is "
-    "a bare tensor, and add_decayed_weights (in adamw) raises on params=None",
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_BUGS[n], strict=True))
-        if n in KNOWN_BUGS
-        else n
-        for n in BUILTINS
-    ],
-)
+@pytest.mark.parametrize("name", list(BUILTINS))
 def test_builtin_obeys_every_law(name: str) -> None:
     check_transformation(
         BUILTINS[name](),
@@ -148,8 +134,26 @@ def test_two_accumulations_in_a_chain() -> None:
     assert applied == [False, False, False, True, False]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: with a bare tensor as params, a partition/masked member whose subset is "
+    "empty gets params=None, and add_decayed_weights raises on params=None",
+)
+@pytest.mark.parametrize("kind", ["partition", "masked"])
+def test_weight_decay_in_an_empty_subset(kind: str) -> None:
+    if kind == "partition":
+        tx = gc.partition({"a": gc.sgd(0.1), "b": gc.adamw(1e-3)}, lambda p: "a")
+    else:
+        tx = gc.masked(gc.adamw(1e-3), lambda p: False)
+    params = torch.zeros(2)
+    updates, _ = tx.update(torch.ones(2), tx.init(params), params)
+    assert updates.shape == (2,)
+
+
 def test_random_chains_of_builtins_obey_the_eager_laws() -> None:
-    check_transformation(gst.transformations(max_depth=2), max_examples=30)
+    # No bare-tensor params until test_weight_decay_in_an_empty_subset passes.
+    params = gst.params().filter(lambda p: not isinstance(p, torch.Tensor))
+    check_transformation(gst.transformations(max_depth=2), params=params, max_examples=30)
 
 
 # --------------------------------------------------------------------------- properties

@@ -1,10 +1,11 @@
 """Every notebook in notebooks/ runs from top to bottom, and is committed with its outputs.
 
 Each notebook runs in a fresh ``python3`` kernel with ``nbclient`` (the engine behind
-``jupyter nbconvert --execute``), in the notebooks/ directory, with a time limit per cell.
-The committed file is not rewritten; after changing a notebook, refresh its outputs with
+``jupyter execute`` and ``jupyter nbconvert --execute``), in the notebooks/ directory, with a
+time limit per cell. The committed file is not rewritten; after changing a notebook, refresh
+its outputs with ``jupyter execute`` (installed with nbclient):
 
-    jupyter nbconvert --to notebook --execute --inplace notebooks/<name>.ipynb
+    jupyter execute --inplace notebooks/<name>.ipynb
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def test_notebook_is_committed_with_outputs(path: Path) -> None:
     counts = [c.execution_count for c in code]
     assert counts == list(range(1, len(code) + 1)), (
         f"{path.name}: execution counts {counts}; run "
-        f"`jupyter nbconvert --to notebook --execute --inplace notebooks/{path.name}`"
+        f"`jupyter execute --inplace notebooks/{path.name}`"
     )
     assert any(c.outputs for c in code), f"{path.name} was committed without outputs"
     for c in code:

@@ -725,7 +725,7 @@ def _float_leaves(tree: Any) -> list[torch.Tensor]:
 
 
 def _all_finite(tree: Any) -> bool:
-    return all(bool(torch.isfinite(x.float()).all()) for x in _float_leaves(tree))
+    return all(bool(torch.isfinite(x).all()) for x in _float_leaves(tree))
 
 
 @FUZZ
@@ -1161,6 +1161,8 @@ def test_sigkill_during_training_and_during_a_save_then_resume_is_bit_identical(
 
 
 if __name__ == "__main__":
+    import conftest  # noqa: F401 - registers the hypothesis profiles
+
     if "--write-docs" in sys.argv:
         text = PAGE.read_text()
         text = _replace_block(text, "catalogue", catalogue_markdown())

@@ -599,13 +599,17 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
         updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, EmptyState]:
         del extra
+        view = Leaves(updates)
+        gs = view.values
+        if not gs:
+            # No gradient to decay (e.g. a partition member whose subset is empty: for a
+            # single-leaf tree its params are then ``None`` too).
+            return updates, state
         if params is None:
             raise ValueError(
                 f"{fn}: params is None; weight decay needs the parameters, call "
                 "tx.update(grads, state, params)"
             )
-        view = Leaves(updates)
-        gs = view.values
         ps = view.take(params, "params", dtype=False)
         out = _ops.cast(_ops.add(gs, ps, alpha=weight_decay), [g.dtype for g in gs])
         return view.put(out), state
