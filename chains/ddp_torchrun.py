@@ -151,6 +151,10 @@ def main() -> None:
         print(f"{mode} on {world} processes: {applied} updates applied, {elapsed:.1f}s")
         print(f"replicas agree: {agree}")
         print(f"test accuracy: {accuracy:.4f}")
+    # Let every rank finish, and drop DDP's reducer, before tearing the group down: with
+    # gloo, destroying the group under a live reducer can abort at interpreter exit.
+    dist.barrier()
+    del model
     dist.destroy_process_group()
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import optree
 import torch
 
-from gradchain.base import GradientTransformation, _fold_flags, is_gate
+from gradchain.base import GradientTransformation, _and, _fold_flags, is_gate
 from gradchain.clipping import ClipByNormState
 from gradchain.gates import AccumulateState, scale_loss
 from gradchain.tree import _named_nodes, from_state_dict, to_state_dict
@@ -393,7 +393,8 @@ class ChainedOptimizer(torch.optim.Optimizer):
         stacked on the device and copied to the host in one transfer. A step with nothing
         to read on the device (an accumulation micro-step) does not sync at all.
         """
-        flag = _fold_flags(True, state)  # a Python bool where known on the host
+        host, data = _fold_flags(True, True, state)
+        flag = host if host is False else _and(host, data)  # a bool where known on the host
         # A stored error flag is always false (a true one raises before it is stored), so
         # flags carried over unchanged from ``old_state`` need not be read.
         old = [

@@ -214,20 +214,35 @@ def _and(a: Flag, b: Flag) -> Flag:
     return torch.logical_and(a, b.to(a.device))
 
 
-def _fold_flags(start: Flag, state: State, read_host: bool = True) -> Flag:
-    """Whether a step is applied after the gates in ``state``, given ``start`` before them.
+def _fold_flags(
+    host: Flag, data: Flag, state: State, read_host: bool = True
+) -> tuple[Flag, Flag]:
+    """Whether a step is applied after the gates in ``state``, as ``(host, data)`` parts,
+    given the parts before them.
 
-    Python bools where known without touching the device, tensors otherwise.
+    The *host* part holds flags decided from counts alone (a closed accumulation window):
+    a member behind a closed host flag behaves as if it was not called at all. The *data*
+    part holds flags decided from values (finiteness): members behind it are called and
+    keep their state, and an absorbing gate (``accumulate_every``) replaces it with its
+    own. Python bools where known without touching the device, tensors otherwise.
     """
-    result = start
     for flag, on_host, absorbs in _gate_flags(state):
-        value: Flag = flag
-        if on_host and read_host:
-            known = _known_bool(flag)
-            if known is not None:
-                value = known
-        result = value if absorbs else _and(result, value)
-    return result
+        if absorbs:
+            data = True
+        if on_host:
+            value: Flag = flag
+            if read_host:
+                known = _known_bool(flag)
+                if known is not None:
+                    value = known
+            host = _and(host, value)
+        else:
+            data = _and(data, flag)
+    return host, data
+
+
+def _as_tensor(flag: Flag) -> torch.Tensor:
+    return flag if isinstance(flag, torch.Tensor) else torch.tensor(flag)
 
 
 def applied(state: State) -> torch.Tensor:
@@ -248,7 +263,8 @@ def applied(state: State) -> torch.Tensor:
         >>> bool(gc.applied(state))
         True
     """
-    result = _fold_flags(True, state, read_host=False)
+    host, data = _fold_flags(True, True, state, read_host=False)
+    result = _and(host, data)
     return torch.tensor(result) if isinstance(result, bool) else result
 
 
@@ -297,6 +313,9 @@ def identity() -> GradientTransformation:
 
 def _zeros_like_tree(updates: Updates) -> Updates:
     leaves, spec = _tree.flatten(updates)
+    for i, g in enumerate(leaves):
+        if g is not None and not isinstance(g, torch.Tensor):
+            raise _tree._bad_update(spec, i, g)
     return _tree.unflatten(spec, [None if g is None else torch.zeros_like(g) for g in leaves])
 
 
@@ -370,34 +389,44 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 f"chain.update: state must be a tuple of {len(transforms)} member states "
                 f"(from this chain's init), got {got}"
             )
+        # Gates before this chain (when nested): all of them, and the host-decided part.
         gate_open: torch.Tensor | None = extra.pop("gate_open", None)
+        host_open: torch.Tensor | None = extra.pop("host_open", None)
+        host: Flag = True if host_open is None else host_open
+        data: Flag = True if gate_open is None else gate_open
         new_states: list[State] = []
         for i, (t, s) in enumerate(zip(transforms, state)):
-            known = None if gate_open is None else _known_bool(gate_open)
-            if known is True:
-                gate_open = None
-            if known is False and not gates[i]:
+            if isinstance(data, torch.Tensor):
+                known = _known_bool(data)
+                if known is not None:
+                    data = known
+            both = _and(host, data)
+            if both is False and not gates[i]:
                 # Closed by a flag that is data but happens to be on the host (eager, CPU):
                 # the select below would keep the old state, so skip the work. Later gates
                 # still run (they see gate_open and keep their own state).
                 new_states.append(s)
                 continue
-            new_u, new_s = t.update(updates, s, params, gate_open=gate_open, **extra)
-            if gate_open is not None and not gates[i]:
+            open_t = None if both is True else _as_tensor(both)
+            host_t = None if host is True else _as_tensor(host)
+            new_u, new_s = t.update(updates, s, params, gate_open=open_t, host_open=host_t, **extra)
+            if open_t is not None and not gates[i]:
                 # A plain member behind an undecided gate: keep its old state where closed.
-                new_s = _select_tree(gate_open, new_s, s)
+                new_s = _select_tree(open_t, new_s, s)
             updates = new_u
             new_states.append(new_s)
             if gates[i]:
-                flag = _fold_flags(True if gate_open is None else gate_open, new_s)
-                if flag is False:
-                    # Closed, known without reading the device: skip the rest of the chain.
-                    # A closed gate emits zeros, which are then this chain's output.
+                host, data = _fold_flags(host, data, new_s)
+                if host is False:
+                    # A window is closed, known without reading the device: skip the rest
+                    # of the chain. A closed gate emits zeros, which are this chain's output.
                     new_states.extend(state[i + 1 :])
                     return new_u, tuple(new_states)
-                gate_open = None if flag is True else flag
-        if gate_open is not None:
-            updates = _select_tree(gate_open, updates, _zeros_like_tree(updates))
+        both = _and(host, data)
+        if both is False:
+            updates = _zeros_like_tree(updates)
+        elif both is not True:
+            updates = _select_tree(both, updates, _zeros_like_tree(updates))
         return updates, tuple(new_states)
 
     if any(gates):

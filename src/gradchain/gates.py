@@ -267,7 +267,27 @@ def accumulate_every(
         )
         return view.put(_ops.where(closing_t, out, _ops.zeros_like(out))), new_state
 
-    return GradientTransformation(init, mark_gate(update))
+    def gated_update(
+        updates: Any,
+        state: AccumulateState,
+        params: Any = None,
+        *,
+        host_open: torch.Tensor | None = None,
+        **extra: Any,
+    ) -> tuple[Any, AccumulateState]:
+        out, new_state = update(updates, state, params, **extra)
+        if host_open is None:
+            return out, new_state
+        # An earlier window is closed (known only as a tensor: compiled or vmapped): behave
+        # exactly as if not called, as the eager chain does by not calling it.
+        view = Leaves(out)
+        zeros = _ops.zeros_like(view.values)
+        return (
+            view.put(_ops.where(host_open, view.values, zeros)),
+            _select_tree(host_open, new_state, state),
+        )
+
+    return GradientTransformation(init, mark_gate(gated_update))
 
 
 # --------------------------------------------------------------------------- skip_if_nonfinite

@@ -186,9 +186,10 @@ class _Members:
                 f"{list(self.members)} (from this transformation's init), got {got}"
             )
         upstream: torch.Tensor | None = extra.pop("gate_open", None)
+        upstream_host: torch.Tensor | None = extra.pop("host_open", None)
         if not self.gated:
             # The enclosing chain keeps this whole state on steps an earlier gate closes.
-            upstream = None
+            upstream = upstream_host = None
         p_leaves: list[Any] | None
         if params is None:
             u_leaves, spec = _tree.flatten(updates)
@@ -202,12 +203,17 @@ class _Members:
         out = list(u_leaves)
         new_states = dict(states)
 
-        def run(k: Hashable, gate_open: torch.Tensor | None) -> None:
+        def run(k: Hashable, gate_open: _base.Flag, host_open: _base.Flag) -> None:
             index = groups[k]
             sub_u = self._subtree(spec, u_leaves, index)
             sub_p = None if p_leaves is None else self._subtree(spec, p_leaves, index)
             new_u, (new_s,) = self.wrapped[k].update(
-                sub_u, (states[k],), sub_p, gate_open=gate_open, **extra
+                sub_u,
+                (states[k],),
+                sub_p,
+                gate_open=None if gate_open is True else _base._as_tensor(gate_open),
+                host_open=None if host_open is True else _base._as_tensor(host_open),
+                **extra,
             )
             new_leaves = _tree.flatten_like(spec, new_u, f"{self.who}[{k!r}] output", "updates")
             for i in index:
@@ -215,17 +221,18 @@ class _Members:
             new_states[k] = new_s
 
         # The gate member first: its flags decide whether the plain members run at all.
-        flag: _base.Flag = True if upstream is None else upstream
+        host: _base.Flag = True if upstream_host is None else upstream_host
+        data: _base.Flag = True if upstream is None else upstream
         if self.gate_label is not None:
-            run(self.gate_label, upstream)
-            flag = _base._fold_flags(flag, new_states[self.gate_label])
-        if flag is False:
+            run(self.gate_label, _base._and(host, data), host)
+            host, data = _base._fold_flags(host, data, new_states[self.gate_label])
+        flag = _base._and(host, data)
+        if host is False or flag is False:
             # Closed, known without reading the device: plain members keep their state.
             return _base._zeros_like_tree(updates), new_states
-        plain_open = None if flag is True else flag
         for k in self.members:
             if k != self.gate_label:
-                run(k, plain_open)
+                run(k, flag, host)
         result = _tree.unflatten(spec, out)
         if isinstance(flag, torch.Tensor):
             result = _base._select_tree(flag, result, _base._zeros_like_tree(result))
