@@ -116,7 +116,7 @@ def transactions(set_name: str, rounds: int) -> None:
         copied = n * 4 * (3 if label == "Adam" else 2)
         print(
             f"transactional [{set_name}, {n / 1e6:.1f}M params, {label}]: step "
-            f"{off:.2f} ms -> {on:.2f} ms (x{on / off:.2f}); transient copy "
+            f"{off:.2f} ms -> {on:.2f} ms (x{on / off:.2f}); copy of "
             f"{copied / 2**20:.0f} MiB (params + optimizer state)"
         )
 

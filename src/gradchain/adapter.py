@@ -60,26 +60,49 @@ class _NonfiniteNormError(RuntimeError):
 class _Snapshot:
     """Parameters, optimizer state and param_groups as they were, to undo a failed step.
 
-    Tensors are cloned (one copy of the parameters and of the optimizer's state tensors)
+    Tensors are copied (one copy of the parameters and of the optimizer's state tensors)
     and restored in place into the original tensor objects, so references held elsewhere
     (an EMA of the weights, a logger) stay valid. Other state values are deep-copied.
+
+    Copies of CPU tensors go into ``buffers``, kept from step to step: a fresh large CPU
+    allocation costs a page fault per page every step (measured: more than the copy
+    itself), while accelerator allocators recycle memory, so there the copies are
+    transient and their memory is free for activations between steps.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, buffers: list[torch.Tensor]) -> None:
         self.optimizer = optimizer
+        self._buffers = buffers
+        self._used = 0
         params = [p for g in optimizer.param_groups for p in g["params"]]
         with torch.no_grad():
-            self.params = [(p, p.detach().clone()) for p in params]
+            self.params = [(p, self._copy(p)) for p in params]
             self.state: list[tuple[Any, dict[Any, Any], list[tuple[Any, Any, Any]]]] = []
             for key, entry in optimizer.state.items():
                 values: list[tuple[Any, Any, Any]] = []
                 for k, v in entry.items():
                     if isinstance(v, torch.Tensor):
-                        values.append((k, v, v.detach().clone()))
+                        values.append((k, v, self._copy(v)))
                     else:
                         values.append((k, None, copy.deepcopy(v)))
                 self.state.append((key, entry, values))
         self.groups = [dict(g) for g in optimizer.param_groups]
+        del self._buffers[self._used :]  # tensors that are gone since the last step
+
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if t.device.type != "cpu" or type(t) is not torch.Tensor:
+            return t.clone()
+        i, self._used = self._used, self._used + 1
+        if i < len(self._buffers):
+            buf = self._buffers[i]
+            if buf.shape == t.shape and buf.dtype == t.dtype and buf.stride() == t.stride():
+                return buf.copy_(t)
+            self._buffers[i] = buf = torch.empty_like(t)
+        else:
+            buf = torch.empty_like(t)
+            self._buffers.append(buf)
+        return buf.copy_(t)
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -95,8 +118,8 @@ class _Snapshot:
                     if orig is not None and orig.shape == saved.shape:
                         orig.copy_(saved)
                         entry[k] = orig
-                    else:
-                        entry[k] = saved
+                    else:  # (a copy: a kept buffer is overwritten at the next step)
+                        entry[k] = saved.clone() if isinstance(saved, torch.Tensor) else saved
                 state[key] = entry
         for group, saved_group in zip(self.optimizer.param_groups, self.groups):
             group.clear()
@@ -135,10 +158,13 @@ class ChainedOptimizer(torch.optim.Optimizer):
       the wrapped optimizer's state and ``param_groups`` are restored to what they were
       before the call, and the exception propagates; ``step()`` can then be retried. The
       wrapped step updates the parameters and its state in place, so, to undo it, applied
-      steps first copy the parameters and the optimizer's state tensors (a transient copy:
-      on CPU it costs about as much as an SGD-with-momentum step; held-back steps copy
-      nothing). With a closure, gradients that already exist are copied too (a closure may
-      zero or accumulate into them in place). ``transactional=False`` skips these copies:
+      steps first copy the parameters and the optimizer's state tensors, one pass over that
+      memory (held-back steps copy nothing): on one CPU thread +28% on an Adam step and
+      +56% on an SGD-with-momentum step (42M parameters). On accelerators the copy is
+      transient; on CPU it goes into buffers kept between steps (a fresh large CPU
+      allocation page-faults, which cost more than the copy). With a closure, gradients
+      that already exist are copied too (a closure may zero or accumulate into them in
+      place). ``transactional=False`` skips these copies:
       a failure inside the wrapped step may then leave the parameters and its state
       partly updated, as with ``torch.optim`` itself; failures before it still change
       nothing. ``clip_by_norm(error_if_nonfinite=True)``'s ``RuntimeError`` is a refusal,
@@ -209,6 +235,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self.transform = transform
         self.should_commit = should_commit
         self.transactional = transactional
+        self._snapshot_buffers: list[torch.Tensor] = []  # see _Snapshot
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -499,7 +526,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
             return loss
         self._write_grads(updates)
         if self.transactional:
-            snapshot.append(_Snapshot(self.optimizer))
+            snapshot.append(_Snapshot(self.optimizer, self._snapshot_buffers))
         self.optimizer.step()
         self.tx_state = new_state
         self._last_applied = True
@@ -527,7 +554,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
             return loss
 
         if self.transactional:
-            snapshot.append(_Snapshot(self.optimizer))
+            snapshot.append(_Snapshot(self.optimizer, self._snapshot_buffers))
         loss = self.optimizer.step(wrapped)
         self.tx_state = box["state"]
         self._last_applied = True
