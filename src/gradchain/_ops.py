@@ -207,6 +207,13 @@ def mul_(xs: list[torch.Tensor], s: Scalar) -> TList:
     return [x * s for x in xs]
 
 
+def mul_list_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
+    if _fe(xs, ys):
+        torch._foreach_mul_(xs, ys)
+        return xs
+    return mul_list(xs, ys)
+
+
 def add_(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: float = 1.0) -> TList:
     if _fe(xs, ys):
         torch._foreach_add_(xs, ys, alpha=alpha)
@@ -242,3 +249,83 @@ def addcmul_(
         torch._foreach_addcmul_(xs, ys, zs, value=value)
         return xs
     return [torch.addcmul(x, y, z, value=value) for x, y, z in zip(xs, ys, zs)]
+
+
+def lerp_(xs: list[torch.Tensor], ys: list[torch.Tensor], weight: float) -> TList:
+    if _fe(xs, ys):
+        torch._foreach_lerp_(xs, ys, weight)
+        return xs
+    return lerp(xs, ys, weight)
+
+
+def clamp_(xs: list[torch.Tensor], lo: float, hi: float) -> TList:
+    if _fe(xs):
+        torch._foreach_clamp_min_(xs, lo)
+        torch._foreach_clamp_max_(xs, hi)
+        return xs
+    return clamp(xs, lo, hi)
+
+
+def copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> TList:
+    """``src``'s values in ``dst``'s memory when foreach serves, else in fresh tensors;
+    never aliasing ``src``."""
+    if _fe(dst, src):
+        torch._foreach_copy_(dst, src)
+        return dst
+    return [s.clone() for s in src]
+
+
+def mul_into(dst: list[torch.Tensor], xs: list[torch.Tensor], s: Scalar) -> TList:
+    """``x * s`` written into ``dst`` (owned, same dtypes) when foreach serves, else fresh."""
+    if _fe(dst, xs, scalar=s) and not torch.compiler.is_compiling():
+        for d, x in zip(dst, xs):
+            torch.mul(x, s, out=d)
+        return dst
+    return mul(xs, s)
+
+
+def maximum_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
+    if _fe(xs, ys):
+        torch._foreach_maximum_(xs, ys)
+        return xs
+    return maximum(xs, ys)
+
+
+def zero_(xs: list[torch.Tensor]) -> TList:
+    if _fe(xs):
+        torch._foreach_zero_(xs)
+        return xs
+    return zeros_like(xs)
+
+
+def where_zeros(flag: torch.Tensor, xs: list[torch.Tensor], donated: bool = False) -> TList:
+    """``x`` where the 0-dim bool ``flag`` is true, else zeros, leafwise.
+
+    Allocates no gradient-sized zeros: a flag known on the host picks (the result may
+    alias ``xs``), and a tensor flag selects against a 0-dim zero. With ``donated`` (the
+    caller owns ``xs``) a known-false flag zeroes ``xs`` in place.
+    """
+    known = _known_bool(flag)
+    if known is True:
+        return list(xs)
+    if known is False:
+        return zero_(xs) if donated else zeros_like(xs)
+    return [
+        torch.where(flag.to(x.device), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        for x in xs
+    ]
+
+
+def inplace_ok(xs: list[torch.Tensor], *others: list[torch.Tensor]) -> bool:
+    """Whether donated ``xs`` can hold results computed with ``others`` bit for bit as the
+    out-of-place path does: same dtypes leaf by leaf, no float16/bfloat16 (whose
+    out-of-place maths may run in float32 and round once)."""
+    for lst in (xs, *others):
+        if len(lst) != len(xs):
+            return False
+    for i, x in enumerate(xs):
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return False
+        if any(o[i].dtype != x.dtype for o in others):
+            return False
+    return True

@@ -164,10 +164,14 @@ class ChainedOptimizer(torch.optim.Optimizer):
       transient; on CPU it goes into buffers kept between steps (a fresh large CPU
       allocation page-faults, which cost more than the copy). With a closure, gradients
       that already exist are copied too (a closure may zero or accumulate into them in
-      place). ``transactional=False`` skips these copies:
+      place). ``transactional=False`` skips these copies and is the fast path:
       a failure inside the wrapped step may then leave the parameters and its state
-      partly updated, as with ``torch.optim`` itself; failures before it still change
-      nothing. ``clip_by_norm(error_if_nonfinite=True)``'s ``RuntimeError`` is a refusal,
+      partly updated, as with ``torch.optim`` itself, and the gradients are donated to the
+      transformation (``donate="updates"``, see :func:`~gradchain.donation`), which then
+      clips or unscales them in place as ``clip_grad_norm_`` and ``GradScaler.unscale_``
+      do: after a step that raises or is refused, ``.grad`` holds unspecified values
+      (call ``zero_grad()``). Parameters, wrapped state and transformation state are still
+      unchanged by failures and refusals before the wrapped step. ``clip_by_norm(error_if_nonfinite=True)``'s ``RuntimeError`` is a refusal,
       like ``should_commit``: inside :meth:`no_sync` it also moves the window back into the
       accumulator, so that ``zero_grad()`` and the next micro-batch carry on.
 
@@ -404,6 +408,14 @@ class ChainedOptimizer(torch.optim.Optimizer):
                         f"({g.layout}); gradchain transformations need dense gradients "
                         "(e.g. nn.Embedding(..., sparse=False))"
                     )
+        if "donate" in extra:
+            raise ValueError(
+                "ChainedOptimizer.step: donate is not a step argument; the adapter donates "
+                "the gradients itself when transactional=False"
+            )
+        if not self.transactional:
+            # The transformation's state is never donated: a refused step keeps the old one.
+            extra["donate"] = "updates"
         with torch.no_grad():
             updates, new_state = self.transform.update(
                 grads, state, self._param_tree(), **extra

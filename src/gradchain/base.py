@@ -28,6 +28,7 @@ State = Any
 Flag = torch.Tensor | bool  # a gate decision: a Python bool when known on the host
 
 __all__ = [
+    "donation",
     "GradientTransformation",
     "EmptyState",
     "identity",
@@ -241,6 +242,43 @@ def _fold_flags(
     return host, data
 
 
+def donation(extra: dict[str, Any], who: str) -> tuple[bool, bool]:
+    """Read the ``donate`` extra argument as ``(updates, state)``: which inputs a
+    transformation may overwrite to build its outputs.
+
+    ``donate=True`` gives up the incoming updates and the old state; ``donate="updates"``
+    the incoming updates only; ``False`` (the default) nothing: ``update`` is pure.
+    Donation never changes results: a transformation that reuses donated memory computes
+    the same values, bit for bit, that it would compute into fresh tensors. After a
+    donating call, the donated tensors hold unspecified values: use the outputs only.
+    Transformations that ignore ``donate`` stay correct (they are just pure). Honour it in
+    your own transformation with this function:
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> gc.donation({"donate": True}, "mine"), gc.donation({}, "mine")
+        ((True, True), (False, False))
+        >>> tx = gc.chain(gc.clip_by_norm(1.0), gc.sgd(lr=0.1))
+        >>> params = {"w": torch.zeros(2)}
+        >>> grads = {"w": torch.tensor([3.0, 4.0])}
+        >>> updates, state = tx.update(grads, tx.init(params), params, donate=True)
+        >>> updates["w"]  # grads["w"] is given up: its memory may now hold anything
+        tensor([-0.0600, -0.0800])
+    """
+    value = extra.get("donate", False)
+    if value is False or value is None or torch.compiler.is_compiling():
+        # Compiled code plans its own memory: writes into graph inputs would only add
+        # copies back to them.
+        return False, False
+    if value is True:
+        return True, True
+    if value == "updates":
+        return True, False
+    raise ValueError(
+        f"{who}.update: donate must be True, False or 'updates', got {value!r}"
+    )
+
+
 def _as_tensor(flag: Flag) -> torch.Tensor:
     return flag if isinstance(flag, torch.Tensor) else torch.tensor(flag)
 
@@ -339,7 +377,9 @@ def _select_tree(flag: torch.Tensor, new: Any, old: Any) -> Any:
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` in order; the state is the tuple of their states.
 
-    Extra keyword arguments given to ``update`` reach every member.
+    Extra keyword arguments given to ``update`` reach every member. ``donate=True``
+    (see :func:`donation`) lets members reuse the incoming updates' and their old state's
+    memory; a member whose old state must survive a gate's select gets only the updates.
 
     **Gates.** A gate governs everything after it. When a gate closes a step, later
     members keep their state and the chain emits zeros. The chain finds out whether a
@@ -409,7 +449,14 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 continue
             open_t = None if both is True else _as_tensor(both)
             host_t = None if host is True else _as_tensor(host)
-            new_u, new_s = t.update(updates, s, params, gate_open=open_t, host_open=host_t, **extra)
+            member_extra = extra
+            if open_t is not None and not gates[i] and extra.get("donate") is True:
+                # Its old state is kept where the gate is closed (the select below): it
+                # must survive, so only the updates are donated.
+                member_extra = {**extra, "donate": "updates"}
+            new_u, new_s = t.update(
+                updates, s, params, gate_open=open_t, host_open=host_t, **member_extra
+            )
             if open_t is not None and not gates[i]:
                 # A plain member behind an undecided gate: keep its old state where closed.
                 new_s = _select_tree(open_t, new_s, s)

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from gradchain import _ops
-from gradchain.base import EmptyState, GradientTransformation, _expect_state
+from gradchain.base import EmptyState, GradientTransformation, _expect_state, donation
 from gradchain.tree import Leaves, _norm_dtype, flatten, global_norm
 
 __all__ = ["ClipByNormState", "clip_by_norm", "clip_by_value"]
@@ -133,8 +133,9 @@ def clip_by_norm(
     def update(
         updates: Any, state: ClipByNormState, params: Any = None, **extra: Any
     ) -> tuple[Any, ClipByNormState]:
-        del params, extra
+        del params
         _expect_state(state, ClipByNormState, "clip_by_norm")
+        donated, _ = donation(extra, "clip_by_norm")
         view = Leaves(updates)
         gs = view.values
         if not gs:
@@ -153,7 +154,11 @@ def clip_by_norm(
                 # and one below ~3e-8 becomes 0, zeroing the gradients.
                 low = g.dtype in (torch.float16, torch.bfloat16)
                 coefs[(g.device, g.dtype)] = coef.to(g.device, coef.dtype if low else g.dtype)
-        clipped = _ops.mul_list(gs, [coefs[(g.device, g.dtype)] for g in gs])
+        factors = [coefs[(g.device, g.dtype)] for g in gs]
+        if donated and _ops.inplace_ok(gs, factors):
+            clipped = _ops.mul_list_(gs, factors)
+        else:
+            clipped = _ops.mul_list(gs, factors)
         # A 0-dim float16 leaf times the 0-dim float32 coefficient promotes to float32.
         clipped = _ops.cast(clipped, [g.dtype for g in gs])
         new_state = ClipByNormState(
@@ -208,8 +213,10 @@ def clip_by_value(max_value: float, min_value: float | None = None) -> GradientT
     def update(
         updates: Any, state: EmptyState, params: Any = None, **extra: Any
     ) -> tuple[Any, EmptyState]:
-        del params, extra
+        del params
+        donated, _ = donation(extra, "clip_by_value")
         view = Leaves(updates)
-        return view.put(_ops.clamp(view.values, lo, hi)), state
+        clamp = _ops.clamp_ if donated and _ops.inplace_ok(view.values) else _ops.clamp
+        return view.put(clamp(view.values, lo, hi)), state
 
     return GradientTransformation(init, update)

@@ -21,6 +21,7 @@ from gradchain.base import (
     _expect_state,
     _known_bool,
     _select_tree,
+    donation,
     gate_state,
     mark_gate,
 )
@@ -203,16 +204,19 @@ def accumulate_every(
         flush: bool | torch.Tensor = False,
         **extra: Any,
     ) -> tuple[Any, AccumulateState]:
-        del params, extra
+        del params
         _expect_state(state, AccumulateState, "accumulate_every")
+        donated_u, donated_s = donation(extra, "accumulate_every")
         view = Leaves(updates)
         gs = view.values
         # An explicitly narrower accumulator_dtype rounds on purpose.
         sums = view.take(state.sums, "state.sums", dtype=accumulator_dtype is None)
         contrib = _ops.cast(gs, [s.dtype for s in sums])
         if gate_open is not None:
-            contrib = _ops.where(gate_open, contrib, _ops.zeros_like(contrib))
-        new_sums = _ops.add(sums, contrib)
+            contrib = _ops.where_zeros(gate_open, contrib)
+        # Donated, the window sums grow in place (torch's ``_foreach_add_``); the old state
+        # is given up with them.
+        new_sums = _ops.add_(sums, contrib) if donated_s else _ops.add(sums, contrib)
         step = state.mini_step + 1
         count = state.accumulated + (
             1 if gate_open is None else gate_open.to(state.accumulated.device).long()
@@ -234,7 +238,8 @@ def accumulate_every(
                 nonempty=count > 0,
                 every=state.every,
             )
-            return view.put(_ops.zeros_like(gs)), new_state
+            # The incoming updates are in the sums now: donated, they hold the zeros.
+            return view.put(_ops.zero_(gs) if donated_u else _ops.zeros_like(gs)), new_state
 
         out = new_sums if not mean else _ops.div_scalar(new_sums, count.clamp(min=1))
         out = _ops.cast(out, [g.dtype for g in gs])
@@ -281,9 +286,8 @@ def accumulate_every(
         # An earlier window is closed (known only as a tensor: compiled or vmapped): behave
         # exactly as if not called, as the eager chain does by not calling it.
         view = Leaves(out)
-        zeros = _ops.zeros_like(view.values)
         return (
-            view.put(_ops.where(host_open, view.values, zeros)),
+            view.put(_ops.where_zeros(host_open, view.values)),
             _select_tree(host_open, new_state, state),
         )
 
@@ -355,8 +359,9 @@ def skip_if_nonfinite() -> GradientTransformation:
         gate_open: torch.Tensor | None = None,
         **extra: Any,
     ) -> tuple[Any, SkipIfNonfiniteState]:
-        del params, extra
+        del params
         _expect_state(state, SkipIfNonfiniteState, "skip_if_nonfinite")
+        donated, _ = donation(extra, "skip_if_nonfinite")
         view = Leaves(updates)
         gs = view.values
         finite = _ops.all_finite(gs).to(state.is_open.device)
@@ -368,7 +373,7 @@ def skip_if_nonfinite() -> GradientTransformation:
         )
         counters = _keep_where_closed(gate_open, counters, (state.consecutive_skips,
                                                              state.total_skips))
-        out = _ops.where(finite, gs, _ops.zeros_like(gs))
+        out = _ops.where_zeros(finite, gs, donated)
         # On a step an earlier gate closed, the flag stays too (as when the chain skips us).
         is_open = _keep_where_closed(gate_open, finite, state.is_open)
         return view.put(out), SkipIfNonfiniteState(is_open, *counters)
@@ -512,13 +517,14 @@ def loss_scale(
         gate_open: torch.Tensor | None = None,
         **extra: Any,
     ) -> tuple[Any, LossScaleState]:
-        del params, extra
+        del params
         _expect_state(state, LossScaleState, "loss_scale")
+        donated, _ = donation(extra, "loss_scale")
         view = Leaves(updates)
         gs = view.values
         scale = state.scale
         inv = torch.reciprocal(scale.double()).float()
-        unscaled = _unscale(gs, inv)
+        unscaled = _unscale(gs, inv, donated)
         finite = _ops.all_finite(unscaled).to(scale.device)
         if dynamic:
             successful = _saturating_increment(state.growth_tracker)
@@ -542,7 +548,7 @@ def loss_scale(
             )
         else:
             new_scale, new_tracker = scale, state.growth_tracker
-        out = _ops.where(finite, unscaled, _ops.zeros_like(unscaled))
+        out = _ops.where_zeros(finite, unscaled, donated)
         # On a step an earlier gate closed, the flag stays too (as when the chain skips us).
         is_open = _keep_where_closed(gate_open, finite, state.is_open)
         return view.put(out), LossScaleState(new_scale, new_tracker, is_open)
@@ -550,9 +556,12 @@ def loss_scale(
     return GradientTransformation(init, mark_gate(update))
 
 
-def _unscale(gs: list[torch.Tensor], inv: torch.Tensor) -> list[torch.Tensor]:
-    """Multiply by the float32 inverse scale; float16/bfloat16 in float32, cast back."""
+def _unscale(gs: list[torch.Tensor], inv: torch.Tensor, donated: bool = False) -> list[torch.Tensor]:
+    """Multiply by the float32 inverse scale; float16/bfloat16 in float32, cast back.
+    Donated float32/float64 leaves are unscaled in place (as ``GradScaler.unscale_``)."""
     if all(g.dtype not in _LOW_PRECISION for g in gs):
+        if donated and all(g.dtype == torch.float32 for g in gs):
+            return _ops.mul_(gs, inv)
         return _ops.mul(gs, inv)
     # Only the low-precision leaves go through float32: a float64 leaf keeps its precision.
     return [

@@ -48,9 +48,9 @@ from typing import Any, NamedTuple
 import torch
 
 from gradchain import _ops
-from gradchain.base import EmptyState, GradientTransformation, _expect_state, chain
+from gradchain.base import EmptyState, GradientTransformation, _expect_state, chain, donation
 from gradchain.schedules import Schedule
-from gradchain.tree import Leaves, flatten, unflatten
+from gradchain.tree import Leaves, _known_bool, flatten, unflatten
 
 __all__ = [
     "ScaleByScheduleState",
@@ -235,21 +235,24 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     def update(
         updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, EmptyState]:
-        del params, extra
+        del params
+        donated, _ = donation(extra, "scale")
         view = Leaves(updates)
-        return view.put(_scaled(view.values, factor)), state
+        return view.put(_scaled(view.values, factor, donated)), state
 
     return GradientTransformation(init, update)
 
 
-def _scaled(gs: list[torch.Tensor], factor: float | torch.Tensor) -> TList:
-    """``factor * g`` leafwise, ``factor`` cast per (device, dtype) group."""
+def _scaled(gs: list[torch.Tensor], factor: float | torch.Tensor, donated: bool = False) -> TList:
+    """``factor * g`` leafwise, ``factor`` cast per (device, dtype) group; in the donated
+    ``gs``' memory when that gives the same values."""
+    mul = _ops.mul_ if donated and _ops.inplace_ok(gs) else _ops.mul
     if not isinstance(factor, torch.Tensor):
-        return _ops.mul(gs, factor)
+        return mul(gs, factor)
     out: list[Any] = [None] * len(gs)
     for idx in _groups(gs):
         group = _pick(gs, idx)
-        _scatter(out, idx, _ops.mul(group, _scalar_for(factor, group[0])))
+        _scatter(out, idx, mul(group, _scalar_for(factor, group[0])))
     return out
 
 
@@ -315,12 +318,13 @@ def scale_by_learning_rate(
             params: Params | None = None,
             **extra: Any,
         ) -> tuple[Updates, ScaleByScheduleState]:
-            del params, extra
+            del params
             _expect_state(state, ScaleByScheduleState, "scale_by_learning_rate")
+            donated, _ = donation(extra, "scale_by_learning_rate")
             lr = schedule(state.count)
             factor = lr * sign if isinstance(lr, torch.Tensor) else float(lr) * sign
             view = Leaves(updates)
-            out = _scaled(view.values, factor)
+            out = _scaled(view.values, factor, donated)
             return view.put(out), ScaleByScheduleState(count=_next_count(state.count))
 
         return GradientTransformation(init_s, update_s)
@@ -412,8 +416,9 @@ def scale_by_adam(
     def update(
         updates: Updates, state: ScaleByAdamState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, ScaleByAdamState]:
-        del params, extra
+        del params
         _expect_state(state, ScaleByAdamState, fn)
+        donated_u, donated_s = donation(extra, fn)
         view = Leaves(updates)
         gs = view.values
         mus: list[Any] = view.take(state.mu, "mu")
@@ -435,17 +440,28 @@ def scale_by_adam(
             m = _pick(mus, idx)
             v = _pick(nus, idx)
             g = _ops.cast(_pick(gs, idx), [x.dtype for x in m])
-            m = _ops.lerp(m, g, 1.0 - b1)
-            v = _ops.addcmul_(_ops.mul(v, b2), g, g, 1.0 - b2)
+            # Fresh intermediates are updated in place (_ops.*_); the state only when
+            # donated, with the same operations (so the same values).
+            if donated_s:
+                m = _ops.lerp_(m, g, 1.0 - b1)
+                v = _ops.addcmul_(_ops.mul_(v, b2), g, g, 1.0 - b2)
+            else:
+                m = _ops.lerp(m, g, 1.0 - b1)
+                v = _ops.addcmul_(_ops.mul(v, b2), g, g, 1.0 - b2)
             if amsgrad:
-                vmax = _ops.maximum(_pick(maxs, idx), v)
+                old_max = _pick(maxs, idx)
+                vmax = _ops.maximum_(old_max, v) if donated_s else _ops.maximum(old_max, v)
                 _scatter(new_maxs, idx, vmax)
             else:
                 vmax = v
-            # Fresh intermediates are updated in place (_ops.*_), the state never is.
             denom = _ops.div_scalar_(_ops.sqrt(vmax), _scalar_for(bias_correction2_sqrt, m[0]))
             denom = _ops.add_scalar_(denom, eps)
-            u = _ops.div_(_ops.mul(m, _scalar_for(inv_bias_correction1, m[0])), denom)
+            corrected = _scalar_for(inv_bias_correction1, m[0])
+            if donated_u and _ops.inplace_ok(g, m):
+                # g is the donated updates (or a cast copy of them): no longer needed.
+                u = _ops.div_(_ops.mul_into(g, m, corrected), denom)
+            else:
+                u = _ops.div_(_ops.mul(m, corrected), denom)
             _scatter(out, idx, _ops.cast(u, [x.dtype for x in _pick(gs, idx)]))
             _scatter(new_mus, idx, m)
             _scatter(new_nus, idx, v)
@@ -541,18 +557,33 @@ def trace(
     def update(
         updates: Updates, state: TraceState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, TraceState]:
-        del params, extra
+        del params
         _expect_state(state, TraceState, fn)
+        donated_u, donated_s = donation(extra, fn)
         view = Leaves(updates)
         gs = view.values
         bufs: list[Any] = view.take(state.trace, "trace")
         g = _ops.cast(gs, [b.dtype for b in bufs])
         # From a zero buffer this is exactly g when dampening == 0; otherwise the first
-        # step selects the undamped copy, as torch does.
-        new = _ops.add_(_ops.mul(bufs, momentum), g, alpha=1.0 - dampening)
+        # step takes the undamped g, as torch does (copied: the state never aliases the
+        # incoming updates).
+        decayed = _ops.mul_(bufs, momentum) if donated_s else _ops.mul(bufs, momentum)
+        new = _ops.add_(decayed, g, alpha=1.0 - dampening)
         if dampening != 0.0:
-            new = _ops.where(state.count == 0, g, new)
-        out = _ops.add(g, new, alpha=momentum) if nesterov else new
+            first = state.count == 0
+            known = _known_bool(first)
+            if known is None:
+                new = _ops.where(first, g, new)
+            elif known:
+                new = _ops.copy_(new, g)
+        if nesterov:
+            owned = donated_u and _ops.inplace_ok(g, new)
+            out = _ops.add_(g, new, alpha=momentum) if owned else _ops.add(g, new, alpha=momentum)
+        elif donated_u:
+            # The output must not alias the new state: a later member may write into it.
+            out = _ops.copy_(g, new) if _ops.inplace_ok(g, new) else [x.clone() for x in new]
+        else:
+            out = new
         out = _ops.cast(out, [x.dtype for x in gs])
         return view.put(out), TraceState(
             count=_next_count(state.count), trace=view.put_into(state.trace, new)
@@ -598,7 +629,7 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
     def update(
         updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, EmptyState]:
-        del extra
+        donated, _ = donation(extra, fn)
         view = Leaves(updates)
         gs = view.values
         if not gs:
@@ -611,7 +642,8 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
                 "tx.update(grads, state, params)"
             )
         ps = view.take(params, "params", dtype=False)
-        out = _ops.cast(_ops.add(gs, ps, alpha=weight_decay), [g.dtype for g in gs])
+        add = _ops.add_ if donated and _ops.inplace_ok(gs, ps) else _ops.add
+        out = _ops.cast(add(gs, ps, alpha=weight_decay), [g.dtype for g in gs])
         return view.put(out), state
 
     return GradientTransformation(init, update)
