@@ -275,13 +275,22 @@ def copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> TList:
     return [s.clone() for s in src]
 
 
-def mul_into(dst: list[torch.Tensor], xs: list[torch.Tensor], s: Scalar) -> TList:
-    """``x * s`` written into ``dst`` (owned, same dtypes) when foreach serves, else fresh."""
-    if _fe(dst, xs, scalar=s) and not torch.compiler.is_compiling():
+def sqrt_into(dst: list[torch.Tensor], xs: list[torch.Tensor]) -> TList:
+    """``sqrt(x)`` written into ``dst`` (owned, same dtypes) when foreach serves, else fresh."""
+    if _fe(dst, xs) and not torch.compiler.is_compiling():
         for d, x in zip(dst, xs):
-            torch.mul(x, s, out=d)
+            torch.sqrt(x, out=d)
         return dst
-    return mul(xs, s)
+    return sqrt(xs)
+
+
+def rdiv_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
+    """``y / x`` written into the owned ``xs`` when foreach serves, else fresh."""
+    if _fe(xs, ys) and not torch.compiler.is_compiling():
+        for x, y in zip(xs, ys):
+            torch.div(y, x, out=x)
+        return xs
+    return div(ys, xs)
 
 
 def maximum_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:

@@ -374,6 +374,56 @@ def _select_tree(flag: torch.Tensor, new: Any, old: Any) -> Any:
     return _tree.unflatten(spec, out)
 
 
+class _Ownership:
+    """Whether a chain member's output is memory the chain alone holds, so that the next
+    member may write into it (``donate="updates"``) without anyone seeing a change.
+
+    Output leaves are compared by storage with the chain's incoming updates, the params,
+    the old states and the new states made so far; one shared storage and the output is
+    not owned. Only plain eager tensors qualify (``torch.func`` wrappers and compiled code
+    keep the pure path).
+    """
+
+    def __init__(self, updates: Updates, state: Any, params: Params) -> None:
+        self.active = not torch.compiler.is_compiling()
+        self.held: set[int] | None = None
+        self.roots = (updates, state, params)
+
+    @staticmethod
+    def _ptrs(tree: Any, into: set[int]) -> bool:
+        for x in _tree.flatten(tree)[0]:
+            if isinstance(x, torch.Tensor):
+                if not _tree._use_foreach([x]) or x.is_meta:
+                    return False
+                into.add(x.untyped_storage().data_ptr())
+        return True
+
+    def owns(self, output: Updates, new_states: list[State]) -> bool:
+        if not self.active:
+            return False
+        if self.held is None:
+            self.held = set()
+            if not all(self._ptrs(root, self.held) for root in self.roots):
+                self.active = False
+                return False
+        held = set(self.held)
+        if not self._ptrs(new_states, held):
+            return False
+        seen: set[int] = set()
+        for x in _tree.flatten(output)[0]:
+            if x is None:
+                continue
+            if not isinstance(x, torch.Tensor) or not _tree._use_foreach([x]):
+                return False
+            if x.numel() == 0:
+                continue
+            ptr = x.untyped_storage().data_ptr()
+            if ptr in held or ptr in seen:
+                return False
+            seen.add(ptr)
+        return True
+
+
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` in order; the state is the tuple of their states.
 
@@ -435,6 +485,10 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         host: Flag = True if host_open is None else host_open
         data: Flag = True if gate_open is None else gate_open
         new_states: list[State] = []
+        # A pure call still lets a member write into what the member before it made (fresh
+        # tensors nobody else holds): checked, not assumed (see _Ownership).
+        owner = _Ownership(updates, state, params) if "donate" not in extra else None
+        owned = False
         for i, (t, s) in enumerate(zip(transforms, state)):
             if isinstance(data, torch.Tensor):
                 known = _known_bool(data)
@@ -454,6 +508,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 # Its old state is kept where the gate is closed (the select below): it
                 # must survive, so only the updates are donated.
                 member_extra = {**extra, "donate": "updates"}
+            elif owned:
+                member_extra = {**extra, "donate": "updates"}
             new_u, new_s = t.update(
                 updates, s, params, gate_open=open_t, host_open=host_t, **member_extra
             )
@@ -462,6 +518,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 new_s = _select_tree(open_t, new_s, s)
             updates = new_u
             new_states.append(new_s)
+            owned = owner is not None and i + 1 < len(transforms) and owner.owns(new_u, new_states)
             if gates[i]:
                 host, data = _fold_flags(host, data, new_s)
                 if host is False:
