@@ -161,7 +161,7 @@ def test_donated_updates_never_alias_the_new_state() -> None:
 def test_bad_donate_value_is_refused_naming_it() -> None:
     tx = gc.clip_by_norm(1.0)
     g = {"w": torch.ones(2)}
-    with pytest.raises(ValueError, match="donate must be True, False or 'updates'"):
+    with pytest.raises(ValueError, match="donate must be True, False, 'updates' or 'state'"):
         tx.update(g, tx.init(g), donate="yes")
     assert torch.equal(g["w"], torch.ones(2))
 
@@ -197,3 +197,35 @@ def test_adapter_refuses_donate_as_step_argument() -> None:
     with pytest.raises(ValueError, match="donate is not a step argument"):
         opt.step(donate=True)
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+def _remembers_last_updates() -> gc.GradientTransformation:
+    """A user's transformation that keeps its output in its state and knows nothing of
+    donation."""
+
+    def init(params: Any) -> Any:
+        return optree.tree_map(
+            lambda p: None if p is None else torch.zeros_like(p), params, none_is_leaf=True
+        )
+
+    def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> Any:
+        return updates, updates
+
+    return gc.GradientTransformation(init, update)
+
+
+@pytest.mark.parametrize("donate", [None, True, "updates"])
+def test_a_member_after_an_unaware_one_gets_nothing_it_could_corrupt(donate: Any) -> None:
+    # The unaware member's output is its state: the scale after it must not write into it,
+    # whether the chain call is pure or donated, nested or flat.
+    for tx in (
+        gc.chain(gc.clip_by_norm(1.0), _remembers_last_updates(), gc.scale(-0.5)),
+        gc.chain(gc.clip_by_norm(1.0), gc.chain(_remembers_last_updates(), gc.scale(-0.5))),
+    ):
+        params = {"w": torch.zeros(2)}
+        state = tx.init(params)
+        kwargs = {} if donate is None else {"donate": donate}
+        out, state = tx.update({"w": torch.tensor([0.3, 0.4])}, state, params, **kwargs)
+        remembered = state[1]["w"] if len(state) == 3 else state[1][0]["w"]
+        assert torch.equal(remembered, torch.tensor([0.3, 0.4]))
+        assert torch.equal(out["w"], torch.tensor([-0.15, -0.2]))

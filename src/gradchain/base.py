@@ -247,7 +247,8 @@ def donation(extra: dict[str, Any], who: str) -> tuple[bool, bool]:
     transformation may overwrite to build its outputs.
 
     ``donate=True`` gives up the incoming updates and the old state; ``donate="updates"``
-    the incoming updates only; ``False`` (the default) nothing: ``update`` is pure.
+    the incoming updates only, ``donate="state"`` the old state only; ``False`` (the
+    default) nothing: ``update`` is pure.
     Donation never changes results: a transformation that reuses donated memory computes
     the same values, bit for bit, that it would compute into fresh tensors. After a
     donating call, the donated tensors hold unspecified values: use the outputs only.
@@ -274,9 +275,15 @@ def donation(extra: dict[str, Any], who: str) -> tuple[bool, bool]:
         return True, True
     if value == "updates":
         return True, False
+    if value == "state":
+        return False, True
     raise ValueError(
-        f"{who}.update: donate must be True, False or 'updates', got {value!r}"
+        f"{who}.update: donate must be True, False, 'updates' or 'state', got {value!r}"
     )
+
+
+_DONATE = {(False, False): False, (True, False): "updates", (False, True): "state",
+           (True, True): True}
 
 
 def _as_tensor(flag: Flag) -> torch.Tensor:
@@ -403,7 +410,7 @@ class _Ownership:
             return False
         if self.held is None:
             self.held = set()
-            if not all(self._ptrs(root, self.held) for root in self.roots):
+            if not all(self._ptrs(root, self.held) for root in self.roots if root is not None):
                 self.active = False
                 return False
         held = set(self.held)
@@ -487,8 +494,14 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         new_states: list[State] = []
         # A pure call still lets a member write into what the member before it made (fresh
         # tensors nobody else holds): checked, not assumed (see _Ownership).
-        owner = _Ownership(updates, state, params) if "donate" not in extra else None
-        owned = False
+        # Donation as the caller gave it; members after the first get the updates donated
+        # only if the output they receive is owned (a user's transformation may return
+        # memory it keeps in its state).
+        give_updates, give_state = donation(extra, "chain")
+        owner = _Ownership(
+            None if give_updates else updates, None if give_state else state, params
+        )
+        owned = give_updates
         for i, (t, s) in enumerate(zip(transforms, state)):
             if isinstance(data, torch.Tensor):
                 known = _known_bool(data)
@@ -503,13 +516,10 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 continue
             open_t = None if both is True else _as_tensor(both)
             host_t = None if host is True else _as_tensor(host)
-            member_extra = extra
-            if open_t is not None and not gates[i] and extra.get("donate") is True:
-                # Its old state is kept where the gate is closed (the select below): it
-                # must survive, so only the updates are donated.
-                member_extra = {**extra, "donate": "updates"}
-            elif owned:
-                member_extra = {**extra, "donate": "updates"}
+            # A plain member behind an undecided gate keeps its old state where the gate
+            # is closed (the select below): that state must survive, so it is not donated.
+            state_given = give_state and (open_t is None or gates[i])
+            member_extra = {**extra, "donate": _DONATE[(owned, state_given)]}
             new_u, new_s = t.update(
                 updates, s, params, gate_open=open_t, host_open=host_t, **member_extra
             )
@@ -518,7 +528,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 new_s = _select_tree(open_t, new_s, s)
             updates = new_u
             new_states.append(new_s)
-            owned = owner is not None and i + 1 < len(transforms) and owner.owns(new_u, new_states)
+            owned = i + 1 < len(transforms) and owner.owns(new_u, new_states)
             if gates[i]:
                 host, data = _fold_flags(host, data, new_s)
                 if host is False:
