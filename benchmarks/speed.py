@@ -132,6 +132,14 @@ def build_rows(params: dict[str, torch.Tensor], compile_row3: bool) -> list[Row]
         lambda: torch.nn.utils.clip_grad_norm_(t_params, 1.0, foreach=True),
     ))
 
+    clip_donor = {k: g.clone() for k, g in grads.items()}
+    rows.append(Row(
+        "1' clip_by_norm donated",
+        lambda: clip.update(clip_donor, clip_state, donate=True),
+        lambda: torch.nn.utils.clip_grad_norm_(t_params, 1.0, foreach=True),
+        "donate=True: in place, as clip_grad_norm_",
+    ))
+
     # 2. chain(clip, adamw) + apply_updates (pure) vs clip + AdamW(foreach=True)
     tx = gc.chain(gc.clip_by_norm(1.0), gc.adamw(1e-3))
     box = {"params": dict(params), "state": tx.init(params)}
@@ -171,6 +179,15 @@ def build_rows(params: dict[str, torch.Tensor], compile_row3: bool) -> list[Row]
 
     rows.append(Row("3 clip+adamw donated", eager_inplace_step, torch_fused_step,
                     "eager, donate=True + apply_updates_"))
+    fused_live = {k: torch.nn.Parameter(p.clone()) for k, p in params.items()}
+    fused_box = {"state": tx.init(params)}
+    fused_donor = {k: g.clone() for k, g in grads.items()}
+
+    def fused_inplace_step() -> None:
+        fused_box["state"] = gc.update_and_apply_(tx, fused_donor, fused_box["state"], fused_live)
+
+    rows.append(Row("3 clip+adamw fused", fused_inplace_step, torch_fused_step,
+                    "update_and_apply_ (torch's fused kernel)"))
     if compile_row3:
         cparams = {k: p.clone() for k, p in params.items()}
 

@@ -237,6 +237,24 @@ def test_accumulate_none_gradient_passes_through_and_keeps_its_sum():
     assert torch.equal(state.sums["a"], torch.zeros(2))
 
 
+def test_accumulate_micro_step_zeros_take_no_memory_and_donated_close_reuses_the_sums():
+    tx = gc.accumulate_every(2)
+    params = {"w": torch.zeros(64, 8), "b": torch.zeros(8, dtype=torch.float64)}
+    state = tx.init(params)
+    out, state = tx.update({"w": torch.ones(64, 8), "b": torch.ones(8, dtype=torch.float64)}, state)
+    for k, x in out.items():
+        assert x.shape == params[k].shape and x.dtype == params[k].dtype
+        assert not bool(x.any())
+        assert x.untyped_storage().nbytes() == x.element_size()  # one 0-dim zero, broadcast
+    sums = {k: v.data_ptr() for k, v in state.sums.items()}
+    grads = {"w": torch.full((64, 8), 3.0), "b": torch.full((8,), 3.0, dtype=torch.float64)}
+    out, state = tx.update(grads, state, donate=True)
+    assert torch.equal(out["w"], torch.full((64, 8), 2.0)) and bool(gc.applied(state))
+    for k, v in state.sums.items():
+        assert v.data_ptr() == sums[k]  # the next window starts in the donated sums
+        assert not bool(v.any())
+
+
 @pytest.mark.parametrize(
     "kwargs, exc",
     [

@@ -12,6 +12,7 @@ from gradchain.base import (
     apply_updates,
     apply_updates_,
     chain,
+    chain_members,
     donation,
     gate_state,
     identity,
@@ -19,6 +20,7 @@ from gradchain.base import (
     mark_gate,
 )
 from gradchain.clipping import ClipByNormState, clip_by_norm, clip_by_value
+from gradchain.fused import update_and_apply_
 from gradchain.gates import (
     AccumulateState,
     LossScaleState,
@@ -74,6 +76,7 @@ __all__ = [
     "apply_updates",
     "apply_updates_",
     "chain",
+    "chain_members",
     "donation",
     "gate_state",
     "mark_gate",
@@ -97,6 +100,7 @@ __all__ = [
     "scale_by_learning_rate",
     "sgd",
     "trace",
+    "update_and_apply_",
     "constant_schedule",
     "cosine_decay_schedule",
     "exponential_decay",

@@ -149,6 +149,21 @@ def zeros_like(xs: list[torch.Tensor]) -> TList:
     return [torch.zeros_like(x) for x in xs]
 
 
+def zeros_view(xs: list[torch.Tensor]) -> TList:
+    """Zeros shaped like ``xs`` that take no memory: one 0-dim zero per (device, dtype),
+    broadcast (``expand``) to each shape. Read-only: writing into one raises (clone first).
+    """
+    zero: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+    out = []
+    for x in xs:
+        key = (x.device, x.dtype)
+        z = zero.get(key)
+        if z is None:
+            z = zero[key] = torch.zeros((), dtype=x.dtype, device=x.device)
+        out.append(z.expand(x.shape))
+    return out
+
+
 def all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
     """A 0-dim bool tensor: no nan/inf anywhere in ``xs`` (``True`` for an empty list).
 
@@ -165,6 +180,11 @@ def all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
     xs = [x for x in xs if x.numel() > 0]
     if not xs:
         return torch.ones((), dtype=torch.bool, device=device)
+    if torch.compiler.is_compiling():
+        # Traced: a pure max-reduction per leaf (nan and inf propagate through max). The
+        # in-place AMP kernel below would be functionalized into copies of every gradient.
+        norms = [torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32) for x in xs]
+        return torch.isfinite(torch.stack([n.to(device) for n in norms])).all()
     if _fe(xs) and _HAS_AMP_CHECK:
         # GradScaler's fused kernel: with an inverse scale of 1 it only reads (no write),
         # one pass per (device, dtype) group; much faster than an inf-norm on CPU.

@@ -14,6 +14,7 @@ described in :func:`chain`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -545,7 +546,27 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     if any(gates):
         _mark_gate(update)
+    _CHAIN_MEMBERS[update] = transforms
     return GradientTransformation(init, update)
+
+
+_CHAIN_MEMBERS: weakref.WeakKeyDictionary[Callable[..., Any], tuple[GradientTransformation, ...]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def chain_members(tx: GradientTransformation) -> tuple[GradientTransformation, ...] | None:
+    """The members of ``tx`` if it was made by :func:`chain`, else ``None``.
+
+    Example:
+        >>> import gradchain as gc
+        >>> clip, sgd = gc.clip_by_norm(1.0), gc.sgd(0.1)
+        >>> gc.chain_members(gc.chain(clip, sgd)) == (clip, sgd)
+        True
+        >>> gc.chain_members(clip) is None
+        True
+    """
+    return _CHAIN_MEMBERS.get(tx.update)
 
 
 # --------------------------------------------------------------------------- apply
@@ -562,9 +583,19 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     p_leaves, spec = _tree.flatten(params)
     u_leaves = _tree.flatten_like(spec, updates, "updates", "params")
     _check_updates_fit(spec, p_leaves, u_leaves, "apply_updates")
-    out = [
-        p if (u is None or p is None) else (p + u).to(p.dtype) for p, u in zip(p_leaves, u_leaves)
-    ]
+    out = list(p_leaves)
+    rows = []
+    for i, (p, u) in enumerate(zip(p_leaves, u_leaves)):
+        if u is None or p is None:
+            continue
+        if p.dtype == u.dtype and _tree._use_foreach([p, u]):
+            rows.append((p, u, i))
+        else:
+            out[i] = (p + u).to(p.dtype)
+    # Same dtypes: one foreach add per (device, dtype) group, the same sums as leaf by leaf.
+    for ps, us, idx in _tree.group_by_device_dtype(rows):
+        for i, x in zip(idx, torch._foreach_add(ps, us)):
+            out[i] = x
     return _tree.unflatten(spec, out)
 
 

@@ -128,7 +128,9 @@ def accumulate_every(
     add into the accumulator. Under ``torch.compile`` or ``vmap`` the position is data;
     the rest of the chain is then computed and discarded with ``torch.where`` (correct,
     traceable, but the tail costs its full price on every micro-step). If you move the
-    state to an accelerator, the same happens; keep ``mini_step`` on the host.
+    state to an accelerator, the same happens; keep ``mini_step`` on the host. The zeros
+    a micro-step emits take no memory: they are broadcast views of one 0-dim zero per
+    (device, dtype) (read-only; ``clone()`` one before writing into it).
 
     **Behind another gate.** After ``skip_if_nonfinite`` or ``loss_scale``, a micro-step
     that gate drops is not accumulated, but it still counts towards the window (the
@@ -238,15 +240,20 @@ def accumulate_every(
                 nonempty=count > 0,
                 every=state.every,
             )
-            # The incoming updates are in the sums now: donated, they hold the zeros.
-            return view.put(_ops.zero_(gs) if donated_u else _ops.zeros_like(gs)), new_state
+            # The incoming updates are in the sums now. The zeros emitted take no memory
+            # and no pass over it (broadcast views of one zero; read-only).
+            return view.put(_ops.zeros_view(gs)), new_state
 
         out = new_sums if not mean else _ops.div_scalar(new_sums, count.clamp(min=1))
         out = _ops.cast(out, [g.dtype for g in gs])
         nonempty = count > 0
         if gate_open is not None:
             out = _ops.where(nonempty, out, _ops.zeros_like(out))
-        zero_sums = _ops.zeros_like(new_sums)
+        if closing is True and donated_s and mean and _ops.inplace_ok(new_sums):
+            # The mean is a fresh tensor: the donated sums start the next window in place.
+            zero_sums = _ops.zero_(new_sums)
+        else:
+            zero_sums = _ops.zeros_like(new_sums)
         if closing is True:
             new_state = AccumulateState(
                 mini_step=torch.zeros_like(step),

@@ -782,9 +782,10 @@ def adam(
         txs.append(scale(-1.0))
     if weight_decay != 0:
         txs.append(add_decayed_weights(weight_decay))
+    adam_at = len(txs)
     txs.append(scale_by_adam(b1, b2, eps, amsgrad))
     txs.append(scale_by_learning_rate(lr))
-    return chain(*txs)
+    return _fusable(txs, False, b1, b2, eps, weight_decay, amsgrad, maximize, lr, adam_at)
 
 
 def adamw(
@@ -847,8 +848,26 @@ def adamw(
     txs: list[GradientTransformation] = []
     if maximize:
         txs.append(scale(-1.0))
+    adam_at = len(txs)
     txs.append(scale_by_adam(b1, b2, eps, amsgrad))
     if weight_decay != 0:
         txs.append(add_decayed_weights(weight_decay))
     txs.append(scale_by_learning_rate(lr))
-    return chain(*txs)
+    return _fusable(txs, True, b1, b2, eps, weight_decay, amsgrad, maximize, lr, adam_at)
+
+
+def _fusable(
+    txs: list[GradientTransformation], decoupled: bool, b1: float, b2: float, eps: float,
+    weight_decay: float, amsgrad: bool, maximize: bool, lr: ScalarOrSchedule, adam_at: int,
+) -> GradientTransformation:
+    """``chain(*txs)``, recorded as runnable by torch's fused kernel in
+    :func:`~gradchain.update_and_apply_`."""
+    from gradchain.fused import _AdamRule, _register_adam
+
+    tx = chain(*txs)
+    rule = _AdamRule(
+        decoupled=decoupled, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+        amsgrad=amsgrad, maximize=maximize, lr=lr, adam_at=adam_at,
+        lr_at=len(txs) - 1 if _is_schedule(lr) else None, size=len(txs),
+    )
+    return _register_adam(tx, rule)

@@ -1,0 +1,295 @@
+"""Update and apply in one call, with torch's fused Adam/AdamW kernels where they fit.
+
+:func:`update_and_apply_` is the in-place training step: ``tx.update(grads, state, params,
+donate=True)`` followed by :func:`~gradchain.apply_updates_`. When the chain ends in
+:func:`~gradchain.adam` or :func:`~gradchain.adamw`, that last rule and the application
+to the params run as one pass of torch's fused kernel (the one
+``torch.optim.AdamW(fused=True)`` runs), instead of a dozen ``torch._foreach_*`` passes.
+Everything before it (clipping, gates, your own transformations) runs as usual.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from gradchain import tree as _tree
+from gradchain.base import (
+    Flag,
+    GradientTransformation,
+    _and,
+    _as_tensor,
+    _check_updates_fit,
+    _fold_flags,
+    _known_bool,
+    apply_updates_,
+    chain,
+    chain_members,
+)
+
+__all__ = ["update_and_apply_"]
+
+
+class _AdamRule(NamedTuple):
+    """What the fused kernel needs to know about an ``adam``/``adamw`` chain."""
+
+    decoupled: bool  # adamw (decay on the params) vs adam (L2 added to the gradient)
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    amsgrad: bool
+    maximize: bool
+    lr: Any  # float, 1-element tensor, or schedule of the count
+    adam_at: int  # index of the ScaleByAdamState in the chain's state
+    lr_at: int | None  # index of the ScaleByScheduleState; None for a constant lr
+    size: int  # number of members of the chain
+
+
+_RULES: weakref.WeakKeyDictionary[Callable[..., Any], _AdamRule] = weakref.WeakKeyDictionary()
+_HEADS: weakref.WeakKeyDictionary[Callable[..., Any], GradientTransformation] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _register_adam(tx: GradientTransformation, rule: _AdamRule) -> GradientTransformation:
+    """Record that ``tx`` (built by ``adam``/``adamw``) can run as torch's fused kernel."""
+    _RULES[tx.update] = rule
+    return tx
+
+
+def _head(update: Callable[..., Any], members: tuple[GradientTransformation, ...]) -> Any:
+    """``chain(*members[:-1])``, built once per chain."""
+    head = _HEADS.get(update)
+    if head is None:
+        head = _HEADS[update] = chain(*members[:-1])
+    return head
+
+
+def _fused_devices() -> frozenset[str]:
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        return frozenset(_get_fused_kernels_supported_devices())
+    except ImportError:  # pragma: no cover - older torch
+        return frozenset({"cpu", "cuda"})
+
+
+_FUSED_DEVICES = _fused_devices()
+
+
+def _plan(
+    tx: GradientTransformation, state: Any, spec: Any, p_leaves: list[Any], g_leaves: list[Any]
+) -> tuple[list[tuple[GradientTransformation, Any]], _AdamRule] | None:
+    """The chain levels down to a fusable rule, or ``None`` when the fused kernel does not
+    fit (the caller then takes the generic path, which also raises the precise errors for
+    malformed input). Reads metadata only; touches nothing."""
+    if torch.compiler.is_compiling() or not isinstance(tx, tuple) or len(tx) != 2:
+        return None
+    levels: list[tuple[GradientTransformation, Any]] = []
+    while True:
+        rule = _RULES.get(tx.update)
+        if rule is not None:
+            break
+        members = chain_members(tx)
+        if not members or not isinstance(state, tuple) or len(state) != len(members):
+            return None
+        levels.append((tx, state))
+        tx, state = members[-1], state[-1]
+    if not isinstance(state, tuple) or len(state) != rule.size:
+        return None
+    adam_state = state[rule.adam_at]
+    if type(adam_state).__name__ != "ScaleByAdamState":
+        return None
+    if rule.lr_at is not None and type(state[rule.lr_at]).__name__ != "ScaleByScheduleState":
+        return None
+    try:
+        trees = [_tree.flatten_like(spec, adam_state.mu, "mu", "params"),
+                 _tree.flatten_like(spec, adam_state.nu, "nu", "params")]
+        if rule.amsgrad:
+            trees.append(_tree.flatten_like(spec, adam_state.nu_max, "nu_max", "params"))
+    except (TypeError, ValueError):
+        return None
+    # Metadata only, and cheap: this runs every step. grads' shapes were checked against
+    # the params by the caller.
+    keys: set[tuple[torch.device, torch.dtype]] = set()
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
+        if p is None or g is None:
+            continue
+        if type(p) is not torch.Tensor and type(p) is not torch.nn.Parameter:
+            return None  # subclasses (DTensor, ...) take the generic path
+        dtype, device, shape = p.dtype, p.device, p.shape
+        if type(g) is not torch.Tensor or g.dtype != dtype or g.device != device or wrapped(g):
+            return None
+        if g.layout != torch.strided:
+            return None
+        for t in trees:
+            x = t[i]
+            if type(x) is not torch.Tensor or x.dtype != dtype or x.shape != shape:
+                return None
+            if x.device != device:
+                return None
+        keys.add((device, dtype))
+    for device, dtype in keys:
+        if not dtype.is_floating_point or device.type not in _FUSED_DEVICES:
+            return None
+    if not torch.is_tensor(adam_state.count):
+        return None
+    return levels, rule
+
+
+def _rule_step(
+    rule: _AdamRule, state: tuple[Any, ...], spec: Any, p_leaves: list[Any], updates: Any,
+    flag: Flag,
+) -> tuple[Any, ...]:
+    """Run the rule and the application as torch's fused kernel; returns the rule's new
+    state. ``flag`` is whether the step is applied (``True`` or a 0-dim bool tensor)."""
+    from gradchain.optimizers import _next_count
+
+    g_leaves = _tree.flatten_like(spec, updates, "updates", "params")
+    adam_state = state[rule.adam_at]
+    mus = _tree.flatten_like(spec, adam_state.mu, "mu", "params")
+    nus = _tree.flatten_like(spec, adam_state.nu, "nu", "params")
+    maxs = _tree.flatten_like(spec, adam_state.nu_max, "nu_max", "params") if rule.amsgrad else None
+    count = _next_count(adam_state.count)
+    new_state = list(state)
+    if rule.lr_at is None:
+        lr = rule.lr
+    else:
+        sched = state[rule.lr_at]
+        lr = rule.lr(sched.count)
+        new_sched = _next_count(sched.count)
+        if flag is not True:
+            new_sched = torch.where(_as_tensor(flag).to(new_sched.device), new_sched, sched.count)
+        new_state[rule.lr_at] = sched._replace(count=new_sched)
+    rows = [
+        (p, g, m, v, maxs[i] if maxs is not None else None)
+        for i, (p, g, m, v) in enumerate(zip(p_leaves, g_leaves, mus, nus))
+        if p is not None and g is not None
+    ]
+    kernel = torch._fused_adamw_ if rule.decoupled else torch._fused_adam_
+    step = count.to(torch.float32)
+    with torch.no_grad():
+        for ps, gs, ms, vs, xs in _tree.group_by_device_dtype(rows):
+            device = ps[0].device
+            found_inf = None if flag is True else (~_as_tensor(flag)).to(device, torch.float32)
+            kernel(
+                ps, gs, ms, vs, xs if rule.amsgrad else [], [step.to(device)] * len(ps),
+                lr=lr.to(device) if isinstance(lr, torch.Tensor) else float(lr),
+                beta1=rule.b1, beta2=rule.b2, weight_decay=rule.weight_decay, eps=rule.eps,
+                amsgrad=rule.amsgrad, maximize=rule.maximize, found_inf=found_inf,
+            )
+    if flag is not True:
+        count = torch.where(_as_tensor(flag).to(count.device), count, adam_state.count)
+    # The moments were updated in place: the new state holds the same tensors.
+    new_state[rule.adam_at] = adam_state._replace(count=count)
+    return tuple(new_state)
+
+
+def update_and_apply_(
+    tx: GradientTransformation, grads: Any, state: Any, params: Any, **extra: Any
+) -> Any:
+    """One in-place training step: update with ``tx`` and add the updates to ``params``.
+
+    Equivalent to::
+
+        updates, state = tx.update(grads, state, params, donate=True, **extra)
+        gc.apply_updates_(params, updates)
+
+    and returns the new state. ``grads`` and ``state`` are given up (as with
+    ``donate=True``: their memory may be reused, use only the returned state), and
+    ``params`` (live tensors, e.g. ``dict(model.named_parameters())``) are updated in place.
+
+    **Fused.** When ``tx`` is :func:`~gradchain.adam` or :func:`~gradchain.adamw`, or a chain
+    ending in one, that rule and the application run as torch's fused kernel
+    (``torch._fused_adam_`` / ``torch._fused_adamw_``, what ``torch.optim.Adam(fused=True)``
+    runs): one pass over params, gradients and moments instead of a dozen. Its results are
+    those of the torch optimizer with ``fused=True`` on the same inputs (bit for bit; they
+    differ from the unfused gradchain path by rounding only, within the float32 parity
+    tolerance). Gates before the rule keep their meaning: a step a gate closes leaves the
+    params and the rule's state as they were (a closed window skips the kernel; a
+    data-dependent flag on an accelerator is passed to the kernel as ``found_inf``, no
+    sync). The kernel is used when every leaf's param, gradient and moments are plain
+    tensors of one floating dtype on a device torch has the fused kernels for (CPU, CUDA,
+    …); otherwise, and under ``torch.compile``, the call takes the unfused path above, with
+    the same meaning.
+
+    Args:
+        tx: the transformation (usually a chain).
+        grads: gradients, a tree shaped like ``params`` (``None`` leaves are skipped).
+        state: ``tx``'s state; given up.
+        params: the live parameters, updated in place.
+        **extra: passed to every member's ``update`` (e.g. ``flush=True``); ``donate``
+            is implied and may not be given.
+
+    Returns:
+        The new state.
+
+    Raises:
+        ValueError: when ``donate`` is given, or ``grads`` does not fit ``params`` (shape
+            or structure, naming the path), before anything is changed.
+        TypeError: when a leaf is neither a tensor nor ``None``.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> model = torch.nn.Linear(3, 1)
+        >>> params = dict(model.named_parameters())
+        >>> tx = gc.chain(gc.clip_by_norm(1.0), gc.adamw(1e-3))
+        >>> state = tx.init(params)
+        >>> model(torch.ones(1, 3)).sum().backward()
+        >>> grads = {k: p.grad for k, p in params.items()}
+        >>> state = gc.update_and_apply_(tx, grads, state, params)
+        >>> int(gc.tree_get(state, gc.ScaleByAdamState).count)
+        1
+    """
+    fn = "update_and_apply_"
+    if "donate" in extra:
+        raise ValueError(
+            f"{fn}: donate is implied (grads and state are given up); do not pass it"
+        )
+    p_leaves, spec = _tree.flatten(params)
+    g_leaves = _tree.flatten_like(spec, grads, "grads", "params")
+    _check_updates_fit(spec, p_leaves, g_leaves, fn)
+    plan = _plan(tx, state, spec, p_leaves, g_leaves)
+    if plan is None:
+        updates, new_state = tx.update(grads, state, params, donate=True, **extra)
+        apply_updates_(params, updates)
+        return new_state
+    levels, rule = plan
+    host: Flag = True
+    data: Flag = True
+    updates = grads
+    heads: list[tuple[Any, ...]] = []
+    for level_tx, level_state in levels:
+        members = chain_members(level_tx)
+        assert members is not None
+        if len(members) > 1:
+            both = _and(host, data)
+            updates, head_states = _head(level_tx.update, members).update(
+                updates, level_state[:-1], params, donate=True,
+                gate_open=None if both is True else _as_tensor(both),
+                host_open=None if host is True else _as_tensor(host), **extra,
+            )
+            host, data = _fold_flags(host, data, head_states)
+            if isinstance(data, torch.Tensor):
+                known = _known_bool(data)
+                data = data if known is None else known
+        else:
+            head_states = ()
+        heads.append(head_states)
+        if _and(host, data) is False:
+            # Closed (a window still open, a skipped step): the rest keeps its state and
+            # the params stay as they are.
+            new: Any = level_state[-1]
+            break
+    else:
+        new = _rule_step(rule, state if not levels else levels[-1][1][-1], spec, p_leaves,
+                         updates, _and(host, data))
+    # Rebuild the nested chain states from the inside out (down to the level that closed).
+    for head_states in reversed(heads):
+        new = (*head_states, new)
+    return new

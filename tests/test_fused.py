@@ -1,0 +1,274 @@
+"""``update_and_apply_``: the in-place step, fused with torch's Adam/AdamW kernels.
+
+The fused path must give what ``torch.optim.Adam/AdamW(fused=True)`` gives on the same
+inputs (bit for bit), keep the meaning of gates before the rule, and fall back to the
+unfused in-place path (``update(donate=True)`` + ``apply_updates_``) wherever the kernel
+does not fit, with the same results as that path.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import optree
+import pytest
+import torch
+
+import gradchain as gc
+from gradchain import fused
+
+
+def _params(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "w": torch.randn(5, 3, generator=g).to(dtype),
+        "b": torch.randn(3, generator=g).to(dtype),
+        "e": torch.randn(7, generator=g).to(dtype),
+    }
+
+
+def _grads(step: int, params: dict[str, torch.Tensor], scale: float = 3.0) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(100 + step)
+    return {k: (torch.randn(p.shape, generator=g) * scale).to(p.dtype) for k, p in params.items()}
+
+
+def _clone(tree: Any) -> Any:
+    return optree.tree_map(
+        lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree, none_is_leaf=True
+    )
+
+
+def _leaves(tree: Any) -> list[Any]:
+    return optree.tree_leaves(tree, none_is_leaf=True)
+
+
+def _kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record calls of torch's fused kernels made by gradchain.fused."""
+    calls: list[str] = []
+    for name in ("_fused_adam_", "_fused_adamw_"):
+        real = getattr(torch, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            if sys._getframe(1).f_globals.get("__name__") == "gradchain.fused":
+                calls.append(_name)  # not torch.optim's own calls
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, spy)
+    return calls
+
+
+# --------------------------------------------------------------------------- torch parity
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [
+        ("adamw", {}),
+        ("adamw", {"weight_decay": 0.3, "amsgrad": True}),
+        ("adamw", {"maximize": True, "betas": (0.8, 0.99), "eps": 1e-6}),
+        ("adam", {}),
+        ("adam", {"weight_decay": 0.1, "maximize": True, "amsgrad": True}),
+    ],
+)
+def test_fused_step_equals_torch_fused_optimizer_bit_for_bit(
+    kind: str, kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _kernel_calls(monkeypatch)
+    params = _params()
+    t_params = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    t_cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    opt = t_cls(t_params, lr=1e-2, fused=True, **kwargs)
+    tx = gc.chain(gc.clip_by_norm(1.0), getattr(gc, kind)(1e-2, **kwargs))
+    live = {k: torch.nn.Parameter(p.clone()) for k, p in params.items()}
+    state = tx.init(live)
+    for step in range(6):
+        grads = _grads(step, params)
+        for p, g in zip(t_params, grads.values()):
+            p.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(t_params, 1.0, foreach=True)
+        opt.step()
+        state = gc.update_and_apply_(tx, _clone(grads), state, live)
+    for (name, p), t in zip(live.items(), t_params):
+        assert torch.equal(p.detach(), t.detach()), name
+        t_state = opt.state[t]
+        adam_state = gc.tree_get(state, gc.ScaleByAdamState)
+        assert torch.equal(adam_state.mu[name], t_state["exp_avg"]), name
+        assert torch.equal(adam_state.nu[name], t_state["exp_avg_sq"]), name
+    assert int(adam_state.count) == 6
+    assert calls == [f"_fused_{kind}_"] * 6
+
+
+def test_fused_step_close_to_the_unfused_path_and_same_state_layout() -> None:
+    params = _params()
+    tx = gc.chain(gc.clip_by_norm(1.0), gc.adamw(gc.linear_schedule(1e-2, 1e-3, 4)))
+    pure_p, pure_s = dict(params), tx.init(params)
+    live = _clone(params)
+    state = tx.init(params)
+    for step in range(6):
+        grads = _grads(step, params)
+        u, pure_s = tx.update(grads, pure_s, pure_p)
+        pure_p = gc.apply_updates(pure_p, u)
+        state = gc.update_and_apply_(tx, _clone(grads), state, live)
+    for k in params:
+        torch.testing.assert_close(live[k], pure_p[k], rtol=1e-5, atol=1e-7)
+    assert optree.tree_structure(state, none_is_leaf=True) == optree.tree_structure(
+        pure_s, none_is_leaf=True
+    )
+    for a, b in zip(_leaves(state), _leaves(pure_s)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # the schedule advanced with the adam count (a float lr would not have a count)
+    assert int(state[1][-1].count) == 6
+
+
+# --------------------------------------------------------------------------- gates
+def _unfused_run(tx: gc.GradientTransformation, params: Any, steps: list[Any]) -> tuple[Any, Any]:
+    p, s = _clone(params), tx.init(params)
+    for grads in steps:
+        u, s = tx.update(_clone(grads), s, p)
+        p = gc.apply_updates(p, u)
+    return p, s
+
+
+def _fused_run(tx: gc.GradientTransformation, params: Any, steps: list[Any]) -> tuple[Any, Any]:
+    p, s = _clone(params), tx.init(params)
+    for grads in steps:
+        s = gc.update_and_apply_(tx, _clone(grads), s, p)
+    return p, s
+
+
+def _assert_runs_agree(a: tuple[Any, Any], b: tuple[Any, Any]) -> None:
+    for x, y in zip(_leaves(a), _leaves(b)):
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7, equal_nan=True)
+        else:
+            assert x == y
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: gc.chain(gc.accumulate_every(3), gc.clip_by_norm(1.0), gc.adamw(1e-2)),
+        lambda: gc.chain(gc.skip_if_nonfinite(), gc.clip_by_norm(1.0), gc.adam(1e-2)),
+        lambda: gc.chain(gc.loss_scale(init_scale=4.0), gc.adamw(1e-2)),
+        # nested: the rule is the last member of the last member
+        lambda: gc.chain(gc.clip_by_norm(1.0),
+                         gc.chain(gc.skip_if_nonfinite(), gc.accumulate_every(2),
+                                  gc.adamw(1e-2, amsgrad=True))),
+        lambda: gc.adamw(1e-2),
+        lambda: gc.chain(gc.adamw(1e-2)),
+    ],
+    ids=["accumulate", "skip", "loss_scale", "nested", "bare", "chain-of-one"],
+)
+def test_gated_chains_agree_with_the_unfused_path(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _kernel_calls(monkeypatch)
+    params = _params()
+    steps = [_grads(i, params) for i in range(8)]
+    steps[2]["w"][0, 0] = math.nan
+    steps[5]["b"][1] = math.inf
+    tx = make()
+    fused_p, fused_s = _fused_run(tx, params, steps)
+    ref = _unfused_run(tx, params, steps)
+    _assert_runs_agree((fused_p, fused_s), ref)
+    applied_steps = int(gc.tree_get(ref[1], gc.ScaleByAdamState).count)
+    assert len(calls) == applied_steps > 0  # closed steps never reach the kernel
+
+
+def test_closed_window_leaves_params_and_rule_state_untouched() -> None:
+    params = _params()
+    tx = gc.chain(gc.accumulate_every(2), gc.adamw(1e-2))
+    live = _clone(params)
+    state = tx.init(params)
+    state = gc.update_and_apply_(tx, _grads(0, params), state, live)
+    for k in params:
+        assert torch.equal(live[k], params[k])
+    assert int(state[1][0].count) == 0 and not bool(gc.applied(state))
+    state = gc.update_and_apply_(tx, _grads(1, params), state, live)
+    assert int(state[1][0].count) == 1 and bool(gc.applied(state))
+    assert not torch.equal(live["w"], params["w"])
+
+
+def test_kernel_skip_flag_path_keeps_everything() -> None:
+    """On an accelerator a finiteness flag stays a tensor and reaches the kernel as
+    ``found_inf``; exercise that path on CPU by handing the rule a tensor flag."""
+    params = _params()
+    tx = gc.adamw(gc.constant_schedule(1e-2))
+    rule = fused._RULES[tx.update]
+    p_leaves, spec = optree.tree_flatten(params, none_is_leaf=True)
+    for flag, moves in ((torch.tensor(False), False), (torch.tensor(True), True)):
+        live = [p.clone() for p in p_leaves]
+        state = tx.init(params)
+        new = fused._rule_step(rule, state, spec, live, _grads(0, params), flag)
+        adam = new[0]
+        assert int(adam.count) == int(moves) and int(new[-1].count) == int(moves)
+        assert all(torch.equal(a, b) for a, b in zip(live, p_leaves)) is not moves
+        assert bool((adam.mu["w"] != 0).any()) is moves
+
+
+# --------------------------------------------------------------------------- fallbacks
+@pytest.mark.parametrize(
+    "case", ["bfloat16-params", "mixed-dtypes", "custom-rule", "none-grad"]
+)
+def test_fallback_equals_donated_update_plus_apply(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _kernel_calls(monkeypatch)
+    params: dict[str, Any] = _params(torch.bfloat16 if case == "bfloat16-params" else torch.float32)
+    if case == "mixed-dtypes":
+        params["d"] = torch.randn(4, dtype=torch.float64)
+    rule = (gc.chain(gc.scale_by_adam(), gc.scale_by_learning_rate(1e-2))
+            if case == "custom-rule" else gc.adamw(1e-2))
+    tx = gc.chain(gc.clip_by_norm(1.0), rule)
+    a_p, b_p = _clone(params), _clone(params)
+    a_s, b_s = tx.init(params), tx.init(params)
+    for step in range(3):
+        grads = _grads(step, params)
+        if case == "none-grad":
+            grads["b"] = None
+        a_s = gc.update_and_apply_(tx, _clone(grads), a_s, a_p)
+        u, b_s = tx.update(_clone(grads), b_s, b_p, donate=True)
+        gc.apply_updates_(b_p, u)
+    if case in ("none-grad", "mixed-dtypes"):
+        # fused: None gradients are skipped by the kernel as by the chain; leaves of
+        # different dtypes go to one kernel call per (device, dtype) group
+        assert len(calls) == 3 * (2 if case == "mixed-dtypes" else 1)
+        _assert_runs_agree((a_p, a_s), (b_p, b_s))
+        if case == "none-grad":
+            assert torch.equal(a_p["b"], params["b"])
+    else:  # the kernel does not fit (bfloat16 params keep float32 moments; unknown rule)
+        assert calls == []
+        for x, y in zip(_leaves((a_p, a_s)), _leaves((b_p, b_s))):
+            assert torch.equal(x, y)
+
+
+def test_under_compile_takes_the_unfused_path() -> None:
+    params = _params()
+    tx = gc.chain(gc.clip_by_norm(1.0), gc.adamw(1e-2))
+
+    def step(g: Any, s: Any, p: Any) -> Any:
+        return gc.update_and_apply_(tx, g, s, p)
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    a_p, b_p = _clone(params), _clone(params)
+    a_s, b_s = tx.init(params), tx.init(params)
+    for i in range(2):
+        a_s = compiled(_grads(i, params), a_s, a_p)
+        b_s = gc.update_and_apply_(tx, _grads(i, params), b_s, b_p)
+    _assert_runs_agree((a_p, a_s), (b_p, b_s))
+
+
+# --------------------------------------------------------------------------- errors
+def test_bad_input_raises_before_anything_changes() -> None:
+    params = _params()
+    tx = gc.chain(gc.clip_by_norm(1.0), gc.adamw(1e-2))
+    state = tx.init(params)
+    before_p, before_s = _clone(params), _clone(state)
+    grads = _grads(0, params)
+    with pytest.raises(ValueError, match="donate is implied"):
+        gc.update_and_apply_(tx, grads, state, params, donate=True)
+    bad = dict(grads, b=torch.ones(4))
+    with pytest.raises(ValueError, match=r"\['b'\].*shape"):
+        gc.update_and_apply_(tx, bad, state, params)
+    with pytest.raises(ValueError, match="grads"):
+        gc.update_and_apply_(tx, {"w": grads["w"]}, state, params)
+    for x, y in zip(_leaves((params, state)), _leaves((before_p, before_s))):
+        assert torch.equal(x, y)
