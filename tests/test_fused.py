@@ -256,6 +256,26 @@ def test_under_compile_takes_the_unfused_path() -> None:
     _assert_runs_agree((a_p, a_s), (b_p, b_s))
 
 
+def test_compiled_step_writes_the_state_back_in_place() -> None:
+    """Traced, the new state is written into the given-up state's tensors, so inductor
+    computes it in place (no gradient-sized allocations per step)."""
+    params = _params()
+    tx = gc.chain(gc.skip_if_nonfinite(), gc.accumulate_every(2), gc.adamw(1e-2))
+    compiled = torch.compile(lambda g, s, p: gc.update_and_apply_(tx, g, s, p),
+                             fullgraph=True, backend="eager")
+    a_p, b_p = _clone(params), _clone(params)
+    a_s, b_s = tx.init(params), tx.init(params)
+    ptrs = [x.data_ptr() for x in _leaves(a_s) if isinstance(x, torch.Tensor) and x.numel() > 1]
+    steps = [_grads(i, params) for i in range(4)]
+    steps[1]["w"][0, 0] = math.inf
+    for grads in steps:
+        a_s = compiled(_clone(grads), a_s, a_p)
+        b_s = gc.update_and_apply_(tx, _clone(grads), b_s, b_p)
+    _assert_runs_agree((a_p, a_s), (b_p, b_s))
+    assert ptrs == [x.data_ptr() for x in _leaves(a_s)
+                    if isinstance(x, torch.Tensor) and x.numel() > 1]
+
+
 # --------------------------------------------------------------------------- errors
 def test_bad_input_raises_before_anything_changes() -> None:
     params = _params()

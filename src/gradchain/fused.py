@@ -190,6 +190,24 @@ def _rule_step(
     return tuple(new_state)
 
 
+def _write_back(old: Any, new: Any) -> Any:
+    """Copy ``new``'s tensors into ``old``'s (same structure) where they fit; ``new``'s
+    tree with ``old``'s tensors in those places."""
+    old_leaves, spec = _tree.flatten(old)
+    new_leaves = spec.flatten_up_to(new)
+    out = []
+    for o, n in zip(old_leaves, new_leaves):
+        if (
+            isinstance(o, torch.Tensor) and isinstance(n, torch.Tensor) and o is not n
+            and o.shape == n.shape and o.dtype == n.dtype and o.device == n.device
+        ):
+            o.copy_(n)
+            out.append(o)
+        else:
+            out.append(n)
+    return _tree.unflatten(spec, out)
+
+
 def update_and_apply_(
     tx: GradientTransformation, grads: Any, state: Any, params: Any, **extra: Any
 ) -> Any:
@@ -258,6 +276,11 @@ def update_and_apply_(
     if plan is None:
         updates, new_state = tx.update(grads, state, params, donate=True, **extra)
         apply_updates_(params, updates)
+        if torch.compiler.is_compiling():
+            # Traced, donation is ignored and the new state is fresh tensors. Written back
+            # into the given-up state, inductor computes it in place (as for the params):
+            # no gradient-sized allocations per step.
+            return _write_back(state, new_state)
         return new_state
     levels, rule = plan
     host: Flag = True
