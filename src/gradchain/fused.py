@@ -79,6 +79,9 @@ def _fused_devices() -> frozenset[str]:
 
 
 _FUSED_DEVICES = _fused_devices()
+_TENSOR = frozenset({torch.Tensor})
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _plan(
@@ -113,28 +116,27 @@ def _plan(
             trees.append(_tree.flatten_like(spec, adam_state.nu_max, "nu_max", "params"))
     except (TypeError, ValueError):
         return None
-    # Metadata only, and cheap: this runs every step. grads' shapes were checked against
-    # the params by the caller.
-    keys: set[tuple[torch.device, torch.dtype]] = set()
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
-        if p is None or g is None:
-            continue
-        if type(p) is not torch.Tensor and type(p) is not torch.nn.Parameter:
-            return None  # subclasses (DTensor, ...) take the generic path
-        dtype, device, shape = p.dtype, p.device, p.shape
-        if type(g) is not torch.Tensor or g.dtype != dtype or g.device != device or wrapped(g):
+    # Metadata only, and cheap (whole-list comparisons): this runs every step. grads'
+    # shapes were checked against the params by the caller.
+    idx = [i for i, (p, g) in enumerate(zip(p_leaves, g_leaves)) if p is not None and g is not None]
+    ps = [p_leaves[i] for i in idx]
+    gs = [g_leaves[i] for i in idx]
+    if not {type(p) for p in ps} <= _PLAIN or not {type(g) for g in gs} <= _TENSOR:
+        return None  # subclasses (DTensor, ...) take the generic path
+    if {g.layout for g in gs} - {torch.strided} or any(map(_wrapped, gs)):
+        return None
+    dtypes = [p.dtype for p in ps]
+    devices = [p.device for p in ps]
+    if [g.dtype for g in gs] != dtypes or [g.device for g in gs] != devices:
+        return None
+    shapes = [p.shape for p in ps]
+    for t in trees:
+        xs = [t[i] for i in idx]
+        if not {type(x) for x in xs} <= _TENSOR or [x.dtype for x in xs] != dtypes:
             return None
-        if g.layout != torch.strided:
+        if [x.shape for x in xs] != shapes or [x.device for x in xs] != devices:
             return None
-        for t in trees:
-            x = t[i]
-            if type(x) is not torch.Tensor or x.dtype != dtype or x.shape != shape:
-                return None
-            if x.device != device:
-                return None
-        keys.add((device, dtype))
-    for device, dtype in keys:
+    for device, dtype in set(zip(devices, dtypes)):
         if not dtype.is_floating_point or device.type not in _FUSED_DEVICES:
             return None
     if not torch.is_tensor(adam_state.count):
