@@ -229,3 +229,24 @@ def test_a_member_after_an_unaware_one_gets_nothing_it_could_corrupt(donate: Any
         remembered = state[1]["w"] if len(state) == 3 else state[1][0]["w"]
         assert torch.equal(remembered, torch.tensor([0.3, 0.4]))
         assert torch.equal(out["w"], torch.tensor([-0.15, -0.2]))
+
+
+@pytest.mark.parametrize("init_scale", [2.0**16, 3.0, 0.5])
+def test_donated_loss_scale_one_pass_unscale_matches_the_pure_call(init_scale: float) -> None:
+    """Donated float32 on CPU, the unscale and the finiteness check are one kernel pass
+    when the inverse scale is at most 1; below a scale of 1 a finite gradient can overflow
+    when unscaled, and the step must still be skipped exactly as in the pure call."""
+    tx = gc.loss_scale(init_scale=init_scale, growth_interval=1)
+    params = {"w": torch.zeros(6), "b": torch.zeros(3)}
+    steps = [
+        {"w": torch.linspace(-3, 3, 6) * init_scale, "b": torch.ones(3)},
+        {"w": torch.full((6,), 3e38), "b": torch.ones(3)},  # overflows when scale < 1
+        {"w": torch.tensor([1.0, math.nan, 0, 0, 0, 0]), "b": torch.ones(3)},
+        {"w": torch.ones(6), "b": torch.full((3,), 7.0)},
+    ]
+    pure_s, don_s = tx.init(params), tx.init(params)
+    for grads in steps:
+        pure_u, pure_s = tx.update(grads, pure_s)
+        don_u, don_s = tx.update(_clone(grads), don_s, donate=True)
+        assert _same(pure_u, don_u) and _same(pure_s, don_s)
+        assert all(bool(torch.isfinite(u).all()) for u in don_u.values())

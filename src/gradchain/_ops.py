@@ -164,6 +164,28 @@ def zeros_view(xs: list[torch.Tensor]) -> TList:
     return out
 
 
+def unscale_check_(xs: list[torch.Tensor], inv: torch.Tensor) -> torch.Tensor | None:
+    """Multiply float32 ``xs`` by ``inv`` in place and return whether they were all finite,
+    in one pass (``GradScaler.unscale_``'s kernel); ``None`` (nothing done) where that does
+    not give exactly ``all_finite(xs * inv)``.
+
+    The kernel checks the values before the multiply; after it they can only overflow when
+    ``inv > 1``, so it is used for an inverse scale known (on the host, for free) to be
+    at most 1, on CPU tensors that foreach kernels serve.
+    """
+    if (
+        not _HAS_AMP_CHECK or not xs or torch.compiler.is_compiling() or not _fe(xs)
+        or inv.device.type != "cpu" or any(x.device.type != "cpu" for x in xs)
+        or any(x.dtype != torch.float32 for x in xs)
+    ):
+        return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(inv) or not bool(inv <= 1.0):
+        return None
+    found = torch.zeros((), dtype=torch.float32)
+    torch._amp_foreach_non_finite_check_and_unscale_(xs, found, inv.to(torch.float32))
+    return found == 0
+
+
 def all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
     """A 0-dim bool tensor: no nan/inf anywhere in ``xs`` (``True`` for an empty list).
 

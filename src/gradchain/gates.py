@@ -531,8 +531,13 @@ def loss_scale(
         gs = view.values
         scale = state.scale
         inv = torch.reciprocal(scale.double()).float()
-        unscaled = _unscale(gs, inv, donated)
-        finite = _ops.all_finite(unscaled).to(scale.device)
+        checked = _ops.unscale_check_(gs, inv) if donated else None
+        if checked is not None:
+            # Donated float32 on CPU: unscaled in place and checked in one pass.
+            unscaled, finite = gs, checked.to(scale.device)
+        else:
+            unscaled = _unscale(gs, inv, donated)
+            finite = _ops.all_finite(unscaled).to(scale.device)
         if dynamic:
             successful = _saturating_increment(state.growth_tracker)
             grow = torch.logical_and(finite, successful >= growth_interval)
