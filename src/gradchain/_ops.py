@@ -165,6 +165,10 @@ def zeros_view(xs: list[torch.Tensor], donated: bool = False) -> TList:
     out: list[torch.Tensor | None] = [None] * len(xs)
     small: list[int] = []
     for i, x in enumerate(xs):
+        if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
+            # A subclass (DTensor: sharded, with placements) keeps its type: real zeros.
+            out[i] = torch.zeros_like(x)
+            continue
         if donated and x.numel() < _VIEW_MIN_NUMEL:
             small.append(i)
             continue

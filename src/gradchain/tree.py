@@ -526,12 +526,19 @@ class Leaves:
         self.leaves, self.spec = flatten(updates)
         self.index = [i for i, g in enumerate(self.leaves) if g is not None]
         self.values: list[torch.Tensor] = [self.leaves[i] for i in self.index]
-        # Metadata only (no device read, traceable): a few hundred ns per leaf.
-        for i, g in zip(self.index, self.values):
-            if not (
-                isinstance(g, torch.Tensor) and g.is_floating_point() and g.layout is _STRIDED
-            ):
-                raise _bad_update(self.spec, i, g)
+        # Metadata only (no device read, traceable). Whole-list checks first (cheap); the
+        # leaf-by-leaf loop only runs to name the first bad leaf.
+        values = self.values
+        if not (
+            {type(g) for g in values} <= _PLAIN
+            and all(map(torch.is_floating_point, values))
+            and {g.layout for g in values} <= _STRIDED_ONLY
+        ):
+            for i, g in zip(self.index, values):
+                if not (
+                    isinstance(g, torch.Tensor) and g.is_floating_point() and g.layout is _STRIDED
+                ):
+                    raise _bad_update(self.spec, i, g)
 
     def take(
         self, tree: Any, name: str = "state", *, check: bool = True, dtype: bool = True
@@ -549,7 +556,7 @@ class Leaves:
         """
         leaves = flatten_like(self.spec, tree, name, "the updates")
         taken = [leaves[i] for i in self.index]
-        if check:
+        if check and not self._fits(taken, dtype):
             for k, (g, s) in enumerate(zip(self.values, taken)):
                 if not (
                     isinstance(s, torch.Tensor)
@@ -559,6 +566,17 @@ class Leaves:
                 ):
                     raise _misfit(self.spec, self.index[k], g, s, name)
         return taken
+
+    def _fits(self, taken: list[Any], dtype: bool) -> bool:
+        """The common case of :meth:`take`'s check, by whole-list comparisons: plain
+        tensors of the gradients' shapes, devices and (with ``dtype``) exact dtypes."""
+        values = self.values
+        return (
+            {type(s) for s in taken} <= _PLAIN
+            and [s.shape for s in taken] == [g.shape for g in values]
+            and (not dtype or [s.dtype for s in taken] == [g.dtype for g in values])
+            and [s.device for s in taken] == [g.device for g in values]
+        )
 
     def take_all(self, tree: Any, name: str = "params") -> list[Any]:
         """All leaves of ``tree`` (same structure as the updates), ``None`` included."""
@@ -578,6 +596,8 @@ class Leaves:
 
 
 _STRIDED = torch.strided
+_STRIDED_ONLY = frozenset({torch.strided})
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
 _HOLDS: dict[tuple[torch.dtype, torch.dtype], bool] = {}
 
 
