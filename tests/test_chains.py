@@ -132,3 +132,14 @@ def test_adapter_overhead_benchmark_smoke() -> None:
     out = run("benchmarks/adapter_overhead.py", "--smoke")
     assert "smoke run" in out
     assert re.search(r"smoke 6 x 16\s+[\d.]+\s+[\d.]+\s+[\d.]+", out), out
+
+
+def test_speed_benchmark_smoke() -> None:
+    """Every row of the speed table runs (tiny set, one round; no timing claims)."""
+    out = run("benchmarks/speed.py", "--smoke")
+    assert "smoke run" in out
+    for row in ("1 clip_by_norm", "1' clip_by_norm donated", "2 clip+adamw pure",
+                "3 clip+adamw donated", "3 clip+adamw fused", "4 ChainedOptimizer",
+                "4' ChainedOptimizer", "5 accumulate micro-step", "5' accumulate micro-step",
+                "6 loss_scale", "6 loss_scale donated"):
+        assert re.search(rf"tiny\s+{re.escape(row)}\s+[\d.]+\s+[\d.]+\s+[\d.]+", out), row
