@@ -210,6 +210,7 @@ def _write_back(old: Any, new: Any) -> Any:
     return _tree.unflatten(spec, out)
 
 
+@torch.no_grad()
 def update_and_apply_(
     tx: GradientTransformation, grads: Any, state: Any, params: Any, **extra: Any
 ) -> Any:
@@ -223,6 +224,7 @@ def update_and_apply_(
     and returns the new state. ``grads`` and ``state`` are given up (as with
     ``donate=True``: their memory may be reused, use only the returned state), and
     ``params`` (live tensors, e.g. ``dict(model.named_parameters())``) are updated in place.
+    It runs under ``torch.no_grad()`` (an optimizer step, not recorded by autograd).
 
     **Fused.** When ``tx`` is :func:`~gradchain.adam` or :func:`~gradchain.adamw`, or a chain
     ending in one, that rule and the application run as torch's fused kernel
