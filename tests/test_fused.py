@@ -47,7 +47,7 @@ def _leaves(tree: Any) -> list[Any]:
 def _kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record calls of torch's fused kernels made by gradchain.fused."""
     calls: list[str] = []
-    for name in ("_fused_adam_", "_fused_adamw_"):
+    for name in ("_fused_adam_", "_fused_adamw_", "_fused_sgd_"):
         real = getattr(torch, name)
 
         def spy(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
@@ -96,6 +96,41 @@ def test_fused_step_equals_torch_fused_optimizer_bit_for_bit(
         assert torch.equal(adam_state.nu[name], t_state["exp_avg_sq"]), name
     assert int(adam_state.count) == 6
     assert calls == [f"_fused_{kind}_"] * 6
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"momentum": 0.9},
+        {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+        {"momentum": 0.8, "dampening": 0.3, "maximize": True},
+        {"weight_decay": 0.1, "maximize": True},
+    ],
+)
+def test_fused_sgd_equals_torch_fused_sgd_bit_for_bit(
+    kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _kernel_calls(monkeypatch)
+    params = _params()
+    t_params = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    opt = torch.optim.SGD(t_params, lr=0.05, fused=True, **kwargs)
+    tx = gc.chain(gc.clip_by_norm(1.0), gc.sgd(0.05, **kwargs))
+    live = {k: torch.nn.Parameter(p.clone()) for k, p in params.items()}
+    state = tx.init(live)
+    for step in range(5):
+        grads = _grads(step, params)
+        for p, g in zip(t_params, grads.values()):
+            p.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(t_params, 1.0, foreach=True)
+        opt.step()
+        state = gc.update_and_apply_(tx, _clone(grads), state, live)
+    for (name, p), t in zip(live.items(), t_params):
+        assert torch.equal(p.detach(), t.detach()), name
+        if kwargs.get("momentum"):
+            assert torch.equal(gc.tree_get(state, gc.TraceState).trace[name],
+                               opt.state[t]["momentum_buffer"]), name
+    assert calls == ["_fused_sgd_"] * 5
 
 
 def test_fused_step_close_to_the_unfused_path_and_same_state_layout() -> None:
@@ -292,3 +327,17 @@ def test_bad_input_raises_before_anything_changes() -> None:
         gc.update_and_apply_(tx, {"w": grads["w"]}, state, params)
     for x, y in zip(_leaves((params, state)), _leaves((before_p, before_s))):
         assert torch.equal(x, y)
+
+
+def test_gated_sgd_agrees_with_the_unfused_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _kernel_calls(monkeypatch)
+    params = _params()
+    steps = [_grads(i, params) for i in range(8)]
+    steps[3]["e"][2] = math.nan
+    tx = gc.chain(gc.skip_if_nonfinite(), gc.accumulate_every(2),
+                  gc.sgd(gc.constant_schedule(0.1), momentum=0.9, dampening=0.2))
+    fused_run = _fused_run(tx, params, steps)
+    ref = _unfused_run(tx, params, steps)
+    _assert_runs_agree(fused_run, ref)
+    # a window with a dropped micro-step still applies (the mean of the rest)
+    assert len(calls) == int(gc.tree_get(ref[1], gc.TraceState).count) == 4

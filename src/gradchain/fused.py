@@ -1,8 +1,9 @@
-"""Update and apply in one call, with torch's fused Adam/AdamW kernels where they fit.
+"""Update and apply in one call, with torch's fused SGD/Adam/AdamW kernels where they fit.
 
 :func:`update_and_apply_` is the in-place training step: ``tx.update(grads, state, params,
 donate=True)`` followed by :func:`~gradchain.apply_updates_`. When the chain ends in
-:func:`~gradchain.adam` or :func:`~gradchain.adamw`, that last rule and the application
+:func:`~gradchain.sgd`, :func:`~gradchain.adam` or :func:`~gradchain.adamw`, that last
+rule and the application
 to the params run as one pass of torch's fused kernel (the one
 ``torch.optim.AdamW(fused=True)`` runs), instead of a dozen ``torch._foreach_*`` passes.
 Everything before it (clipping, gates, your own transformations) runs as usual.
@@ -33,30 +34,34 @@ from gradchain.base import (
 __all__ = ["update_and_apply_"]
 
 
-class _AdamRule(NamedTuple):
-    """What the fused kernel needs to know about an ``adam``/``adamw`` chain."""
+class _Rule(NamedTuple):
+    """What a fused kernel needs to know about an ``sgd``/``adam``/``adamw`` chain."""
 
-    decoupled: bool  # adamw (decay on the params) vs adam (L2 added to the gradient)
-    b1: float
-    b2: float
-    eps: float
-    weight_decay: float
-    amsgrad: bool
-    maximize: bool
+    kind: str  # "adam" (L2 added to the gradient), "adamw" (decay on the params), "sgd"
     lr: Any  # float, 1-element tensor, or schedule of the count
-    adam_at: int  # index of the ScaleByAdamState in the chain's state
+    state_at: int | None  # index of the ScaleByAdamState / TraceState; None: plain sgd
     lr_at: int | None  # index of the ScaleByScheduleState; None for a constant lr
     size: int  # number of members of the chain
+    weight_decay: float = 0.0
+    maximize: bool = False
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    amsgrad: bool = False
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
 
 
-_RULES: weakref.WeakKeyDictionary[Callable[..., Any], _AdamRule] = weakref.WeakKeyDictionary()
+_RULES: weakref.WeakKeyDictionary[Callable[..., Any], _Rule] = weakref.WeakKeyDictionary()
 _HEADS: weakref.WeakKeyDictionary[Callable[..., Any], GradientTransformation] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _register_adam(tx: GradientTransformation, rule: _AdamRule) -> GradientTransformation:
-    """Record that ``tx`` (built by ``adam``/``adamw``) can run as torch's fused kernel."""
+def _register(tx: GradientTransformation, rule: _Rule) -> GradientTransformation:
+    """Record that ``tx`` (built by ``sgd``/``adam``/``adamw``) can run as torch's fused
+    kernel."""
     _RULES[tx.update] = rule
     return tx
 
@@ -86,7 +91,7 @@ _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 def _plan(
     tx: GradientTransformation, state: Any, spec: Any, p_leaves: list[Any], g_leaves: list[Any]
-) -> tuple[list[tuple[GradientTransformation, Any]], _AdamRule] | None:
+) -> tuple[list[tuple[GradientTransformation, Any]], _Rule] | None:
     """The chain levels down to a fusable rule, or ``None`` when the fused kernel does not
     fit (the caller then takes the generic path, which also raises the precise errors for
     malformed input). Reads metadata only; touches nothing."""
@@ -104,16 +109,18 @@ def _plan(
         tx, state = members[-1], state[-1]
     if not isinstance(state, tuple) or len(state) != rule.size:
         return None
-    adam_state = state[rule.adam_at]
-    if type(adam_state).__name__ != "ScaleByAdamState":
-        return None
     if rule.lr_at is not None and type(state[rule.lr_at]).__name__ != "ScaleByScheduleState":
         return None
+    if rule.state_at is not None:
+        expected = "TraceState" if rule.kind == "sgd" else "ScaleByAdamState"
+        if type(state[rule.state_at]).__name__ != expected:
+            return None
+        if not torch.is_tensor(state[rule.state_at].count):
+            return None
+        if rule.kind == "sgd" and rule.dampening != 0 and _first_step(state[rule.state_at]) is None:
+            return None  # whether this is the first step is device data: not fused
     try:
-        trees = [_tree.flatten_like(spec, adam_state.mu, "mu", "params"),
-                 _tree.flatten_like(spec, adam_state.nu, "nu", "params")]
-        if rule.amsgrad:
-            trees.append(_tree.flatten_like(spec, adam_state.nu_max, "nu_max", "params"))
+        trees = _buffers(rule, state, spec)
     except (TypeError, ValueError):
         return None
     # Metadata only, and cheap (whole-list comparisons): this runs every step. grads'
@@ -139,13 +146,31 @@ def _plan(
     for device, dtype in set(zip(devices, dtypes)):
         if not dtype.is_floating_point or device.type not in _FUSED_DEVICES:
             return None
-    if not torch.is_tensor(adam_state.count):
-        return None
     return levels, rule
 
 
+def _buffers(rule: _Rule, state: tuple[Any, ...], spec: Any) -> list[list[Any]]:
+    """The rule's per-parameter state, as leaf lists aligned with the params."""
+    if rule.state_at is None:
+        return []
+    st = state[rule.state_at]
+    if rule.kind == "sgd":
+        return [_tree.flatten_like(spec, st.trace, "trace", "params")]
+    trees = [_tree.flatten_like(spec, st.mu, "mu", "params"),
+             _tree.flatten_like(spec, st.nu, "nu", "params")]
+    if rule.amsgrad:
+        trees.append(_tree.flatten_like(spec, st.nu_max, "nu_max", "params"))
+    return trees
+
+
+def _first_step(trace_state: Any) -> bool | None:
+    """Whether the momentum buffers are still to be started (torch's ``is_first_step``),
+    where that is known without a host-device sync."""
+    return _known_bool(trace_state.count == 0)
+
+
 def _rule_step(
-    rule: _AdamRule, state: tuple[Any, ...], spec: Any, p_leaves: list[Any], updates: Any,
+    rule: _Rule, state: tuple[Any, ...], spec: Any, p_leaves: list[Any], updates: Any,
     flag: Flag,
 ) -> tuple[Any, ...]:
     """Run the rule and the application as torch's fused kernel; returns the rule's new
@@ -153,42 +178,54 @@ def _rule_step(
     from gradchain.optimizers import _next_count
 
     g_leaves = _tree.flatten_like(spec, updates, "updates", "params")
-    adam_state = state[rule.adam_at]
-    mus = _tree.flatten_like(spec, adam_state.mu, "mu", "params")
-    nus = _tree.flatten_like(spec, adam_state.nu, "nu", "params")
-    maxs = _tree.flatten_like(spec, adam_state.nu_max, "nu_max", "params") if rule.amsgrad else None
-    count = _next_count(adam_state.count)
+    trees = _buffers(rule, state, spec)
     new_state = list(state)
+    keep = None if flag is True else _as_tensor(flag)
+
+    def advance(count: torch.Tensor) -> torch.Tensor:
+        new = _next_count(count)
+        return new if keep is None else torch.where(keep.to(new.device), new, count)
+
     if rule.lr_at is None:
         lr = rule.lr
     else:
         sched = state[rule.lr_at]
         lr = rule.lr(sched.count)
-        new_sched = _next_count(sched.count)
-        if flag is not True:
-            new_sched = torch.where(_as_tensor(flag).to(new_sched.device), new_sched, sched.count)
-        new_state[rule.lr_at] = sched._replace(count=new_sched)
+        new_state[rule.lr_at] = sched._replace(count=advance(sched.count))
     rows = [
-        (p, g, m, v, maxs[i] if maxs is not None else None)
-        for i, (p, g, m, v) in enumerate(zip(p_leaves, g_leaves, mus, nus))
+        (p, g, *(t[i] for t in trees))
+        for i, (p, g) in enumerate(zip(p_leaves, g_leaves))
         if p is not None and g is not None
     ]
-    kernel = torch._fused_adamw_ if rule.decoupled else torch._fused_adam_
-    step = count.to(torch.float32)
+    st = state[rule.state_at] if rule.state_at is not None else None
     with torch.no_grad():
-        for ps, gs, ms, vs, xs in _tree.group_by_device_dtype(rows):
+        for cols in _tree.group_by_device_dtype(rows):
+            ps, gs = cols[0], cols[1]
             device = ps[0].device
-            found_inf = None if flag is True else (~_as_tensor(flag)).to(device, torch.float32)
-            kernel(
-                ps, gs, ms, vs, xs if rule.amsgrad else [], [step.to(device)] * len(ps),
-                lr=lr.to(device) if isinstance(lr, torch.Tensor) else float(lr),
-                beta1=rule.b1, beta2=rule.b2, weight_decay=rule.weight_decay, eps=rule.eps,
-                amsgrad=rule.amsgrad, maximize=rule.maximize, found_inf=found_inf,
-            )
-    if flag is not True:
-        count = torch.where(_as_tensor(flag).to(count.device), count, adam_state.count)
-    # The moments were updated in place: the new state holds the same tensors.
-    new_state[rule.adam_at] = adam_state._replace(count=count)
+            found_inf = None if keep is None else (~keep).to(device, torch.float32)
+            lr_arg = lr.to(device) if isinstance(lr, torch.Tensor) else float(lr)
+            if rule.kind == "sgd":
+                torch._fused_sgd_(
+                    ps, gs, cols[2] if st is not None else [],
+                    weight_decay=rule.weight_decay, momentum=rule.momentum, lr=lr_arg,
+                    dampening=rule.dampening, nesterov=rule.nesterov, maximize=rule.maximize,
+                    # From zero buffers without dampening the first step is the same sum.
+                    is_first_step=bool(rule.dampening != 0 and _first_step(st)),
+                    found_inf=found_inf,
+                )
+            else:
+                assert st is not None
+                step = _next_count(st.count).to(device, torch.float32)
+                kernel = torch._fused_adamw_ if rule.kind == "adamw" else torch._fused_adam_
+                kernel(
+                    ps, gs, cols[2], cols[3], cols[4] if rule.amsgrad else [],
+                    [step] * len(ps), lr=lr_arg, beta1=rule.b1, beta2=rule.b2,
+                    weight_decay=rule.weight_decay, eps=rule.eps, amsgrad=rule.amsgrad,
+                    maximize=rule.maximize, found_inf=found_inf,
+                )
+    if st is not None:
+        # The buffers were updated in place: the new state holds the same tensors.
+        new_state[rule.state_at] = st._replace(count=advance(st.count))  # type: ignore[index]
     return tuple(new_state)
 
 
@@ -226,10 +263,11 @@ def update_and_apply_(
     ``params`` (live tensors, e.g. ``dict(model.named_parameters())``) are updated in place.
     It runs under ``torch.no_grad()`` (an optimizer step, not recorded by autograd).
 
-    **Fused.** When ``tx`` is :func:`~gradchain.adam` or :func:`~gradchain.adamw`, or a chain
-    ending in one, that rule and the application run as torch's fused kernel
-    (``torch._fused_adam_`` / ``torch._fused_adamw_``, what ``torch.optim.Adam(fused=True)``
-    runs): one pass over params, gradients and moments instead of a dozen. Its results are
+    **Fused.** When ``tx`` is :func:`~gradchain.sgd`, :func:`~gradchain.adam` or
+    :func:`~gradchain.adamw`, or a chain ending in one, that rule and the application run as
+    torch's fused kernel (``torch._fused_sgd_`` / ``_fused_adam_`` / ``_fused_adamw_``, what
+    ``torch.optim.SGD/Adam/AdamW(fused=True)`` runs): one pass over params, gradients and
+    optimizer state instead of a dozen. Its results are
     those of the torch optimizer with ``fused=True`` on the same inputs (bit for bit; they
     differ from the unfused gradchain path by rounding only, within the float32 parity
     tolerance). Gates before the rule keep their meaning: a step a gate closes leaves the
@@ -237,8 +275,9 @@ def update_and_apply_(
     data-dependent flag on an accelerator is passed to the kernel as ``found_inf``, no
     sync). The kernel is used when every leaf's param, gradient and moments are plain
     tensors of one floating dtype on a device torch has the fused kernels for (CPU, CUDA,
-    …); otherwise, and under ``torch.compile``, the call takes the unfused path above, with
-    the same meaning.
+    …) (and, for ``sgd`` with ``dampening``, where its first step is known without a sync:
+    CPU state); otherwise, and under ``torch.compile``, the call takes the unfused path
+    above, with the same meaning.
 
     Args:
         tx: the transformation (usually a chain).

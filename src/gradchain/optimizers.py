@@ -719,10 +719,14 @@ def sgd(
         txs.append(scale(-1.0))
     if weight_decay != 0:
         txs.append(add_decayed_weights(weight_decay))
+    trace_at = None
     if momentum != 0:
+        trace_at = len(txs)
         txs.append(trace(momentum, dampening, nesterov))
     txs.append(scale_by_learning_rate(lr))
-    return chain(*txs)
+    return _fusable(txs, "sgd", lr, trace_at, weight_decay=weight_decay, maximize=maximize,
+                    momentum=momentum, dampening=float(dampening) if momentum != 0 else 0.0,
+                    nesterov=nesterov)
 
 
 def adam(
@@ -785,7 +789,8 @@ def adam(
     adam_at = len(txs)
     txs.append(scale_by_adam(b1, b2, eps, amsgrad))
     txs.append(scale_by_learning_rate(lr))
-    return _fusable(txs, False, b1, b2, eps, weight_decay, amsgrad, maximize, lr, adam_at)
+    return _fusable(txs, "adam", lr, adam_at, b1=b1, b2=b2, eps=eps,
+                    weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
 
 
 def adamw(
@@ -853,21 +858,19 @@ def adamw(
     if weight_decay != 0:
         txs.append(add_decayed_weights(weight_decay))
     txs.append(scale_by_learning_rate(lr))
-    return _fusable(txs, True, b1, b2, eps, weight_decay, amsgrad, maximize, lr, adam_at)
+    return _fusable(txs, "adamw", lr, adam_at, b1=b1, b2=b2, eps=eps,
+                    weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+
 
 
 def _fusable(
-    txs: list[GradientTransformation], decoupled: bool, b1: float, b2: float, eps: float,
-    weight_decay: float, amsgrad: bool, maximize: bool, lr: ScalarOrSchedule, adam_at: int,
+    txs: list[GradientTransformation], kind: str, lr: ScalarOrSchedule, state_at: int | None,
+    **hyper: Any,
 ) -> GradientTransformation:
     """``chain(*txs)``, recorded as runnable by torch's fused kernel in
     :func:`~gradchain.update_and_apply_`."""
-    from gradchain.fused import _AdamRule, _register_adam
+    from gradchain.fused import _register, _Rule
 
-    tx = chain(*txs)
-    rule = _AdamRule(
-        decoupled=decoupled, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-        amsgrad=amsgrad, maximize=maximize, lr=lr, adam_at=adam_at,
-        lr_at=len(txs) - 1 if _is_schedule(lr) else None, size=len(txs),
-    )
-    return _register_adam(tx, rule)
+    rule = _Rule(kind=kind, lr=lr, state_at=state_at,
+                 lr_at=len(txs) - 1 if _is_schedule(lr) else None, size=len(txs), **hyper)
+    return _register(chain(*txs), rule)
