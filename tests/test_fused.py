@@ -60,6 +60,29 @@ def _kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 # --------------------------------------------------------------------------- torch parity
+def _lockstep(opt_cls: Any, rule: gc.GradientTransformation, steps: int, **kwargs: Any) -> tuple[
+    dict[str, torch.nn.Parameter], list[torch.nn.Parameter], Any, torch.optim.Optimizer
+]:
+    """clip + ``opt_cls(fused=True)`` and ``update_and_apply_(chain(clip, rule))`` on the
+    same gradients; returns (our params, torch's params, our state, torch's optimizer)."""
+    params = _params()
+    t_params = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    opt = opt_cls(t_params, fused=True, **kwargs)
+    tx = gc.chain(gc.clip_by_norm(1.0), rule)
+    live = {k: torch.nn.Parameter(p.clone()) for k, p in params.items()}
+    state = tx.init(live)
+    for step in range(steps):
+        grads = _grads(step, params)
+        for p, g in zip(t_params, grads.values()):
+            p.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(t_params, 1.0, foreach=True)
+        opt.step()
+        state = gc.update_and_apply_(tx, _clone(grads), state, live)
+    for (name, p), t in zip(live.items(), t_params):
+        assert torch.equal(p.detach(), t.detach()), name
+    return live, t_params, state, opt
+
+
 @pytest.mark.parametrize(
     "kind, kwargs",
     [
@@ -74,26 +97,13 @@ def test_fused_step_equals_torch_fused_optimizer_bit_for_bit(
     kind: str, kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = _kernel_calls(monkeypatch)
-    params = _params()
-    t_params = [torch.nn.Parameter(p.clone()) for p in params.values()]
     t_cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
-    opt = t_cls(t_params, lr=1e-2, fused=True, **kwargs)
-    tx = gc.chain(gc.clip_by_norm(1.0), getattr(gc, kind)(1e-2, **kwargs))
-    live = {k: torch.nn.Parameter(p.clone()) for k, p in params.items()}
-    state = tx.init(live)
-    for step in range(6):
-        grads = _grads(step, params)
-        for p, g in zip(t_params, grads.values()):
-            p.grad = g.clone()
-        torch.nn.utils.clip_grad_norm_(t_params, 1.0, foreach=True)
-        opt.step()
-        state = gc.update_and_apply_(tx, _clone(grads), state, live)
-    for (name, p), t in zip(live.items(), t_params):
-        assert torch.equal(p.detach(), t.detach()), name
-        t_state = opt.state[t]
-        adam_state = gc.tree_get(state, gc.ScaleByAdamState)
-        assert torch.equal(adam_state.mu[name], t_state["exp_avg"]), name
-        assert torch.equal(adam_state.nu[name], t_state["exp_avg_sq"]), name
+    live, t_params, state, opt = _lockstep(t_cls, getattr(gc, kind)(1e-2, **kwargs), 6,
+                                           lr=1e-2, **kwargs)
+    adam_state = gc.tree_get(state, gc.ScaleByAdamState)
+    for name, t in zip(live, t_params):
+        assert torch.equal(adam_state.mu[name], opt.state[t]["exp_avg"]), name
+        assert torch.equal(adam_state.nu[name], opt.state[t]["exp_avg_sq"]), name
     assert int(adam_state.count) == 6
     assert calls == [f"_fused_{kind}_"] * 6
 
@@ -112,22 +122,10 @@ def test_fused_sgd_equals_torch_fused_sgd_bit_for_bit(
     kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = _kernel_calls(monkeypatch)
-    params = _params()
-    t_params = [torch.nn.Parameter(p.clone()) for p in params.values()]
-    opt = torch.optim.SGD(t_params, lr=0.05, fused=True, **kwargs)
-    tx = gc.chain(gc.clip_by_norm(1.0), gc.sgd(0.05, **kwargs))
-    live = {k: torch.nn.Parameter(p.clone()) for k, p in params.items()}
-    state = tx.init(live)
-    for step in range(5):
-        grads = _grads(step, params)
-        for p, g in zip(t_params, grads.values()):
-            p.grad = g.clone()
-        torch.nn.utils.clip_grad_norm_(t_params, 1.0, foreach=True)
-        opt.step()
-        state = gc.update_and_apply_(tx, _clone(grads), state, live)
-    for (name, p), t in zip(live.items(), t_params):
-        assert torch.equal(p.detach(), t.detach()), name
-        if kwargs.get("momentum"):
+    live, t_params, state, opt = _lockstep(torch.optim.SGD, gc.sgd(0.05, **kwargs), 5,
+                                           lr=0.05, **kwargs)
+    if kwargs.get("momentum"):
+        for name, t in zip(live, t_params):
             assert torch.equal(gc.tree_get(state, gc.TraceState).trace[name],
                                opt.state[t]["momentum_buffer"]), name
     assert calls == ["_fused_sgd_"] * 5

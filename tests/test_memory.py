@@ -10,7 +10,9 @@ allocation events:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optree
@@ -18,6 +20,9 @@ import pytest
 import torch
 
 import gradchain as gc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from speed import peak_extra_bytes  # noqa: E402
 
 # Large enough that 0-dim scalars, norms per leaf and Python objects are noise next to one
 # gradient-sized buffer (4 leaves, 1 MiB of float32 in all).
@@ -40,20 +45,10 @@ GRAD_BYTES = sum(4 * torch.Size(s).numel() for s in SHAPES.values())
 
 def _peak_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, Any]:
     """Peak of (allocated - freed) CPU bytes while ``fn(*args, **kwargs)`` runs, and its
-    result."""
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        out = fn(*args, **kwargs)
-    deltas = sorted(
-        (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-        for e in prof.events()
-    )
-    level = peak = 0
-    for _, delta in deltas:
-        level += delta
-        peak = max(peak, level)
-    return peak, out
+    result; the measure of the benchmark's "peak MB" column (``benchmarks/speed.py``)."""
+    box: list[Any] = []
+    peak = peak_extra_bytes(lambda: box.append(fn(*args, **kwargs)))
+    return peak, box[0]
 
 
 def _storages(tree: Any) -> set[int]:
