@@ -85,7 +85,7 @@ def _fused_devices() -> frozenset[str]:
 
 _FUSED_DEVICES = _fused_devices()
 _TENSOR = frozenset({torch.Tensor})
-_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
+_PLAIN = _tree._PLAIN  # plain tensors and nn.Parameter, not subclasses (DTensor, ...)
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
