@@ -267,10 +267,9 @@ def update_and_apply_(
     :func:`~gradchain.adamw`, or a chain ending in one, that rule and the application run as
     torch's fused kernel (``torch._fused_sgd_`` / ``_fused_adam_`` / ``_fused_adamw_``, what
     ``torch.optim.SGD/Adam/AdamW(fused=True)`` runs): one pass over params, gradients and
-    optimizer state instead of a dozen. Its results are
-    those of the torch optimizer with ``fused=True`` on the same inputs (bit for bit; they
-    differ from the unfused gradchain path by rounding only, within the float32 parity
-    tolerance). Gates before the rule keep their meaning: a step a gate closes leaves the
+    optimizer state instead of a dozen. Its results are those of the torch optimizer with
+    ``fused=True`` on the same inputs (bit for bit; they differ from the unfused gradchain
+    path by rounding only, within the float32 parity tolerance). Gates before the rule keep their meaning: a step a gate closes leaves the
     params and the rule's state as they were (a closed window skips the kernel; a
     data-dependent flag on an accelerator is passed to the kernel as ``found_inf``, no
     sync). The kernel is used when every leaf's param, gradient and moments are plain
