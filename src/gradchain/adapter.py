@@ -159,8 +159,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
       before the call, and the exception propagates; ``step()`` can then be retried. The
       wrapped step updates the parameters and its state in place, so, to undo it, applied
       steps first copy the parameters and the optimizer's state tensors, one pass over that
-      memory (held-back steps copy nothing): on one CPU thread +28% on an Adam step and
-      +56% on an SGD-with-momentum step (42M parameters). On accelerators the copy is
+      memory (held-back steps copy nothing): on one CPU thread +28% on a foreach Adam step,
+      +56% on an SGD-with-momentum step and about +100% on a fused AdamW step (42M
+      parameters; see the Performance page). On accelerators the copy is
       transient; on CPU it goes into buffers kept between steps (a fresh large CPU
       allocation page-faults, which cost more than the copy). With a closure, gradients
       that already exist are copied too (a closure may zero or accumulate into them in
@@ -171,8 +172,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
       clips or unscales them in place as ``clip_grad_norm_`` and ``GradScaler.unscale_``
       do: after a step that raises or is refused, ``.grad`` holds unspecified values
       (call ``zero_grad()``). Parameters, wrapped state and transformation state are still
-      unchanged by failures and refusals before the wrapped step. ``clip_by_norm(error_if_nonfinite=True)``'s ``RuntimeError`` is a refusal,
-      like ``should_commit``: inside :meth:`no_sync` it also moves the window back into the
+      unchanged by failures and refusals before the wrapped step.
+      ``clip_by_norm(error_if_nonfinite=True)``'s ``RuntimeError`` is a refusal, like
+      ``should_commit``: inside :meth:`no_sync` it also moves the window back into the
       accumulator, so that ``zero_grad()`` and the next micro-batch carry on.
 
     Args:
