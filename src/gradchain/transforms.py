@@ -370,6 +370,11 @@ _MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
 _MIX2 = -7723592293110705685  # 0x94D049BB133111EB
 
 
+def _wrap(x: int) -> int:
+    """A Python int as the int64 it wraps to (mod 2**64, two's complement)."""
+    return (x + 2**63) % 2**64 - 2**63
+
+
 def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
     """Logical right shift of int64 ``x`` (torch's ``>>`` is arithmetic)."""
     return torch.bitwise_and(torch.bitwise_right_shift(x, k), (1 << (64 - k)) - 1)
@@ -460,7 +465,7 @@ def add_noise(eta: float, gamma: float, seed: int) -> GradientTransformation:
         step_key = _mix(_mix(state.seed) + count * _GOLDEN)
         out = []
         for i, g in zip(view.index, view.values):
-            key = _mix(step_key + (i + 1) * _MIX2)
+            key = _mix(step_key + _wrap((i + 1) * _MIX2))
             noise = _normal_like(g, key) * std.to(g.device)
             out.append((g.to(noise.dtype) + noise).to(g.dtype))
         return view.put(out), AddNoiseState(count=count, seed=state.seed)
@@ -871,7 +876,9 @@ def lookahead(
         sync_period: ``k``, fast steps between synchronizations (>= 1).
         slow_step_size: ``α``, how far the slow params move (in [0, 1]).
         reset_state: re-``init`` the fast optimizer's state after each synchronization
-            (with the params given to that step, as optax).
+            (with the params given to that step, as optax). The whole fast state is
+            reset, also the part that belongs to a param whose gradient is ``None`` on
+            that step.
 
     Returns:
         A :class:`~gradchain.GradientTransformation` with :class:`LookaheadState`.
