@@ -390,7 +390,9 @@ def _normal_like(g: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Standard normal noise shaped like ``g`` from the int64 0-dim ``key`` (Box-Muller on
     two splitmix64 outputs per element, 53-bit uniforms, computed in float64)."""
     idx = torch.arange(g.numel(), dtype=torch.int64, device=g.device).reshape(g.shape)
-    base = key.to(g.device) + (2 * idx + 1) * _GOLDEN
+    # The xor first: inductor folds constant arithmetic on an arange into an index
+    # expression, where a 64-bit overflow is an error rather than a wrap.
+    base = torch.bitwise_xor(2 * idx, key.to(g.device)) * _GOLDEN
     h1, h2 = _mix(base), _mix(base + _GOLDEN)
     dt = _scalar_dtype(g.device)
     scale = 2.0**-53
