@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import gradchain as gc
-from gradchain import fused
+from gradchain.optim._fused import fused_plan_of
 
 
 def _params(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -45,13 +45,13 @@ def _leaves(tree: Any) -> list[Any]:
 
 
 def _kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record calls of torch's fused kernels made by gradchain.fused."""
+    """Record calls of torch's fused kernels made by gradchain (the bindings in gradchain.optim)."""
     calls: list[str] = []
     for name in ("_fused_adam_", "_fused_adamw_", "_fused_sgd_"):
         real = getattr(torch, name)
 
         def spy(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
-            if sys._getframe(1).f_globals.get("__name__") == "gradchain.fused":
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("gradchain.optim"):
                 calls.append(_name)  # not torch.optim's own calls
             return _real(*args, **kwargs)
 
@@ -227,12 +227,16 @@ def test_kernel_skip_flag_path_keeps_everything() -> None:
     ``found_inf``; exercise that path on CPU by handing the rule a tensor flag."""
     params = _params()
     tx = gc.adamw(gc.constant_schedule(1e-2))
-    rule = fused._RULES[tx.update]
+    plan = fused_plan_of(tx)
+    assert plan is not None
     p_leaves, spec = optree.tree_flatten(params, none_is_leaf=True)
     for flag, moves in ((torch.tensor(False), False), (torch.tensor(True), True)):
         live = [p.clone() for p in p_leaves]
         state = tx.init(params)
-        new = fused._rule_step(rule, state, spec, live, _grads(0, params), flag)
+        g_leaves = spec.flatten_up_to(_grads(0, params))
+        step = plan(state, live, g_leaves, spec)
+        assert step is not None
+        new = step(g_leaves, flag)
         adam = new[0]
         assert int(adam.count) == int(moves) and int(new[-1].count) == int(moves)
         assert all(torch.equal(a, b) for a, b in zip(live, p_leaves)) is not moves
@@ -339,3 +343,48 @@ def test_gated_sgd_agrees_with_the_unfused_path(monkeypatch: pytest.MonkeyPatch)
     _assert_runs_agree(fused_run, ref)
     # a window with a dropped micro-step still applies (the mean of the rest)
     assert len(calls) == int(gc.tree_get(ref[1], gc.TraceState).count) == 4
+
+
+# --------------------------------------------------------------------------- param groups
+@pytest.mark.parametrize("clip", [False, True])
+def test_no_decay_partition_runs_fused_kernel_per_group(
+    clip: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """partition({decay: adamw(wd), no_decay: adamw(0)}) through update_and_apply_ is torch's
+    AdamW(fused=True) with two param groups, bit for bit, one kernel call per group."""
+    calls = _kernel_calls(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    ref.load_state_dict(model.state_dict())
+    # Keys in module order, so the global clip norm sums in torch's order.
+    params = dict(enumerate(model.parameters()))
+    ref_params = list(ref.parameters())
+    labels = {k: "decay" if p.ndim == 2 else "no_decay" for k, p in params.items()}
+    rule = gc.partition(
+        {"decay": gc.adamw(1e-2, weight_decay=0.1), "no_decay": gc.adamw(1e-2, weight_decay=0.0)},
+        labels,
+    )
+    tx = gc.chain(gc.clip_by_norm(1.0), rule) if clip else rule
+    state = tx.init({k: p.detach() for k, p in params.items()})
+    opt = torch.optim.AdamW(
+        [
+            {"params": [ref_params[k] for k in params if labels[k] == "decay"], "weight_decay": 0.1},
+            {"params": [ref_params[k] for k in params if labels[k] == "no_decay"],
+             "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+        fused=True,
+    )
+    for _ in range(10):
+        x = torch.randn(16, 4)
+        for module in (model, ref):
+            module.zero_grad()
+            module(x).pow(2).mean().backward()
+        state = gc.update_and_apply_(tx, {k: p.grad for k, p in params.items()}, state, params)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0, foreach=True)
+        opt.step()
+    assert calls == ["_fused_adamw_"] * 20
+    for k, p in params.items():
+        assert torch.equal(p, ref_params[k]), k

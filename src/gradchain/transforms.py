@@ -1,10 +1,13 @@
 """Generic processing transformations, with optax's names and semantics.
 
-``zero_nans``, ``ema`` (of the updates), ``centralize``, ``add_noise``, ``set_to_zero``,
-``freeze``, ``apply_every``, ``skip_large_updates`` (a gate), ``conditionally_mask``,
-``lookahead``, and ``param_ema`` (an average of the *parameters*, with :func:`ema_params`
-to read it). Each follows its optax namesake on the same inputs (tested in float64) unless
-its docstring says otherwise.
+Building blocks that update rules (:mod:`gradchain.optim`) and users' chains share:
+``scale``, ``scale_by_learning_rate``, ``add_decayed_weights``; and optax's processing
+transforms: ``zero_nans``, ``ema`` (of the updates), ``centralize``, ``add_noise``,
+``set_to_zero``, ``freeze``, ``apply_every``, ``skip_large_updates`` (a gate),
+``conditionally_mask``, ``lookahead``, and ``param_ema`` (an average of the *parameters*,
+with :func:`ema_params` to read it). Each of the latter follows its optax namesake on the
+same inputs (tested in float64) unless its docstring says otherwise. They output updates
+to be added to the params with :func:`~gradchain.apply_updates`.
 
 Shared conventions (as everywhere in gradchain): a ``None`` gradient passes through as
 ``None`` and the state that belongs to it does not advance; counters are int64 0-dim
@@ -22,21 +25,36 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gradchain import _ops
+from gradchain import _checks, _ops
+from gradchain._ops import (
+    acc_dtype,
+    first_device,
+    known_bool,
+    safe_increment,
+    scalar_dtype,
+    zero_count,
+)
+from gradchain._tree import Leaves, flatten, unflatten
 from gradchain.base import (
     EmptyState,
     GradientTransformation,
-    _expect_state,
-    _select_tree,
+    Params,
+    Updates,
     donation,
-    gate_state,
+    expect_state,
     identity,
-    mark_gate,
 )
-from gradchain.partition import masked
-from gradchain.tree import Leaves, _known_bool, flatten, global_norm, tree_get, unflatten
+from gradchain.combine import masked
+from gradchain.gating import gate_state, mark_gate, select_tree
+from gradchain.schedules import Schedule
+from gradchain.state import tree_get
 
 __all__ = [
+    "ScalarOrSchedule",
+    "ScaleByScheduleState",
+    "scale",
+    "scale_by_learning_rate",
+    "add_decayed_weights",
     "ZeroNansState",
     "zero_nans",
     "EmaState",
@@ -59,37 +77,195 @@ __all__ = [
     "ema_params",
 ]
 
-Params = Any
-Updates = Any
+ScalarOrSchedule = float | torch.Tensor | Schedule
+"""A hyperparameter given as a float, a 0-dim tensor, or a schedule of the update count."""
 TList = list[torch.Tensor]
-_INT64_MAX = torch.iinfo(torch.int64).max
 
 
-# --------------------------------------------------------------------------- helpers
-def _first_device(params: Params) -> torch.device:
-    for p in flatten(params)[0]:
-        if isinstance(p, torch.Tensor):
-            return p.device
-    return torch.device("cpu")
+# --------------------------------------------------------------------------- scale
+def scale(step_size: float | torch.Tensor) -> GradientTransformation:
+    """Multiply the updates by a constant.
+
+    .. math:: u \\leftarrow \\mathrm{step\\_size}\\cdot u
+
+    Args:
+        step_size: a float or a 1-element tensor (differentiable: gradients flow to it).
+
+    Returns:
+        A stateless :class:`~gradchain.GradientTransformation` (state ``EmptyState()``).
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.scale(-2.0)
+        >>> tx.update({"w": torch.tensor([1.0, 2.0]), "b": None}, tx.init(None))[0]
+        {'w': tensor([-2., -4.]), 'b': None}
+    """
+    factor = _checks.as_scalar(step_size, "step_size", "scale")
+    _checks.finite(factor, "step_size", "scale")
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(
+        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, EmptyState]:
+        del params
+        donated, _ = donation(extra, "scale")
+        view = Leaves(updates)
+        return view.put(_scaled(view.values, factor, donated)), state
+
+    return GradientTransformation(init, update)
 
 
-def _zero_count(params: Params) -> torch.Tensor:
-    return torch.zeros((), dtype=torch.int64, device=_first_device(params))
+def _scaled(gs: list[torch.Tensor], factor: float | torch.Tensor, donated: bool = False) -> TList:
+    """``factor * g`` leafwise, ``factor`` cast per (device, dtype) group; in the donated
+    ``gs``' memory when that gives the same values."""
+    mul = _ops.mul_ if donated and _ops.inplace_ok(gs) else _ops.mul
+    if not isinstance(factor, torch.Tensor):
+        return mul(gs, factor)
+    out: list[Any] = [None] * len(gs)
+    for idx in _ops.groups(gs):
+        group = _ops.pick(gs, idx)
+        _ops.scatter(out, idx, mul(group, _ops.scalar_for(factor, group[0])))
+    return out
 
 
-def _next_count(count: torch.Tensor) -> torch.Tensor:
-    """``count + 1``, saturating at the int64 maximum (no wrap to a negative count)."""
-    return torch.clamp(count, max=_INT64_MAX - 1) + 1
+# --------------------------------------------------------------------------- learning rate
+class ScaleByScheduleState(NamedTuple):
+    """State of :func:`scale_by_learning_rate` with a schedule.
+
+    Attributes:
+        count: int64 0-dim tensor, the number of updates already applied (the argument
+            of the schedule at the next update).
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> gc.scale_by_learning_rate(gc.constant_schedule(0.1)).init({"w": torch.zeros(1)})
+        ScaleByScheduleState(count=tensor(0))
+    """
+
+    count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def scale_by_learning_rate(
+    learning_rate: ScalarOrSchedule, flip_sign: bool = True
+) -> GradientTransformation:
+    """Multiply the updates by ``-learning_rate`` (by ``learning_rate`` if not ``flip_sign``).
+
+    .. math:: u \\leftarrow -\\eta_t\\, u, \\qquad \\eta_t = \\mathrm{lr}(t)
+              \\text{ for a schedule, else } \\eta
+
+    where ``t`` is the number of updates already applied (``0`` at the first update).
+
+    Args:
+        learning_rate: a float, a 1-element tensor (differentiable: gradients flow to it)
+            or a schedule, i.e. a callable of the int64 0-dim count tensor returning a
+            float or 0-dim tensor (see :mod:`gradchain.schedules`).
+        flip_sign: negate, so that the result is a descent step to add to the params.
+
+    Returns:
+        A :class:`~gradchain.GradientTransformation`; its state is
+        :class:`ScaleByScheduleState` for a schedule and ``EmptyState()`` otherwise.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.scale_by_learning_rate(gc.linear_schedule(1.0, 0.0, transition_steps=2))
+        >>> params = {"w": torch.zeros(1)}
+        >>> state = tx.init(params)
+        >>> for _ in range(3):
+        ...     updates, state = tx.update({"w": torch.ones(1)}, state, params)
+        ...     print(updates["w"])
+        tensor([-1.])
+        tensor([-0.5000])
+        tensor([-0.])
+    """
+    sign = -1.0 if flip_sign else 1.0
+    if _checks.is_schedule(learning_rate):
+        schedule: Callable[[torch.Tensor], Any] = learning_rate  # type: ignore[assignment]
+
+        def init_s(params: Params) -> ScaleByScheduleState:
+            return ScaleByScheduleState(count=_ops.zero_count(params))
+
+        def update_s(
+            updates: Updates,
+            state: ScaleByScheduleState,
+            params: Params | None = None,
+            **extra: Any,
+        ) -> tuple[Updates, ScaleByScheduleState]:
+            del params
+            expect_state(state, ScaleByScheduleState, "scale_by_learning_rate")
+            donated, _ = donation(extra, "scale_by_learning_rate")
+            lr = schedule(state.count)
+            factor = lr * sign if isinstance(lr, torch.Tensor) else float(lr) * sign
+            view = Leaves(updates)
+            out = _scaled(view.values, factor, donated)
+            return view.put(out), ScaleByScheduleState(count=_ops.safe_increment(state.count))
+
+        return GradientTransformation(init_s, update_s)
+
+    lr = _checks.as_scalar(learning_rate, "learning_rate", "scale_by_learning_rate")  # type: ignore[arg-type]
+    _checks.finite(lr, "learning_rate", "scale_by_learning_rate")
+    inner = scale(-lr if flip_sign else lr)
+    return GradientTransformation(inner.init, inner.update)
 
 
-def _scalar_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
+# --------------------------------------------------------------------------- weight decay
+def add_decayed_weights(weight_decay: float) -> GradientTransformation:
+    """Add ``weight_decay * params`` to the updates.
+
+    .. math:: u \\leftarrow u + \\lambda\\, p
+
+    Placed before an optimizer it is L2 regularisation (``torch.optim.Adam``'s
+    ``weight_decay``); placed after the direction and before
+    :func:`scale_by_learning_rate` it is decoupled weight decay (``AdamW``).
+
+    Args:
+        weight_decay: the factor :math:`\\lambda`.
+
+    Returns:
+        A stateless :class:`~gradchain.GradientTransformation`. Its ``update`` needs
+        ``params`` and raises ``ValueError`` without them.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.add_decayed_weights(0.1)
+        >>> params = {"w": torch.tensor([10.0, 20.0])}
+        >>> tx.update({"w": torch.ones(2)}, tx.init(params), params)[0]
+        {'w': tensor([2., 3.])}
+    """
+    fn = "add_decayed_weights"
+    weight_decay = _checks.as_float(weight_decay, "weight_decay", fn)
+    _checks.finite(weight_decay, "weight_decay", fn)
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(
+        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, EmptyState]:
+        donated, _ = donation(extra, fn)
+        view = Leaves(updates)
+        gs = view.values
+        if not gs:
+            # No gradient to decay (e.g. a partition member whose subset is empty: for a
+            # single-leaf tree its params are then ``None`` too).
+            return updates, state
+        if params is None:
+            raise ValueError(
+                f"{fn}: params is None; weight decay needs the parameters, call "
+                "tx.update(grads, state, params)"
+            )
+        ps = view.take(params, "params", dtype=False)
+        add = _ops.add_ if donated and _ops.inplace_ok(gs, ps) else _ops.add
+        out = _ops.cast(add(gs, ps, alpha=weight_decay), [g.dtype for g in gs])
+        return view.put(out), state
+
+    return GradientTransformation(init, update)
 
 
+# --------------------------------------------------------------------------- optax's processing: helpers
 def _copy_tree(params: Params, dtype: Callable[[torch.dtype], torch.dtype]) -> Params:
     """A detached copy of ``params`` (``None`` stays ``None``), leaf dtype mapped by ``dtype``."""
     leaves, spec = flatten(params)
@@ -184,7 +360,7 @@ def zero_nans() -> GradientTransformation:
         updates: Updates, state: ZeroNansState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, ZeroNansState]:
         del params
-        _expect_state(state, ZeroNansState, "zero_nans")
+        expect_state(state, ZeroNansState, "zero_nans")
         view = Leaves(updates)
         gs = view.values
         old = view.take(state.found_nan, "state.found_nan", check=False)
@@ -269,17 +445,17 @@ def ema(
         leaves, spec = flatten(params)
         out = [
             None if p is None else torch.zeros_like(
-                p, dtype=accumulator_dtype or _acc_dtype(p.dtype),
+                p, dtype=accumulator_dtype or acc_dtype(p.dtype),
                 memory_format=torch.preserve_format)
             for p in leaves
         ]
-        return EmaState(count=_zero_count(params), ema=unflatten(spec, out))
+        return EmaState(count=zero_count(params), ema=unflatten(spec, out))
 
     def update(
         updates: Updates, state: EmaState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, EmaState]:
         del params
-        _expect_state(state, EmaState, fn)
+        expect_state(state, EmaState, fn)
         view = Leaves(updates)
         gs = view.values
         ms = view.take(state.ema, "state.ema", dtype=accumulator_dtype is None)
@@ -287,10 +463,10 @@ def ema(
         work = [torch.promote_types(g.dtype, m.dtype) for g, m in zip(gs, ms)]
         new = _ema_step([m.to(w) for m, w in zip(ms, work)],
                         [g.to(w) for g, w in zip(gs, work)], decay)
-        count = _next_count(state.count)
+        count = safe_increment(state.count)
         out = new
         if debias:
-            bias = 1.0 - decay ** count.to(_scalar_dtype(count.device))
+            bias = 1.0 - decay ** count.to(scalar_dtype(count.device))
             out = [n / bias.to(n.device, n.dtype) for n in new]
         out = [o.to(g.dtype) for o, g in zip(out, gs)]
         kept = [n.to(m.dtype) for n, m in zip(new, ms)]
@@ -394,7 +570,7 @@ def _normal_like(g: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     # expression, where a 64-bit overflow is an error rather than a wrap.
     base = torch.bitwise_xor(2 * idx, key.to(g.device)) * _GOLDEN
     h1, h2 = _mix(base), _mix(base + _GOLDEN)
-    dt = _scalar_dtype(g.device)
+    dt = scalar_dtype(g.device)
     scale = 2.0**-53
     u1 = 1.0 - _shr(h1, 11).to(dt) * scale  # (0, 1]: log is finite
     u2 = _shr(h2, 11).to(dt) * scale
@@ -449,7 +625,7 @@ def add_noise(eta: float, gamma: float, seed: int) -> GradientTransformation:
     eta, gamma = float(eta), float(gamma)
 
     def init(params: Params) -> AddNoiseState:
-        device = _first_device(params)
+        device = first_device(params)
         return AddNoiseState(
             count=torch.zeros((), dtype=torch.int64, device=device),
             seed=torch.tensor(seed, dtype=torch.int64, device=device),
@@ -459,10 +635,10 @@ def add_noise(eta: float, gamma: float, seed: int) -> GradientTransformation:
         updates: Updates, state: AddNoiseState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, AddNoiseState]:
         del params
-        _expect_state(state, AddNoiseState, fn)
+        expect_state(state, AddNoiseState, fn)
         view = Leaves(updates)
-        count = _next_count(state.count)
-        c = count.to(_scalar_dtype(count.device))
+        count = safe_increment(state.count)
+        c = count.to(scalar_dtype(count.device))
         std = torch.sqrt(eta / c**gamma)
         step_key = _mix(_mix(state.seed) + count * _GOLDEN)
         out = []
@@ -603,15 +779,15 @@ def apply_every(k: int = 1) -> GradientTransformation:
 
     def init(params: Params) -> ApplyEveryState:
         leaves, spec = flatten(params)
-        acc = [None if p is None else torch.zeros_like(p, dtype=_acc_dtype(p.dtype))
+        acc = [None if p is None else torch.zeros_like(p, dtype=acc_dtype(p.dtype))
                for p in leaves]
-        return ApplyEveryState(count=_zero_count(params), grad_acc=unflatten(spec, acc))
+        return ApplyEveryState(count=zero_count(params), grad_acc=unflatten(spec, acc))
 
     def update(
         updates: Updates, state: ApplyEveryState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, ApplyEveryState]:
         del params
-        _expect_state(state, ApplyEveryState, fn)
+        expect_state(state, ApplyEveryState, fn)
         view = Leaves(updates)
         gs = view.values
         accs = view.take(state.grad_acc, "state.grad_acc")
@@ -621,7 +797,7 @@ def apply_every(k: int = 1) -> GradientTransformation:
         new_acc = _ops.where(keep, summed, _in(gs, accs))
         out = _ops.where_zeros(emit, new_acc)
         out = [o.to(g.dtype) for o, g in zip(out, gs)]
-        count = torch.remainder(_next_count(state.count), k)
+        count = torch.remainder(safe_increment(state.count), k)
         return view.put(out), ApplyEveryState(count, view.put_into(state.grad_acc, new_acc))
 
     return GradientTransformation(init, update)
@@ -692,7 +868,7 @@ def skip_large_updates(max_squared_norm: float) -> GradientTransformation:
 
     def init(params: Params) -> SkipLargeUpdatesState:
         leaves = [p for p in flatten(params)[0] if isinstance(p, torch.Tensor)]
-        device = _first_device(params)
+        device = first_device(params)
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in leaves) else torch.float32
         return SkipLargeUpdatesState(
             is_open=torch.ones((), dtype=torch.bool, device=device),
@@ -709,22 +885,22 @@ def skip_large_updates(max_squared_norm: float) -> GradientTransformation:
         **extra: Any,
     ) -> tuple[Updates, SkipLargeUpdatesState]:
         del params
-        _expect_state(state, SkipLargeUpdatesState, fn)
+        expect_state(state, SkipLargeUpdatesState, fn)
         donated, _ = donation(extra, fn)
         view = Leaves(updates)
         gs = view.values
         device = state.is_open.device
         if gs:
-            norm = global_norm(gs, 2.0)
+            norm = _ops.global_norm(gs, 2.0)
             norm_sq = (norm * norm).to(device, state.norm_squared.dtype)
         else:
             norm_sq = torch.zeros_like(state.norm_squared)
         ok = norm_sq < bound
-        total = torch.where(ok, state.total_skips, _next_count(state.total_skips))
+        total = torch.where(ok, state.total_skips, safe_increment(state.total_skips))
         new = SkipLargeUpdatesState(ok, norm_sq, total)
         if gate_open is not None:
             # A step an earlier gate closed leaves this gate's own state as it was.
-            new = _select_tree(gate_open, new, state)
+            new = select_tree(gate_open, new, state)
         return view.put(_ops.where_zeros(ok, gs, donated)), new
 
     return GradientTransformation(init, mark_gate(update))
@@ -794,13 +970,13 @@ def conditionally_mask(
                         f"got {type(should_transform_fn).__name__}")
 
     def init(params: Params) -> ConditionallyMaskState:
-        return ConditionallyMaskState(step=_zero_count(params), inner_state=inner.init(params))
+        return ConditionallyMaskState(step=zero_count(params), inner_state=inner.init(params))
 
     def update(
         updates: Updates, state: ConditionallyMaskState, params: Params | None = None,
         **extra: Any
     ) -> tuple[Updates, ConditionallyMaskState]:
-        _expect_state(state, ConditionallyMaskState, fn)
+        expect_state(state, ConditionallyMaskState, fn)
         extra.pop("donate", None)  # the old inner state may be kept: nothing is given up
         cond_kwargs = extra if forward_extra_args else {}
         flag = should_transform_fn(state.step, **cond_kwargs)
@@ -808,7 +984,7 @@ def conditionally_mask(
         if flag.dtype != torch.bool or flag.ndim != 0:
             raise TypeError(f"{fn}: should_transform_fn must return a 0-dim bool, "
                             f"got dtype {flag.dtype} and shape {tuple(flag.shape)}")
-        known = _known_bool(flag)
+        known = known_bool(flag)
         if known is False:
             # Decided on the host for free (a Python bool): skip the inner work.
             view = Leaves(updates)
@@ -818,10 +994,10 @@ def conditionally_mask(
             if known is True:
                 inner_state = new_inner
             else:
-                inner_state = _select_tree(flag, new_inner, state.inner_state)
+                inner_state = select_tree(flag, new_inner, state.inner_state)
                 view = Leaves(new_u)
                 new_u = view.put(_ops.where_zeros(flag, view.values))
-        return new_u, ConditionallyMaskState(_next_count(state.step), inner_state)
+        return new_u, ConditionallyMaskState(safe_increment(state.step), inner_state)
 
     return GradientTransformation(init, update)
 
@@ -914,14 +1090,14 @@ def lookahead(
     def init(params: Params) -> LookaheadState:
         return LookaheadState(
             fast_state=fast_optimizer.init(params),
-            steps_since_sync=_zero_count(params),
+            steps_since_sync=zero_count(params),
             slow=_copy_tree(params, lambda d: d),
         )
 
     def update(
         updates: Updates, state: LookaheadState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, LookaheadState]:
-        _expect_state(state, LookaheadState, fn)
+        expect_state(state, LookaheadState, fn)
         if params is None:
             raise ValueError(f"{fn}.update: params are required (the fast params)")
         extra.pop("donate", None)  # the old fast state may be kept: nothing is given up
@@ -938,7 +1114,7 @@ def lookahead(
         out = _ops.where(sync, new_u, us)
         slow = _ops.where(sync, new_slow, ss)
         if reset_state:
-            fast_state = _select_tree(sync, fast_optimizer.init(params), fast_state)
+            fast_state = select_tree(sync, fast_optimizer.init(params), fast_state)
         steps = torch.remainder(state.steps_since_sync + 1, sync_period)
         return view.put(out), LookaheadState(fast_state, steps, view.put_into(state.slow, slow))
 
@@ -1019,12 +1195,12 @@ def param_ema(decay: float, track: str = "next") -> GradientTransformation:
     weight = 1.0 - decay
 
     def init(params: Params) -> ParamEmaState:
-        return ParamEmaState(count=_zero_count(params), ema=_copy_tree(params, _acc_dtype))
+        return ParamEmaState(count=zero_count(params), ema=_copy_tree(params, acc_dtype))
 
     def update(
         updates: Updates, state: ParamEmaState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, ParamEmaState]:
-        _expect_state(state, ParamEmaState, fn)
+        expect_state(state, ParamEmaState, fn)
         if params is None:
             raise ValueError(f"{fn}.update: params are required")
         view = Leaves(updates)
@@ -1033,7 +1209,7 @@ def param_ema(decay: float, track: str = "next") -> GradientTransformation:
         if track == "next":
             ps = [(p + u).to(p.dtype) for p, u in zip(ps, view.values)]
         new = _ops.lerp(ms, _in(ps, ms), weight)
-        return updates, ParamEmaState(_next_count(state.count), view.put_into(state.ema, new))
+        return updates, ParamEmaState(safe_increment(state.count), view.put_into(state.ema, new))
 
     return GradientTransformation(init, update)
 
