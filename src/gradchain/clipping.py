@@ -281,9 +281,8 @@ def adaptive_grad_clip(
         ValueError: ``clipping <= 0``, ``eps < 0``, or ``update`` without ``params``.
 
     Example:
-        >>> import torch
-        >>> from gradchain.clipping import adaptive_grad_clip
-        >>> tx = adaptive_grad_clip(0.1)
+        >>> import torch, gradchain as gc
+        >>> tx = gc.adaptive_grad_clip(0.1)
         >>> params = {"w": torch.tensor([[3.0, 4.0], [0.0, 1.0]])}
         >>> grads = {"w": torch.tensor([[6.0, 8.0], [0.0, 0.05]])}
         >>> tx.update(grads, tx.init(params), params)[0]["w"]  # row norms 5 and 1
@@ -344,9 +343,8 @@ def clip_by_block_rms(threshold: float) -> GradientTransformation:
         ValueError: ``threshold <= 0``.
 
     Example:
-        >>> import torch
-        >>> from gradchain.clipping import clip_by_block_rms
-        >>> tx = clip_by_block_rms(1.0)
+        >>> import torch, gradchain as gc
+        >>> tx = gc.clip_by_block_rms(1.0)
         >>> g = {"a": torch.tensor([3.0, 4.0, 0.0, 0.0]), "b": torch.tensor([0.5, 0.5])}
         >>> out, _ = tx.update(g, tx.init(g))  # rms of a is 2.5, of b 0.5
         >>> out["a"], out["b"]
@@ -407,10 +405,9 @@ def per_example_global_norm_clip(
             negative ``l2_norm_clip``.
 
     Example:
-        >>> import torch
-        >>> from gradchain.clipping import per_example_global_norm_clip
+        >>> import torch, gradchain as gc
         >>> grads = [torch.tensor([[0.0, 0, 0], [0, 3, 4], [4, 0, 3], [3, 4, 0]])]
-        >>> per_example_global_norm_clip(grads, 1.25)
+        >>> gc.per_example_global_norm_clip(grads, 1.25)
         ([tensor([1.7500, 1.7500, 1.7500])], tensor(3))
     """
     fn = "per_example_global_norm_clip"

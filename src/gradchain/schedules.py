@@ -248,8 +248,8 @@ def polynomial_schedule(
             (optax falls back silently for the last two).
 
     Example:
-        >>> from gradchain.schedules import polynomial_schedule
-        >>> sched = polynomial_schedule(1.0, 0.0, power=2, transition_steps=4)
+        >>> import gradchain as gc
+        >>> sched = gc.polynomial_schedule(1.0, 0.0, power=2, transition_steps=4)
         >>> [sched(t) for t in range(6)]
         [1.0, 0.5625, 0.25, 0.0625, 0.0, 0.0]
     """
@@ -322,8 +322,8 @@ def piecewise_constant_schedule(
         ValueError: a negative value, step or scale.
 
     Example:
-        >>> from gradchain.schedules import piecewise_constant_schedule
-        >>> sched = piecewise_constant_schedule(1.0, {2: 0.5, 4: 0.1})
+        >>> import gradchain as gc
+        >>> sched = gc.piecewise_constant_schedule(1.0, {2: 0.5, 4: 0.1})
         >>> [sched(t) for t in range(6)]
         [1.0, 1.0, 0.5, 0.5, 0.05, 0.05]
     """
@@ -367,8 +367,8 @@ def piecewise_interpolate_schedule(
         ValueError: an unknown ``interpolate_type``, or a negative value, step or scale.
 
     Example:
-        >>> from gradchain.schedules import piecewise_interpolate_schedule
-        >>> sched = piecewise_interpolate_schedule("linear", 1.0, {4: 0.1, 8: 0.01})
+        >>> import gradchain as gc
+        >>> sched = gc.piecewise_interpolate_schedule("linear", 1.0, {4: 0.1, 8: 0.01})
         >>> [round(sched(t), 6) for t in range(0, 11, 2)]
         [1.0, 0.55, 0.1, 0.0505, 0.001, 0.001]
     """
@@ -663,8 +663,8 @@ def warmup_constant_schedule(init_value: float, peak_value: float, warmup_steps:
         ValueError: a negative value or step count.
 
     Example:
-        >>> from gradchain.schedules import warmup_constant_schedule
-        >>> sched = warmup_constant_schedule(0.0, 1.0, warmup_steps=4)
+        >>> import gradchain as gc
+        >>> sched = gc.warmup_constant_schedule(0.0, 1.0, warmup_steps=4)
         >>> [sched(t) for t in range(6)]
         [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     """
@@ -777,8 +777,8 @@ def warmup_exponential_decay_schedule(
         ValueError: as :func:`exponential_decay` and :func:`linear_schedule`.
 
     Example:
-        >>> from gradchain.schedules import warmup_exponential_decay_schedule
-        >>> sched = warmup_exponential_decay_schedule(0.0, 1.0, 2, 1, 0.5)
+        >>> import gradchain as gc
+        >>> sched = gc.warmup_exponential_decay_schedule(0.0, 1.0, 2, 1, 0.5)
         >>> [sched(t) for t in range(6)]
         [0.0, 0.5, 1.0, 0.5, 0.25, 0.125]
     """
@@ -816,9 +816,9 @@ def sgdr_schedule(cosine_kwargs: Iterable[Mapping[str, Any]]) -> Schedule:
         ValueError: no cycle, or a cycle without ``decay_steps`` or with invalid arguments.
 
     Example:
-        >>> from gradchain.schedules import sgdr_schedule
+        >>> import gradchain as gc
         >>> cycle = dict(init_value=0.0, peak_value=1.0, warmup_steps=1, decay_steps=3)
-        >>> sched = sgdr_schedule([cycle, cycle])
+        >>> sched = gc.sgdr_schedule([cycle, cycle])
         >>> [round(sched(t), 4) for t in range(7)]
         [0.0, 1.0, 0.5, 0.0, 1.0, 0.5, 0.0]
     """
@@ -880,8 +880,8 @@ def linear_onecycle_schedule(
         ValueError: an argument out of its range.
 
     Example:
-        >>> from gradchain.schedules import linear_onecycle_schedule
-        >>> sched = linear_onecycle_schedule(10, 1.0, pct_start=0.2, pct_final=0.6,
+        >>> import gradchain as gc
+        >>> sched = gc.linear_onecycle_schedule(10, 1.0, pct_start=0.2, pct_final=0.6,
         ...                                     div_factor=10.0, final_div_factor=10.0)
         >>> [round(sched(t), 4) for t in (0, 1, 2, 4, 6, 8, 10)]
         [0.1, 0.55, 1.0, 0.55, 0.1, 0.055, 0.01]
@@ -929,8 +929,8 @@ def cosine_onecycle_schedule(
         ValueError: an argument out of its range.
 
     Example:
-        >>> from gradchain.schedules import cosine_onecycle_schedule
-        >>> sched = cosine_onecycle_schedule(10, 1.0, pct_start=0.2, div_factor=10.0)
+        >>> import gradchain as gc
+        >>> sched = gc.cosine_onecycle_schedule(10, 1.0, pct_start=0.2, div_factor=10.0)
         >>> [round(sched(t), 4) for t in (0, 1, 2, 6, 10)]
         [0.1, 0.55, 1.0, 0.5, 0.0]
     """

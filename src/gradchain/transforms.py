@@ -318,9 +318,8 @@ class ZeroNansState(NamedTuple):
             of that leaf had a nan (kept as it was for a ``None`` gradient).
 
     Example:
-        >>> import torch
-        >>> from gradchain.transforms import zero_nans
-        >>> zero_nans().init({"w": torch.zeros(2)})
+        >>> import torch, gradchain as gc
+        >>> gc.zero_nans().init({"w": torch.zeros(2)})
         ZeroNansState(found_nan={'w': tensor(False)})
     """
 
@@ -339,9 +338,8 @@ def zero_nans() -> GradientTransformation:
         A :class:`~gradchain.GradientTransformation` with :class:`ZeroNansState`.
 
     Example:
-        >>> import torch
-        >>> from gradchain.transforms import zero_nans
-        >>> tx = zero_nans()
+        >>> import torch, gradchain as gc
+        >>> tx = gc.zero_nans()
         >>> g = {"w": torch.tensor([1.0, float("nan"), float("inf")])}
         >>> out, state = tx.update(g, tx.init(g))
         >>> out["w"], state.found_nan["w"]
@@ -383,9 +381,8 @@ class EmaState(NamedTuple):
             float16/bfloat16 params unless ``accumulator_dtype`` says otherwise.
 
     Example:
-        >>> import torch
-        >>> from gradchain.transforms import ema
-        >>> ema(0.9).init({"w": torch.zeros(2)})
+        >>> import torch, gradchain as gc
+        >>> gc.ema(0.9).init({"w": torch.zeros(2)})
         EmaState(count=tensor(0), ema={'w': tensor([0., 0.])})
     """
 
@@ -420,9 +417,8 @@ def ema(
         ValueError: ``decay`` outside [0, 1].
 
     Example:
-        >>> import torch
-        >>> from gradchain.transforms import ema
-        >>> tx = ema(0.5)
+        >>> import torch, gradchain as gc
+        >>> tx = gc.ema(0.5)
         >>> params = {"w": torch.zeros(1)}
         >>> state = tx.init(params)
         >>> for g in (1.0, 3.0):
@@ -490,9 +486,8 @@ def centralize() -> GradientTransformation:
         A stateless :class:`~gradchain.GradientTransformation`.
 
     Example:
-        >>> import torch
-        >>> from gradchain.transforms import centralize
-        >>> tx = centralize()
+        >>> import torch, gradchain as gc
+        >>> tx = gc.centralize()
         >>> g = {"w": torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), "b": torch.ones(2)}
         >>> out, _ = tx.update(g, tx.init(g))
         >>> out["w"], out["b"]
@@ -528,9 +523,8 @@ class AddNoiseState(NamedTuple):
             leaf's position); give ensemble members different seeds under ``vmap``.
 
     Example:
-        >>> import torch
-        >>> from gradchain.transforms import add_noise
-        >>> add_noise(0.01, 0.55, seed=3).init({"w": torch.zeros(2)})
+        >>> import torch, gradchain as gc
+        >>> gc.add_noise(0.01, 0.55, seed=3).init({"w": torch.zeros(2)})
         AddNoiseState(count=tensor(0), seed=tensor(3))
     """
 
@@ -606,9 +600,8 @@ def add_noise(eta: float, gamma: float, seed: int) -> GradientTransformation:
         ValueError: a negative ``eta`` or ``gamma``.
 
     Example:
-        >>> import torch
-        >>> from gradchain.transforms import add_noise
-        >>> tx = add_noise(eta=0.01, gamma=0.55, seed=0)
+        >>> import torch, gradchain as gc
+        >>> tx = gc.add_noise(eta=0.01, gamma=0.55, seed=0)
         >>> g = {"w": torch.zeros(100_000)}
         >>> out, state = tx.update(g, tx.init(g))
         >>> round(float(out["w"].std()), 2), int(state.count)
@@ -662,9 +655,8 @@ def set_to_zero() -> GradientTransformation:
         A stateless :class:`~gradchain.GradientTransformation`.
 
     Example:
-        >>> import torch
-        >>> from gradchain.transforms import set_to_zero
-        >>> tx = set_to_zero()
+        >>> import torch, gradchain as gc
+        >>> tx = gc.set_to_zero()
         >>> tx.update({"w": torch.ones(2), "b": None}, tx.init({}))[0]
         {'w': tensor([0., 0.]), 'b': None}
     """
@@ -700,8 +692,7 @@ def freeze(mask: bool | Any) -> GradientTransformation:
 
     Example:
         >>> import torch, gradchain as gc
-        >>> from gradchain.transforms import freeze
-        >>> tx = gc.chain(gc.sgd(lr=0.1), freeze({"w": True, "b": False}))
+        >>> tx = gc.chain(gc.sgd(lr=0.1), gc.freeze({"w": True, "b": False}))
         >>> params = {"w": torch.ones(2), "b": torch.ones(1)}
         >>> out, _ = tx.update({"w": torch.ones(2), "b": torch.ones(1)}, tx.init(params), params)
         >>> out
@@ -724,9 +715,8 @@ class ApplyEveryState(NamedTuple):
             (float32 for float16/bfloat16 params).
 
     Example:
-        >>> import torch
-        >>> from gradchain.transforms import apply_every
-        >>> apply_every(2).init({"w": torch.zeros(1)})
+        >>> import torch, gradchain as gc
+        >>> gc.apply_every(2).init({"w": torch.zeros(1)})
         ApplyEveryState(count=tensor(0), grad_acc={'w': tensor([0.])})
     """
 
@@ -758,9 +748,8 @@ def apply_every(k: int = 1) -> GradientTransformation:
         ValueError: ``k < 1``.
 
     Example:
-        >>> import torch
-        >>> from gradchain.transforms import apply_every
-        >>> tx = apply_every(2)
+        >>> import torch, gradchain as gc
+        >>> tx = gc.apply_every(2)
         >>> params = {"w": torch.zeros(1)}
         >>> state = tx.init(params)
         >>> for g in (1.0, 2.0, 3.0, 4.0):
@@ -815,9 +804,8 @@ class SkipLargeUpdatesState(NamedTuple):
         total_skips: the steps refused so far (int64, saturating).
 
     Example:
-        >>> import torch
-        >>> from gradchain.transforms import skip_large_updates
-        >>> skip_large_updates(1.0).init({"w": torch.zeros(1)})
+        >>> import torch, gradchain as gc
+        >>> gc.skip_large_updates(1.0).init({"w": torch.zeros(1)})
         SkipLargeUpdatesState(is_open=tensor(True), norm_squared=tensor(0.), total_skips=tensor(0))
     """
 
@@ -851,8 +839,7 @@ def skip_large_updates(max_squared_norm: float) -> GradientTransformation:
 
     Example:
         >>> import torch, gradchain as gc
-        >>> from gradchain.transforms import skip_large_updates
-        >>> tx = gc.chain(skip_large_updates(4.0), gc.sgd(lr=1.0))
+        >>> tx = gc.chain(gc.skip_large_updates(4.0), gc.sgd(lr=1.0))
         >>> params = {"w": torch.zeros(2)}
         >>> out, state = tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init(params), params)
         >>> out["w"], bool(gc.applied(state))
@@ -917,8 +904,7 @@ class ConditionallyMaskState(NamedTuple):
 
     Example:
         >>> import torch, gradchain as gc
-        >>> from gradchain.transforms import conditionally_mask
-        >>> conditionally_mask(gc.identity(), lambda step: step % 2 == 0).init({})
+        >>> gc.conditionally_mask(gc.identity(), lambda step: step % 2 == 0).init({})
         ConditionallyMaskState(step=tensor(0), inner_state=EmptyState())
     """
 
@@ -952,8 +938,7 @@ def conditionally_mask(
 
     Example:
         >>> import torch, gradchain as gc
-        >>> from gradchain.transforms import conditionally_mask
-        >>> tx = conditionally_mask(gc.sgd(lr=1.0), lambda step: step % 2 == 1)
+        >>> tx = gc.conditionally_mask(gc.sgd(lr=1.0), lambda step: step % 2 == 1)
         >>> params = {"w": torch.zeros(1)}
         >>> state = tx.init(params)
         >>> for _ in range(3):
@@ -1015,8 +1000,7 @@ class LookaheadState(NamedTuple):
 
     Example:
         >>> import torch, gradchain as gc
-        >>> from gradchain.transforms import lookahead
-        >>> lookahead(gc.sgd(lr=0.1), 2, 0.5).init({"w": torch.ones(1)})
+        >>> gc.lookahead(gc.sgd(lr=0.1), 2, 0.5).init({"w": torch.ones(1)})
         LookaheadState(fast_state=(EmptyState(),), steps_since_sync=tensor(0), slow={'w': tensor([1.])})
     """
 
@@ -1067,8 +1051,7 @@ def lookahead(
 
     Example:
         >>> import torch, gradchain as gc
-        >>> from gradchain.transforms import lookahead
-        >>> tx = lookahead(gc.sgd(lr=1.0), sync_period=2, slow_step_size=0.5)
+        >>> tx = gc.lookahead(gc.sgd(lr=1.0), sync_period=2, slow_step_size=0.5)
         >>> params = {"w": torch.zeros(1)}
         >>> state = tx.init(params)
         >>> for _ in range(2):
@@ -1131,9 +1114,8 @@ class ParamEmaState(NamedTuple):
             params); read with :func:`ema_params`.
 
     Example:
-        >>> import torch
-        >>> from gradchain.transforms import param_ema
-        >>> param_ema(0.9).init({"w": torch.ones(2)})
+        >>> import torch, gradchain as gc
+        >>> gc.param_ema(0.9).init({"w": torch.ones(2)})
         ParamEmaState(count=tensor(0), ema={'w': tensor([1., 1.])})
     """
 
@@ -1178,14 +1160,13 @@ def param_ema(decay: float, track: str = "next") -> GradientTransformation:
 
     Example:
         >>> import torch, gradchain as gc
-        >>> from gradchain.transforms import param_ema, ema_params
-        >>> tx = gc.chain(gc.sgd(lr=1.0), param_ema(0.5))
+        >>> tx = gc.chain(gc.sgd(lr=1.0), gc.param_ema(0.5))
         >>> params = {"w": torch.zeros(1)}
         >>> state = tx.init(params)
         >>> for _ in range(2):
         ...     updates, state = tx.update({"w": torch.ones(1)}, state, params)
         ...     params = gc.apply_updates(params, updates)
-        >>> params["w"], ema_params(state)["w"]
+        >>> params["w"], gc.ema_params(state)["w"]
         (tensor([-2.]), tensor([-1.2500]))
     """
     fn = "param_ema"
@@ -1228,9 +1209,8 @@ def ema_params(state: Any) -> Any:
 
     Example:
         >>> import torch, gradchain as gc
-        >>> from gradchain.transforms import param_ema, ema_params
-        >>> tx = gc.chain(gc.clip_by_norm(1.0), param_ema(0.9, track="given"))
-        >>> ema_params(tx.init({"w": torch.ones(2)}))
+        >>> tx = gc.chain(gc.clip_by_norm(1.0), gc.param_ema(0.9, track="given"))
+        >>> gc.ema_params(tx.init({"w": torch.ones(2)}))
         {'w': tensor([1., 1.])}
     """
     return tree_get(state, ParamEmaState).ema
