@@ -337,7 +337,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
             return True
         for _, node in _named_nodes(self.tx_state):
             if isinstance(node, AccumulateState):
-                if int(node.mini_step) + 1 < int(node.every):  # host tensors: no sync
+                if int(node.mini_step) + 1 < int(node.length):  # host tensors: no sync
                     return False
         return True
 
