@@ -28,16 +28,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gradchain.base import (
-    GradientTransformation,
-    Params,
-    State,
-    Updates,
-    _expect_state,
-    applied,
-    is_gate,
-    mark_gate,
-)
+from gradchain._ops import safe_increment
+from gradchain.base import GradientTransformation, Params, State, Updates, expect_state
+from gradchain.gating import applied, is_gate, mark_gate
 
 __all__ = ["InjectHyperparamsState", "inject_hyperparams", "set_hyperparams"]
 
@@ -46,7 +39,6 @@ __all__ = ["InjectHyperparamsState", "inject_hyperparams", "set_hyperparams"]
 # fused kernels) and changed without touching the accelerator.
 _HYPER_DTYPE = torch.float64
 _HYPER_DEVICE = torch.device("cpu")
-_INT64_MAX = torch.iinfo(torch.int64).max
 
 
 class InjectHyperparamsState(NamedTuple):
@@ -252,7 +244,7 @@ def inject_hyperparams(
             params: Params | None = None,
             **extra: Any,
         ) -> tuple[Updates, InjectHyperparamsState]:
-            _expect_state(state, InjectHyperparamsState, who)
+            expect_state(state, InjectHyperparamsState, who)
             if set(state.hyperparams) != set(numeric) | set(schedules):
                 raise ValueError(
                     f"{who}.update: the state holds hyperparameters {sorted(state.hyperparams)},"
@@ -261,7 +253,7 @@ def inject_hyperparams(
             values = values_at(state.count, state.hyperparams)
             inner = build(values)
             new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra)
-            count = torch.clamp(state.count, max=_INT64_MAX - 1) + 1  # saturating
+            count = safe_increment(state.count)
             if gated:
                 # Count applied updates only, as a schedule in the chain would.
                 count = torch.where(applied(new_inner).to(count.device), count, state.count)
