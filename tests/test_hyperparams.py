@@ -9,6 +9,8 @@ import torch
 from _core_helpers import assert_tree_equal, clone_tree, stack_trees, unstack_tree
 
 import gradchain as gc
+from gradchain._tree import flatten
+from gradchain.optim._fused import fused_plan_of
 
 
 def _params(dtype=torch.float32):
@@ -36,20 +38,20 @@ def _run(tx, state, params, steps, lrs=None):
 
 # --------------------------------------------------------------------------- semantics
 @pytest.mark.parametrize(
-    "factory, kwargs",
+    "factory, kwargs, static",
     [
-        (gc.sgd, dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
-        (gc.adam, dict(lr=1e-2, weight_decay=0.01)),
-        (gc.adamw, dict(lr=1e-2, weight_decay=0.1)),
+        (gc.sgd, dict(lr=0.1, momentum=0.9, weight_decay=0.01), ("momentum",)),
+        (gc.adam, dict(lr=1e-2, weight_decay=0.01), ()),
+        (gc.adamw, dict(lr=1e-2, weight_decay=0.1), ()),
     ],
 )
-def test_injected_equals_the_plain_rule_and_follows_changes(factory, kwargs):
+def test_injected_equals_the_plain_rule_and_follows_changes(factory, kwargs, static):
     """Same trajectory as the plain rule built with the same values (float64: equal to
     1e-12), also across a change of lr mid-run (the plain rule rebuilt with the new lr,
     its state carried over)."""
     params = _params(torch.float64)
     steps = [_grads(i, torch.float64) for i in range(6)]
-    tx = gc.inject_hyperparams(factory, static_args=("momentum",))(**kwargs)
+    tx = gc.inject_hyperparams(factory, static_args=static)(**kwargs)
     outs, state, final = _run(tx, tx.init(params), params, steps, lrs={3: kwargs["lr"] * 0.3})
     plain = factory(**kwargs)
     ref_state, p = plain.init(params), params
@@ -178,13 +180,68 @@ def test_vmap_a_different_lr_per_ensemble_member():
     batched = gc.set_hyperparams(batched, lr=torch.tensor(lrs, dtype=torch.float64))
     vupdate = torch.func.vmap(lambda g, s, p: tx.update(g, s, p))
     bparams = stack_trees(params_list)
+    first_updates = None
     for t in range(3):
         grads = [_grads(10 * t + i) for i in range(3)]
         u_b, batched = vupdate(stack_trees(grads), batched, bparams)
+        first_updates = u_b if first_updates is None else first_updates
         for i in range(3):
             u, states[i] = tx.update(grads[i], states[i], params_list[i])
             for k in u:
                 torch.testing.assert_close(unstack_tree(u_b, i)[k], u[k], rtol=1e-6, atol=1e-8)
     # Each member stepped with its own lr: the first Adam step is about -lr * sign(g).
-    first = unstack_tree(u_b, 0)["b"].abs().max() / unstack_tree(u_b, 2)["b"].abs().max()
-    assert 50 < float(first) < 200
+    for i, lr in enumerate(lrs):
+        torch.testing.assert_close(unstack_tree(first_updates, i)["b"].abs(),
+                                   torch.full((3,), lr), rtol=1e-4, atol=0)
+    assert torch.equal(batched.hyperparams["lr"], torch.tensor(lrs, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- fused
+@pytest.mark.parametrize(
+    "name, make_tx, make_torch",
+    [
+        ("adamw",
+         lambda: gc.inject_hyperparams(gc.adamw)(lr=1e-2, weight_decay=0.1),
+         lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True)),
+        ("adam",
+         lambda: gc.inject_hyperparams(gc.adam)(lr=1e-2, weight_decay=0.01),
+         lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.01, fused=True)),
+        ("sgd",
+         lambda: gc.inject_hyperparams(gc.sgd, static_args=("momentum",))(
+             lr=0.1, momentum=0.9, weight_decay=0.01),
+         lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01, fused=True)),
+    ],
+)
+def test_update_and_apply_stays_fused_and_equals_torch_with_changed_hyperparams(
+    name, make_tx, make_torch
+):
+    """The injected rule runs torch's fused kernel in update_and_apply_ and equals the torch
+    optimizer with fused=True whose lr (and weight_decay) change mid-run, bit for bit."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    params = dict(model.named_parameters())
+    ref = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
+    torch_opt = make_torch(list(ref.values()))
+    tx = gc.chain(gc.clip_by_norm(10.0), make_tx())
+    state = tx.init(params)
+    grads = {k: torch.randn_like(p) for k, p in params.items()}
+    p_leaves, spec = flatten(params)
+    step = fused_plan_of(gc.chain_members(tx)[1])(state[1], p_leaves, spec.flatten_up_to(grads),
+                                                   spec)
+    assert step is not None  # the fused kernel fits this call
+    changes = {2: dict(lr=torch_opt.param_groups[0]["lr"] * 0.3),
+               4: dict(lr=torch_opt.param_groups[0]["lr"] * 2.0, weight_decay=0.05)}
+    for t in range(6):
+        if t in changes:
+            state = gc.set_hyperparams(state, **changes[t])
+            torch_opt.param_groups[0].update(changes[t])
+        grads = {k: torch.randn_like(p) for k, p in params.items()}
+        state = gc.update_and_apply_(tx, {k: g.clone() for k, g in grads.items()}, state, params)
+        for k, p in ref.items():
+            p.grad = grads[k].clone()
+        torch.nn.utils.clip_grad_norm_(list(ref.values()), 10.0)
+        torch_opt.step()
+        for k in params:
+            assert torch.equal(params[k].detach(), ref[k].detach()), (name, t, k)
+    assert int(state[1].count) == 6
+    assert float(gc.tree_get(state, "lr")) == changes[4]["lr"]

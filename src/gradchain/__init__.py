@@ -28,6 +28,7 @@ from gradchain.gates import (
     skip_if_nonfinite,
 )
 from gradchain.gating import applied, gate_state, is_gate, mark_gate
+from gradchain.hyperparams import InjectHyperparamsState, inject_hyperparams, set_hyperparams
 from gradchain.optim import (
     ScaleByAdamState,
     TraceState,
@@ -102,6 +103,9 @@ __all__ = [
     "sgd",
     "trace",
     "update_and_apply_",
+    "InjectHyperparamsState",
+    "inject_hyperparams",
+    "set_hyperparams",
     "constant_schedule",
     "cosine_decay_schedule",
     "exponential_decay",

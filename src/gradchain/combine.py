@@ -27,6 +27,7 @@ from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
 import optree
+import torch
 
 from gradchain import _tree
 from gradchain.base import (
@@ -126,7 +127,11 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     if any(gates):
         mark_gate(update)
-    _CHAIN_MEMBERS[update] = transforms
+    if not torch.compiler.is_compiling():
+        # A chain built inside compiled code (inject_hyperparams rebuilds its rule on every
+        # step) is not recorded: compiled code never asks, and the record would be a side
+        # effect the graph cannot hold.
+        _CHAIN_MEMBERS[update] = transforms
     return GradientTransformation(init, update)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -31,6 +30,8 @@ import torch
 from gradchain._ops import safe_increment
 from gradchain.base import GradientTransformation, Params, State, Updates, expect_state
 from gradchain.gating import applied, is_gate, mark_gate
+from gradchain.optim._fused import FusedStep, advance, bind_fused, fused_plan_of
+from gradchain.state import named_entries
 
 __all__ = ["InjectHyperparamsState", "inject_hyperparams", "set_hyperparams"]
 
@@ -41,6 +42,7 @@ _HYPER_DTYPE = torch.float64
 _HYPER_DEVICE = torch.device("cpu")
 
 
+@named_entries("hyperparams")
 class InjectHyperparamsState(NamedTuple):
     """State of a transformation made by :func:`inject_hyperparams`.
 
@@ -190,15 +192,15 @@ def inject_hyperparams(
     who = f"inject_hyperparams({name_of})"
     signature = inspect.signature(factory)
     static_names = tuple(static_args)
+    unknown = [n for n in static_names if n not in signature.parameters]
+    if unknown:
+        raise TypeError(f"{who}: static_args names {unknown}, not arguments of {name_of}")
 
     def make(*args: Any, **kwargs: Any) -> GradientTransformation:
         try:
             bound = signature.bind(*args, **kwargs)
         except TypeError as err:
             raise TypeError(f"{who}: {err}") from None
-        unknown = [n for n in static_names if n not in signature.parameters]
-        if unknown:
-            raise TypeError(f"{who}: static_args names {unknown}, not arguments of {name_of}")
         static: dict[str, Any] = {}
         numeric: dict[str, torch.Tensor] = {}
         schedules: dict[str, Callable[..., Any]] = {}
@@ -259,28 +261,37 @@ def inject_hyperparams(
                 count = torch.where(applied(new_inner).to(count.device), count, state.count)
             return new_updates, InjectHyperparamsState(count, values, new_inner)
 
+        def plan(
+            state: Any, p_leaves: list[Any], g_leaves: list[Any], spec: Any
+        ) -> FusedStep | None:
+            """The binding for ``update_and_apply_``: the wrapped rule's own binding, called
+            with the hyperparameters from the state (see :mod:`gradchain.optim._fused`)."""
+            if not isinstance(state, InjectHyperparamsState) or set(state.hyperparams) != (
+                set(numeric) | set(schedules)
+            ):
+                return None
+            values = values_at(state.count, state.hyperparams)
+            inner_plan = fused_plan_of(build(values))
+            if inner_plan is None:
+                return None
+            inner_step = inner_plan(state.inner_state, p_leaves, g_leaves, spec)
+            if inner_step is None:
+                return None
+
+            def step(grads: list[Any], keep: torch.Tensor | None) -> InjectHyperparamsState:
+                new_inner = inner_step(grads, keep)
+                count = advance(state.count, safe_increment(state.count), keep)
+                return InjectHyperparamsState(count, values, new_inner)
+
+            return step
+
         if gated:
             mark_gate(update)
-        tx = GradientTransformation(init, update)
-        _INJECTED[update] = _Injected(factory, static, numeric, schedules, values_at)
-        return tx
+        return bind_fused(GradientTransformation(init, update), plan)
 
     make.__name__ = f"inject_hyperparams_{name_of}"
     make.__doc__ = f"{name_of} with its numeric arguments held in the state (see inject_hyperparams)."
     return make
-
-
-class _Injected(NamedTuple):
-    """How an injected transformation rebuilds its inner one (for the fused binding)."""
-
-    factory: Callable[..., GradientTransformation]
-    static: dict[str, Any]
-    numeric: dict[str, torch.Tensor]
-    schedules: dict[str, Callable[..., Any]]
-    values_at: Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, Any]]
-
-
-_INJECTED: weakref.WeakKeyDictionary[Callable[..., Any], _Injected] = weakref.WeakKeyDictionary()
 
 
 def _replace_node(tree: Any, old: Any, new: Any) -> Any:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+from gradchain._ops import known_float
 from gradchain._tree import PLAIN
 from gradchain.base import GradientTransformation, State
 
@@ -42,7 +43,8 @@ _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 def bind_fused(tx: GradientTransformation, plan: FusedPlan) -> GradientTransformation:
     """Record ``plan`` as the way ``tx`` runs inside ``update_and_apply_``; returns ``tx``."""
-    _PLANS[tx.update] = plan
+    if not torch.compiler.is_compiling():  # compiled code never runs a plan
+        _PLANS[tx.update] = plan
     return tx
 
 
@@ -86,6 +88,14 @@ def fused_rows(
         if not dtype.is_floating_point or device.type not in devices:
             return None
     return idx
+
+
+def kernel_lr(lr: Any) -> float | torch.Tensor:
+    """A learning rate as torch's kernels take it: a Python float where it can be read for
+    free (a number, or a host tensor such as an injected hyperparameter: exactly the float
+    ``torch.optim`` would pass), else the tensor (the kernels' tensor-``lr`` overload)."""
+    known = known_float(lr)
+    return lr if known is None else known
 
 
 def found_inf(keep: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

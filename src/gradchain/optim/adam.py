@@ -15,10 +15,19 @@ from typing import Any, NamedTuple
 import torch
 
 from gradchain import _checks, _ops
+from gradchain._ops import known_float
 from gradchain._tree import Leaves, flatten_like, group_by_device_dtype
 from gradchain.base import GradientTransformation, Params, Updates, donation, expect_state
 from gradchain.combine import chain
-from gradchain.optim._fused import FusedPlan, FusedStep, advance, bind_fused, found_inf, fused_rows
+from gradchain.optim._fused import (
+    FusedPlan,
+    FusedStep,
+    advance,
+    bind_fused,
+    found_inf,
+    fused_rows,
+    kernel_lr,
+)
 from gradchain.transforms import (
     ScalarOrSchedule,
     ScaleByScheduleState,
@@ -182,7 +191,7 @@ def adam(
     lr: ScalarOrSchedule = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
     amsgrad: bool = False,
     maximize: bool = False,
 ) -> GradientTransformation:
@@ -229,11 +238,11 @@ def adam(
     lr = _checks.check_lr(lr, fn)
     eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
     b1, b2 = _checks.betas(betas, fn)
-    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    weight_decay = _checks.nonneg_scalar(weight_decay, "weight_decay", "weight_decay value", fn)
     txs: list[GradientTransformation] = []
     if maximize:
         txs.append(scale(-1.0))
-    if weight_decay != 0:
+    if _checks.maybe_nonzero(weight_decay):
         txs.append(add_decayed_weights(weight_decay))
     adam_at = len(txs)
     txs.append(scale_by_adam(b1, b2, eps, amsgrad))
@@ -249,7 +258,7 @@ def adamw(
     lr: ScalarOrSchedule = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 1e-2,
+    weight_decay: float | torch.Tensor = 1e-2,
     amsgrad: bool = False,
     maximize: bool = False,
 ) -> GradientTransformation:
@@ -301,13 +310,13 @@ def adamw(
     lr = _checks.check_lr(lr, fn)
     eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
     b1, b2 = _checks.betas(betas, fn)
-    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    weight_decay = _checks.nonneg_scalar(weight_decay, "weight_decay", "weight_decay value", fn)
     txs: list[GradientTransformation] = []
     if maximize:
         txs.append(scale(-1.0))
     adam_at = len(txs)
     txs.append(scale_by_adam(b1, b2, eps, amsgrad))
-    if weight_decay != 0:
+    if _checks.maybe_nonzero(weight_decay):
         txs.append(add_decayed_weights(weight_decay))
     txs.append(scale_by_learning_rate(lr))
     return bind_fused(
@@ -342,6 +351,9 @@ def _adam_plan(
                 buffers.append(flatten_like(spec, st.nu_max, "nu_max", "params"))
         except (TypeError, ValueError):
             return None
+        weight_decay = known_float(hyper["weight_decay"])  # the kernel takes a float
+        if weight_decay is None:
+            return None
         rows = fused_rows(p_leaves, g_leaves, buffers)
         if rows is None:
             return None
@@ -354,6 +366,7 @@ def _adam_plan(
                 new_state[-1] = lr_state._replace(
                     count=advance(lr_state.count, _ops.safe_increment(lr_state.count), keep)
                 )
+            lr_now = kernel_lr(lr_now)
             count = _ops.safe_increment(st.count)
             kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
             table = [(p_leaves[i], grads[i], *(b[i] for b in buffers)) for i in rows]
@@ -363,8 +376,8 @@ def _adam_plan(
                 kernel(
                     cols[0], cols[1], cols[2], cols[3], cols[4] if amsgrad else [],
                     [step_t] * len(cols[0]),
-                    lr=lr_now.to(device) if isinstance(lr_now, torch.Tensor) else float(lr_now),
-                    beta1=hyper["b1"], beta2=hyper["b2"], weight_decay=hyper["weight_decay"],
+                    lr=lr_now.to(device) if isinstance(lr_now, torch.Tensor) else lr_now,
+                    beta1=hyper["b1"], beta2=hyper["b2"], weight_decay=weight_decay,
                     eps=hyper["eps"], amsgrad=amsgrad, maximize=hyper["maximize"],
                     found_inf=found_inf(keep, device),
                 )

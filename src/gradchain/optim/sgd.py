@@ -23,11 +23,19 @@ from typing import Any, NamedTuple
 import torch
 
 from gradchain import _checks, _ops
-from gradchain._ops import known_bool
+from gradchain._ops import known_bool, known_float
 from gradchain._tree import Leaves, flatten_like, group_by_device_dtype
 from gradchain.base import GradientTransformation, Params, Updates, donation, expect_state
 from gradchain.combine import chain
-from gradchain.optim._fused import FusedPlan, FusedStep, advance, bind_fused, found_inf, fused_rows
+from gradchain.optim._fused import (
+    FusedPlan,
+    FusedStep,
+    advance,
+    bind_fused,
+    found_inf,
+    fused_rows,
+    kernel_lr,
+)
 from gradchain.transforms import (
     ScalarOrSchedule,
     ScaleByScheduleState,
@@ -157,7 +165,7 @@ def sgd(
     lr: ScalarOrSchedule = 1e-3,
     momentum: float = 0.0,
     dampening: float = 0.0,
-    weight_decay: float = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
     nesterov: bool = False,
     maximize: bool = False,
 ) -> GradientTransformation:
@@ -206,7 +214,7 @@ def sgd(
     maximize = _checks.as_bool(maximize, "maximize", fn)
     lr = _checks.check_lr(lr, fn)
     momentum = _checks.nonneg(momentum, "momentum", "momentum value", fn)
-    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    weight_decay = _checks.nonneg_scalar(weight_decay, "weight_decay", "weight_decay value", fn)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(
             f"{fn}: nesterov=True requires momentum > 0 and dampening == 0, "
@@ -215,7 +223,7 @@ def sgd(
     txs: list[GradientTransformation] = []
     if maximize:
         txs.append(scale(-1.0))
-    if weight_decay != 0:
+    if _checks.maybe_nonzero(weight_decay):
         txs.append(add_decayed_weights(weight_decay))
     trace_at = None
     if momentum != 0:
@@ -259,6 +267,9 @@ def _sgd_plan(
                 buffers = [flatten_like(spec, tr.trace, "trace", "params")]
             except (TypeError, ValueError):
                 return None
+        weight_decay = known_float(hyper["weight_decay"])  # the kernel takes a float
+        if weight_decay is None:
+            return None
         rows = fused_rows(p_leaves, g_leaves, buffers)
         if rows is None:
             return None
@@ -271,13 +282,14 @@ def _sgd_plan(
                 new_state[-1] = lr_state._replace(
                     count=advance(lr_state.count, _ops.safe_increment(lr_state.count), keep)
                 )
+            lr_now = kernel_lr(lr_now)
             table = [(p_leaves[i], grads[i], *(b[i] for b in buffers)) for i in rows]
             for cols in group_by_device_dtype(table):
                 device = cols[0][0].device
                 torch._fused_sgd_(
                     cols[0], cols[1], cols[2] if tr is not None else [],
-                    weight_decay=hyper["weight_decay"], momentum=hyper["momentum"],
-                    lr=lr_now.to(device) if isinstance(lr_now, torch.Tensor) else float(lr_now),
+                    weight_decay=weight_decay, momentum=hyper["momentum"],
+                    lr=lr_now.to(device) if isinstance(lr_now, torch.Tensor) else lr_now,
                     dampening=hyper["dampening"], nesterov=hyper["nesterov"],
                     maximize=hyper["maximize"], is_first_step=bool(first),
                     found_inf=found_inf(keep, device),
