@@ -222,7 +222,7 @@ def test_update_and_apply_stays_fused_and_equals_torch_with_changed_hyperparams(
     params = dict(model.named_parameters())
     ref = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
     torch_opt = make_torch(list(ref.values()))
-    tx = gc.chain(gc.clip_by_norm(10.0), make_tx())
+    tx = gc.chain(gc.skip_if_nonfinite(), make_tx())
     state = tx.init(params)
     grads = {k: torch.randn_like(p) for k, p in params.items()}
     p_leaves, spec = flatten(params)
@@ -239,7 +239,6 @@ def test_update_and_apply_stays_fused_and_equals_torch_with_changed_hyperparams(
         state = gc.update_and_apply_(tx, {k: g.clone() for k, g in grads.items()}, state, params)
         for k, p in ref.items():
             p.grad = grads[k].clone()
-        torch.nn.utils.clip_grad_norm_(list(ref.values()), 10.0)
         torch_opt.step()
         for k in params:
             assert torch.equal(params[k].detach(), ref[k].detach()), (name, t, k)

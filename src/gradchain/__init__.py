@@ -16,6 +16,7 @@ from gradchain.combine import (
     chain,
     chain_members,
     masked,
+    named_chain,
     partition,
 )
 from gradchain.gates import (
@@ -85,6 +86,7 @@ __all__ = [
     "MaskedState",
     "PartitionState",
     "masked",
+    "named_chain",
     "partition",
     "identity",
     "is_gate",
