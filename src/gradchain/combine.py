@@ -256,7 +256,7 @@ def _is_node(x: Any) -> bool:
     return not optree.tree_is_leaf(x, none_is_leaf=True)
 
 
-def _is_function(x: Any) -> bool:
+def is_params_function(x: Any) -> bool:
     """Whether a mask or labels value is a function of the params: callable and not a
     pytree node. A callable that is also a registered pytree (a NamedTuple with a
     ``__call__``, an equinox-style module registered with optree) is a tree, as the params
@@ -516,7 +516,7 @@ def masked(
             f"{who}: transform must be a GradientTransformation (init, update), "
             f"got {type(transform).__name__}"
         )
-    mask_fn = _is_function(mask)
+    mask_fn = is_params_function(mask)
     if not mask_fn:
         leaves, _ = _tree.flatten(mask)
         _check_mask_leaves(leaves, lambda: _tree.leaf_paths(mask), who)
@@ -672,11 +672,12 @@ def partition(
                 f"got {type(t).__name__}"
             )
     members = dict(transforms)
-    labels_fn = _is_function(labels)
+    labels_fn = is_params_function(labels)
     if not labels_fn:
         # Labels that are keys of ``transforms`` are leaves even if they are tuples.
+        label_tree: Any = labels
         paths, leaves, _ = optree.tree_flatten_with_path(
-            labels, is_leaf=lambda x: _hashable_in(x, members), none_is_leaf=True
+            label_tree, is_leaf=lambda x: _hashable_in(x, members), none_is_leaf=True
         )
         _check_label_leaves(leaves, lambda: [_tree.path_str(p) for p in paths], members, who)
 
