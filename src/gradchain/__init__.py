@@ -23,6 +23,7 @@ from gradchain.combine import (
     chain,
     chain_members,
     masked,
+    named_chain,
     partition,
 )
 from gradchain.gates import (
@@ -35,6 +36,7 @@ from gradchain.gates import (
     skip_if_nonfinite,
 )
 from gradchain.gating import applied, gate_state, is_gate, mark_gate
+from gradchain.hyperparams import InjectHyperparamsState, inject_hyperparams, set_hyperparams
 from gradchain.optim import (
     ScaleByAdamState,
     TraceState,
@@ -119,6 +121,7 @@ __all__ = [
     "MaskedState",
     "PartitionState",
     "masked",
+    "named_chain",
     "partition",
     "identity",
     "is_gate",
@@ -137,6 +140,9 @@ __all__ = [
     "sgd",
     "trace",
     "update_and_apply_",
+    "InjectHyperparamsState",
+    "inject_hyperparams",
+    "set_hyperparams",
     "constant_schedule",
     "cosine_decay_schedule",
     "exponential_decay",
