@@ -1,0 +1,94 @@
+"""gradchain.adagrad against torch.optim.Adagrad: parity over 100 steps for every option,
+None gradients, state as data, argument validation and the testing kit's laws."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from _optim_parity import DTYPE_IDS, DTYPES, RTOL, check_mid_run_reload, run_parity
+
+from gradchain.optim.adagrad import adagrad, scale_by_adagrad
+from gradchain.testing import check_transformation
+
+CASES = [
+    dict(lr=0.1),
+    dict(lr=0.1, lr_decay=0.05),
+    dict(lr=0.1, initial_accumulator_value=0.5),
+    dict(lr=0.1, eps=1e-3),
+    dict(lr=0.1, weight_decay=0.1),
+    dict(lr=0.1, maximize=True),
+    dict(lr=0.05, lr_decay=0.01, weight_decay=0.2, initial_accumulator_value=0.1, maximize=True),
+]
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kwargs", CASES, ids=str)
+def test_matches_torch(kwargs: dict[str, Any], dtype: torch.dtype, foreach: bool) -> None:
+    err = run_parity(torch.optim.Adagrad, adagrad(**kwargs), kwargs, dtype, foreach)
+    assert err <= RTOL[dtype]
+
+
+def test_fused_torch_and_defaults_match() -> None:
+    assert run_parity(torch.optim.Adagrad, adagrad(), {}, torch.float64, None) <= 1e-12
+    kw = dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, maximize=True)
+    err = run_parity(lambda p, **k: torch.optim.Adagrad(p, fused=True, **k), adagrad(**kw), kw,
+                     torch.float32, None)
+    assert err <= 1e-5
+
+
+def decay(t: Any) -> Any:
+    return 1.0 / (1.0 + 0.05 * t)
+
+
+def schedule(count: torch.Tensor) -> torch.Tensor:
+    """0.1 * decay(count) in float64: the same numbers LambdaLR gives torch."""
+    return 0.1 * decay(count.to(torch.float64))
+
+
+def test_none_gradient_leaf_and_schedule() -> None:
+    kw = dict(lr=0.1, lr_decay=0.02, weight_decay=0.1)
+    err = run_parity(
+        torch.optim.Adagrad, adagrad(schedule, 0.02, 0.1), kw, torch.float64, False,
+        none_leaf=True, scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, decay),
+    )
+    assert err <= 1e-12
+
+
+def test_tensor_lr() -> None:
+    kw = dict(lr=0.1, lr_decay=0.02)
+    tx = adagrad(torch.tensor(0.1, dtype=torch.float64), 0.02)
+    assert run_parity(torch.optim.Adagrad, tx, kw, torch.float64, False) <= 1e-12
+
+
+def test_state_round_trip_mid_run() -> None:
+    check_mid_run_reload(lambda: adagrad(0.1, lr_decay=0.01, initial_accumulator_value=0.1),
+                         torch.float32)
+    kw = dict(lr=0.1, lr_decay=0.01)
+    assert run_parity(torch.optim.Adagrad, adagrad(**kw), kw, torch.float64, False,
+                      reload_at=50) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(lr_decay=-0.1), "lr_decay"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(initial_accumulator_value=-1.0), "initial_accumulator_value"),
+        (dict(eps=-1.0), "eps"),
+    ],
+)
+def test_invalid_arguments_raise_like_torch(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError):
+        torch.optim.Adagrad([torch.zeros(1, requires_grad=True)], **kwargs)
+    with pytest.raises(ValueError, match=f"adagrad.*{match}"):
+        adagrad(**kwargs)
+
+
+def test_laws() -> None:
+    check_transformation(scale_by_adagrad(lr_decay=0.1, initial_accumulator_value=0.1),
+                         vmap=True, compile=True, compile_examples=2)
+    check_transformation(adagrad(0.1, weight_decay=0.1, maximize=True))
