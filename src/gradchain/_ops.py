@@ -123,6 +123,30 @@ def neg(xs: list[torch.Tensor]) -> TList:
     return [-x for x in xs]
 
 
+def abs(xs: list[torch.Tensor]) -> TList:
+    if _fe(xs):
+        return list(torch._foreach_abs(xs))
+    return [torch.abs(x) for x in xs]
+
+
+def sign(xs: list[torch.Tensor]) -> TList:
+    if _fe(xs):
+        return list(torch._foreach_sign(xs))
+    return [torch.sign(x) for x in xs]
+
+
+def rsqrt(xs: list[torch.Tensor]) -> TList:
+    if _fe(xs):
+        return list(torch._foreach_rsqrt(xs))
+    return [torch.rsqrt(x) for x in xs]
+
+
+def sub(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
+    if _fe(xs, ys):
+        return list(torch._foreach_sub(xs, ys))
+    return [x - y for x, y in zip(xs, ys)]
+
+
 def clamp(xs: list[torch.Tensor], lo: float, hi: float) -> TList:
     if _fe(xs):
         return list(torch._foreach_clamp_max(torch._foreach_clamp_min(xs, lo), hi))
@@ -294,6 +318,16 @@ def div_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
         torch._foreach_div_(xs, s)
         return xs
     return [x / s for x in xs]
+
+
+def rdiv_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
+    """``s / x`` for owned ``xs``, computed as ``1 / (x / s)`` (torch's RAdam order; a zero
+    ``s`` gives zeros, not nans, wherever ``x`` is nonzero)."""
+    if _fe(xs, scalar=s):
+        torch._foreach_div_(xs, s)
+        torch._foreach_reciprocal_(xs)
+        return xs
+    return [torch.reciprocal(x / s) for x in xs]
 
 
 def add_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:

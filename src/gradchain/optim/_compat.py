@@ -17,10 +17,12 @@ from gradchain.optimizers import ScaleByScheduleState, TraceState, add_decayed_w
 from gradchain.optimizers import _acc_dtype as acc_dtype
 from gradchain.optimizers import _as_scalar as as_scalar
 from gradchain.optimizers import _buffers_like as buffers_like
+from gradchain.optimizers import _check_betas as check_betas
 from gradchain.optimizers import _check_bool as as_bool
 from gradchain.optimizers import _check_finite as finite
 from gradchain.optimizers import _check_lr as check_lr
 from gradchain.optimizers import _check_nonneg as nonneg
+from gradchain.optimizers import _first_device as first_device
 from gradchain.optimizers import _groups as groups
 from gradchain.optimizers import _is_schedule as is_schedule
 from gradchain.optimizers import _next_count as safe_increment
@@ -36,7 +38,7 @@ from gradchain.tree import _known_bool as known_bool
 __all__ = [
     "EmptyState", "GradientTransformation", "Leaves", "ScaleByScheduleState", "TraceState",
     "acc_dtype", "add_decayed_weights", "as_bool", "as_scalar", "buffers_like", "chain",
-    "check_lr", "donation", "expect_state", "finite", "flatten", "groups", "in_range",
+    "check_betas", "check_lr", "donation", "expect_state", "finite", "first_device", "flatten", "groups", "in_range",
     "is_schedule", "known_bool", "leaf_paths", "nonneg", "pick", "safe_increment", "scale",
     "scale_by_learning_rate", "scalar_dtype", "scalar_for", "scatter", "state_scalar_dtype",
     "trace", "unflatten", "zero_count", "real",
