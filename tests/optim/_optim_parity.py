@@ -59,7 +59,7 @@ def run_parity(
     none_leaf: bool = False,
     scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     grad_scale: float = 1.0,
-    compare_state: Callable[[torch.optim.Optimizer, list[torch.Tensor], Any], float] | None = None,
+    compare_state: Callable[[torch.optim.Optimizer, dict[str, torch.Tensor], Any], float] | None = None,
     reload_at: int | None = None,
 ) -> float:
     """Max relative difference of the params (and of ``compare_state``'s figure) after
@@ -93,7 +93,7 @@ def run_parity(
         assert torch.equal(params["frozen"], tparams["frozen"].detach())
     err = rel_diff(params, tparams)
     if compare_state is not None:
-        err = max(err, compare_state(opt, list(tparams.values()), state))
+        err = max(err, compare_state(opt, tparams, state))
     return err
 
 

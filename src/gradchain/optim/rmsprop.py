@@ -1,0 +1,204 @@
+"""RMSprop: :func:`scale_by_rmsprop` and the ``torch.optim.RMSprop`` twin :func:`rmsprop`."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from gradchain import _ops
+from gradchain.optim._compat import (
+    GradientTransformation,
+    Leaves,
+    add_decayed_weights,
+    as_bool,
+    buffers_like,
+    chain,
+    check_lr,
+    donation,
+    expect_state,
+    groups,
+    nonneg,
+    pick,
+    safe_increment,
+    scale,
+    scale_by_learning_rate,
+    scatter,
+    trace,
+    zero_count,
+)
+
+__all__ = ["ScaleByRmspropState", "scale_by_rmsprop", "rmsprop"]
+
+
+class ScaleByRmspropState(NamedTuple):
+    """State of :func:`scale_by_rmsprop`.
+
+    Attributes:
+        count: int64 0-dim tensor, the number of updates done (torch's ``step``).
+        nu: running average of squared gradients (torch's ``square_avg``).
+        mu: running average of gradients (torch's ``grad_avg``) when ``centered``; the
+            empty tuple ``()`` otherwise.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> gc.scale_by_rmsprop(centered=True).init({"w": torch.zeros(1)})
+        ScaleByRmspropState(count=tensor(0), nu={'w': tensor([0.])}, mu={'w': tensor([0.])})
+    """
+
+    count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    nu: Any
+    mu: Any
+
+
+def scale_by_rmsprop(
+    alpha: float = 0.99, eps: float = 1e-8, centered: bool = False
+) -> GradientTransformation:
+    """RMSprop's direction, as in ``torch.optim.RMSprop``.
+
+    .. math::
+        v_t = \\alpha v_{t-1} + (1 - \\alpha) g_t^2, \\qquad
+        u_t = \\frac{g_t}{\\sqrt{v_t - \\bar g_t^2} + \\epsilon}
+
+    where :math:`\\bar g_t = \\alpha \\bar g_{t-1} + (1 - \\alpha) g_t` when ``centered``
+    (and :math:`\\bar g = 0` otherwise). Note ``eps`` is added outside the square root, as
+    torch does (optax's ``scale_by_rms`` adds it inside). Momentum is
+    :func:`~gradchain.trace` after this block (torch's ``buf = momentum * buf + u``).
+
+    Args:
+        alpha: smoothing constant (>= 0).
+        eps: added to the denominator (>= 0).
+        centered: normalise by the estimated variance instead of the second moment.
+
+    Returns:
+        A :class:`~gradchain.GradientTransformation` with state :class:`ScaleByRmspropState`.
+
+    Raises:
+        ValueError: for a negative ``alpha`` or ``eps``.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.scale_by_rmsprop(alpha=0.75, eps=0.0)
+        >>> params = {"w": torch.zeros(2)}
+        >>> tx.update({"w": torch.tensor([1.0, -4.0])}, tx.init(params))[0]  # g / sqrt(g^2 / 4)
+        {'w': tensor([ 2., -2.])}
+    """
+    fn = "scale_by_rmsprop"
+    alpha = nonneg(alpha, "alpha", "alpha value", fn)
+    eps = nonneg(eps, "eps", "epsilon value", fn)
+    centered = as_bool(centered, "centered", fn)
+
+    def init(params: Any) -> ScaleByRmspropState:
+        return ScaleByRmspropState(
+            count=zero_count(params),
+            nu=buffers_like(params),
+            mu=buffers_like(params) if centered else (),
+        )
+
+    def update(
+        updates: Any, state: ScaleByRmspropState, params: Any = None, **extra: Any
+    ) -> tuple[Any, ScaleByRmspropState]:
+        del params
+        expect_state(state, ScaleByRmspropState, fn)
+        donation(extra, fn)
+        view = Leaves(updates)
+        gs = view.values
+        nus: list[Any] = view.take(state.nu, "nu")
+        mus: list[Any] = view.take(state.mu, "mu") if centered else []
+        n = len(gs)
+        out: list[Any] = [None] * n
+        new_nu: list[Any] = [None] * n
+        new_mu: list[Any] = [None] * n
+        for idx in groups(nus):
+            v = pick(nus, idx)
+            g = _ops.cast(pick(gs, idx), [x.dtype for x in v])
+            v = _ops.addcmul_(_ops.mul(v, alpha), g, g, 1.0 - alpha)
+            if centered:
+                m = _ops.lerp(pick(mus, idx), g, 1.0 - alpha)
+                avg = _ops.sqrt(_ops.addcmul(v, m, m, -1.0))
+                scatter(new_mu, idx, m)
+            else:
+                avg = _ops.sqrt(v)
+            avg = _ops.add_scalar_(avg, eps)
+            u = _ops.div(g, avg)
+            scatter(out, idx, _ops.cast(u, [x.dtype for x in pick(gs, idx)]))
+            scatter(new_nu, idx, v)
+        return view.put(out), ScaleByRmspropState(
+            count=safe_increment(state.count),
+            nu=view.put_into(state.nu, new_nu),
+            mu=view.put_into(state.mu, new_mu) if centered else state.mu,
+        )
+
+    return GradientTransformation(init, update)
+
+
+def rmsprop(
+    lr: Any = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+    capturable: bool = False,
+    foreach: bool | None = None,
+    maximize: bool = False,
+    differentiable: bool = False,
+) -> GradientTransformation:
+    """RMSprop, as ``torch.optim.RMSprop`` (same arguments and defaults).
+
+    .. math::
+        g \\leftarrow \\pm g + \\lambda p, \\quad
+        d_t = \\frac{g}{\\sqrt{v_t - \\bar g_t^2} + \\epsilon}, \\quad
+        b_t = \\mu b_{t-1} + d_t, \\quad u = -\\eta_t\\, b_t
+
+    (:math:`b_t = d_t` without momentum, :math:`\\bar g = 0` unless ``centered``).
+
+    ``chain(scale(-1) if maximize, add_decayed_weights(weight_decay) if weight_decay,
+    scale_by_rmsprop(alpha, eps, centered), trace(momentum) if momentum,
+    scale_by_learning_rate(lr))``. ``foreach``, ``capturable`` and ``differentiable`` are
+    accepted and change nothing.
+
+    Args:
+        lr: learning rate: float, 1-element tensor, or schedule of the update count.
+        alpha: smoothing constant (>= 0).
+        eps: added to the denominator (>= 0).
+        weight_decay: L2 penalty added to the gradient (>= 0).
+        momentum: momentum factor (>= 0).
+        centered: normalise by the estimated variance of the gradient.
+        capturable, foreach, differentiable: accepted, no effect.
+        maximize: maximize the objective instead of minimizing.
+
+    Returns:
+        A :class:`~gradchain.GradientTransformation` (a chain).
+
+    Raises:
+        ValueError: for a negative ``lr``, ``alpha``, ``eps``, ``weight_decay`` or
+            ``momentum``, as torch does.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.rmsprop(lr=0.01, alpha=0.75)
+        >>> params = {"w": torch.tensor([1.0, -1.0])}
+        >>> updates, state = tx.update({"w": torch.tensor([1.0, -4.0])}, tx.init(params), params)
+        >>> gc.apply_updates(params, updates)["w"]
+        tensor([ 0.9800, -0.9800])
+    """
+    fn = "rmsprop"
+    maximize = as_bool(maximize, "maximize", fn)
+    centered = as_bool(centered, "centered", fn)
+    lr = check_lr(lr, fn)
+    eps = nonneg(eps, "eps", "epsilon value", fn)
+    momentum = nonneg(momentum, "momentum", "momentum value", fn)
+    weight_decay = nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    alpha = nonneg(alpha, "alpha", "alpha value", fn)
+    del capturable, foreach, differentiable
+    txs: list[GradientTransformation] = []
+    if maximize:
+        txs.append(scale(-1.0))
+    if weight_decay != 0:
+        txs.append(add_decayed_weights(weight_decay))
+    txs.append(scale_by_rmsprop(alpha, eps, centered))
+    if momentum > 0:
+        txs.append(trace(momentum))
+    txs.append(scale_by_learning_rate(lr))
+    return chain(*txs)
