@@ -13,7 +13,14 @@ import torch
 
 from gradchain.base import EmptyState, GradientTransformation, chain, donation
 from gradchain.base import _expect_state as expect_state
-from gradchain.optimizers import ScaleByScheduleState, TraceState, add_decayed_weights
+from gradchain.optimizers import (
+    ScaleByScheduleState,
+    TraceState,
+    add_decayed_weights,
+    scale,
+    scale_by_learning_rate,
+    trace,
+)
 from gradchain.optimizers import _acc_dtype as acc_dtype
 from gradchain.optimizers import _as_scalar as as_scalar
 from gradchain.optimizers import _buffers_like as buffers_like
@@ -31,7 +38,6 @@ from gradchain.optimizers import _scalar_dtype as scalar_dtype
 from gradchain.optimizers import _scalar_for as scalar_for
 from gradchain.optimizers import _scatter as scatter
 from gradchain.optimizers import _zero_count as zero_count
-from gradchain.optimizers import scale, scale_by_learning_rate, trace
 from gradchain.tree import Leaves, flatten, leaf_paths, unflatten
 from gradchain.tree import _known_bool as known_bool
 

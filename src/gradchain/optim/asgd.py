@@ -106,7 +106,7 @@ def scale_by_asgd(
     lambd = real(lambd, "lambd", fn)
     alpha = real(alpha, "alpha", fn)
     t0 = real(t0, "t0", fn)
-    schedule = lr if is_schedule(lr) else None
+    schedule: Any = lr if is_schedule(lr) else None
 
     def lr_at(count: torch.Tensor) -> Any:
         if schedule is None:

@@ -116,7 +116,7 @@ def scale_by_rprop(
             f"{fn}: learning_rate sets the initial per-element step sizes (torch.optim.Rprop "
             "ignores later learning-rate changes), so it cannot be a schedule; pass a float"
         )
-    lr = check_lr(learning_rate, fn)
+    lr: Any = check_lr(learning_rate, fn)
     etaminus, etaplus, lo, hi = _check_rprop(etas, step_sizes, fn)
 
     def init(params: Any) -> ScaleByRpropState:
