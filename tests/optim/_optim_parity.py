@@ -117,3 +117,35 @@ def check_mid_run_reload(tx_factory: Callable[[], gc.GradientTransformation], dt
         assert a.dtype == b.dtype and torch.equal(a, b)
     for leaf in optree.tree_leaves(s0):
         assert isinstance(leaf, torch.Tensor)
+
+
+def parity_table() -> list[tuple[str, float, float]]:
+    """(torch name, max float64 error, max float32 error) over every case of every
+    tests/optim/test_<name>.py grid: the figures quoted on the Optimizers docs page."""
+    import importlib
+
+    rows = []
+    for name, cls_name in [
+        ("adagrad", "Adagrad"), ("adadelta", "Adadelta"), ("adamax", "Adamax"),
+        ("nadam", "NAdam"), ("radam", "RAdam"), ("rmsprop", "RMSprop"), ("rprop", "Rprop"),
+        ("asgd", "ASGD"), ("adafactor", "Adafactor"), ("muon", "Muon"),
+    ]:
+        mod = importlib.import_module(f"test_{name}")
+        rule = getattr(importlib.import_module(f"gradchain.optim.{name}"), name)
+        cls = getattr(torch.optim, cls_name)
+        shapes = getattr(mod, "SHAPES", None)
+        worst = {}
+        for dtype in DTYPES:
+            worst[dtype] = max(
+                run_parity(cls, rule(**kw), kw, dtype, None if name == "muon" else False,
+                           shapes=shapes)
+                for kw in mod.CASES
+            )
+        rows.append((cls_name, worst[torch.float64], worst[torch.float32]))
+    return rows
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for cls_name, f64, f32 in parity_table():
+        print(f"{cls_name:10s} float64 {f64:.1e}  float32 {f32:.1e}")
