@@ -6,27 +6,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gradchain import _ops
-from gradchain.optim._compat import (
-    GradientTransformation,
-    Leaves,
-    add_decayed_weights,
-    as_bool,
-    buffers_like,
-    chain,
-    check_lr,
-    donation,
-    expect_state,
-    groups,
-    in_range,
-    nonneg,
-    pick,
-    safe_increment,
-    scale,
-    scale_by_learning_rate,
-    scatter,
-    zero_count,
-)
+from gradchain import _checks, _ops
+from gradchain._tree import Leaves
+from gradchain.base import GradientTransformation, donation, expect_state
+from gradchain.combine import chain
+from gradchain.transforms import add_decayed_weights, scale, scale_by_learning_rate
 
 __all__ = ["ScaleByAdadeltaState", "scale_by_adadelta", "adadelta"]
 
@@ -78,12 +62,12 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
         {'w': tensor([0.])}
     """
     fn = "scale_by_adadelta"
-    rho = in_range(rho, "rho", fn, 0.0, 1.0)
-    eps = nonneg(eps, "eps", "epsilon value", fn)
+    rho = _checks.in_range(rho, "rho", fn, 0.0, 1.0)
+    eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
 
     def init(params: Any) -> ScaleByAdadeltaState:
         return ScaleByAdadeltaState(
-            count=zero_count(params), square_avg=buffers_like(params), acc_delta=buffers_like(params)
+            count=_ops.zero_count(params), square_avg=_ops.buffers_like(params), acc_delta=_ops.buffers_like(params)
         )
 
     def update(
@@ -100,20 +84,20 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
         out: list[Any] = [None] * n
         new_sq: list[Any] = [None] * n
         new_acc: list[Any] = [None] * n
-        for idx in groups(sqs):
-            v = pick(sqs, idx)
-            a = pick(accs, idx)
-            g = _ops.cast(pick(gs, idx), [x.dtype for x in v])
+        for idx in _ops.groups(sqs):
+            v = _ops.pick(sqs, idx)
+            a = _ops.pick(accs, idx)
+            g = _ops.cast(_ops.pick(gs, idx), [x.dtype for x in v])
             v = _ops.addcmul_(_ops.mul(v, rho), g, g, 1.0 - rho)
             std = _ops.sqrt(_ops.add_scalar(v, eps))
             delta = _ops.sqrt(_ops.add_scalar(a, eps))
             delta = _ops.mul_list_(_ops.div_(delta, std), g)
             a = _ops.addcmul_(_ops.mul(a, rho), delta, delta, 1.0 - rho)
-            scatter(out, idx, _ops.cast(delta, [x.dtype for x in pick(gs, idx)]))
-            scatter(new_sq, idx, v)
-            scatter(new_acc, idx, a)
+            _ops.scatter(out, idx, _ops.cast(delta, [x.dtype for x in _ops.pick(gs, idx)]))
+            _ops.scatter(new_sq, idx, v)
+            _ops.scatter(new_acc, idx, a)
         return view.put(out), ScaleByAdadeltaState(
-            count=safe_increment(state.count),
+            count=_ops.safe_increment(state.count),
             square_avg=view.put_into(state.square_avg, new_sq),
             acc_delta=view.put_into(state.acc_delta, new_acc),
         )
@@ -169,11 +153,11 @@ def adadelta(
         tensor([-0.0032])
     """
     fn = "adadelta"
-    maximize = as_bool(maximize, "maximize", fn)
-    lr = check_lr(lr, fn)
-    in_range(rho, "rho", fn, 0.0, 1.0)
-    nonneg(eps, "eps", "epsilon value", fn)
-    weight_decay = nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    maximize = _checks.as_bool(maximize, "maximize", fn)
+    lr = _checks.check_lr(lr, fn)
+    _checks.in_range(rho, "rho", fn, 0.0, 1.0)
+    _checks.nonneg(eps, "eps", "epsilon value", fn)
+    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
     del foreach, capturable, differentiable
     txs: list[GradientTransformation] = []
     if maximize:

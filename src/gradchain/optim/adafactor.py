@@ -9,23 +9,11 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from gradchain.optim._compat import (
-    GradientTransformation,
-    Leaves,
-    acc_dtype,
-    as_bool,
-    chain,
-    check_lr,
-    donation,
-    expect_state,
-    is_schedule,
-    nonneg,
-    real,
-    safe_increment,
-    scalar_dtype,
-    scale,
-    zero_count,
-)
+from gradchain import _checks, _ops
+from gradchain._tree import Leaves
+from gradchain.base import GradientTransformation, donation, expect_state
+from gradchain.combine import chain
+from gradchain.transforms import scale
 
 __all__ = ["ScaleByAdafactorState", "scale_by_adafactor", "adafactor"]
 
@@ -59,7 +47,7 @@ class ScaleByAdafactorState(NamedTuple):
 
 
 def _empty(p: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(0, dtype=acc_dtype(p.dtype), device=p.device)
+    return torch.zeros(0, dtype=_ops.acc_dtype(p.dtype), device=p.device)
 
 
 def scale_by_adafactor(
@@ -127,9 +115,9 @@ def scale_by_adafactor(
                 [-0.1000, -0.1000]])
     """
     fn = "scale_by_adafactor"
-    lr: Any = check_lr(learning_rate, fn)
+    lr: Any = _checks.check_lr(learning_rate, fn)
     beta2_decay, eps1, eps2, d, weight_decay = _check(beta2_decay, eps, d, weight_decay, fn)
-    schedule: Any = lr if is_schedule(lr) else None
+    schedule: Any = lr if _checks.is_schedule(lr) else None
 
     def init(params: Any) -> ScaleByAdafactorState:
         def row(p: Any) -> Any:
@@ -137,7 +125,7 @@ def scale_by_adafactor(
                 return None
             if p.dim() < 2:
                 return _empty(p)
-            return torch.zeros((*p.shape[:-1], 1), dtype=acc_dtype(p.dtype), device=p.device)
+            return torch.zeros((*p.shape[:-1], 1), dtype=_ops.acc_dtype(p.dtype), device=p.device)
 
         def col(p: Any) -> Any:
             if p is None:
@@ -145,17 +133,17 @@ def scale_by_adafactor(
             if p.dim() < 2:
                 return _empty(p)
             shape = (*p.shape[:-2], 1, p.shape[-1])
-            return torch.zeros(shape, dtype=acc_dtype(p.dtype), device=p.device)
+            return torch.zeros(shape, dtype=_ops.acc_dtype(p.dtype), device=p.device)
 
         def var(p: Any) -> Any:
             if p is None:
                 return None
             if p.dim() >= 2:
                 return _empty(p)
-            return torch.zeros_like(p, dtype=acc_dtype(p.dtype))
+            return torch.zeros_like(p, dtype=_ops.acc_dtype(p.dtype))
 
         return ScaleByAdafactorState(
-            count=zero_count(params),
+            count=_ops.zero_count(params),
             row=optree.tree_map(row, params, none_is_leaf=True),
             col=optree.tree_map(col, params, none_is_leaf=True),
             variance=optree.tree_map(var, params, none_is_leaf=True),
@@ -177,8 +165,8 @@ def scale_by_adafactor(
                 "parameters, call tx.update(grads, state, params)"
             )
         ps: list[Any] = view.take(params, "params", dtype=False) if gs else []
-        count = safe_increment(state.count)
-        step = count.to(scalar_dtype(count.device))
+        count = _ops.safe_increment(state.count)
+        step = count.to(_ops.scalar_dtype(count.device))
         rate = schedule(state.count) if schedule is not None else lr
         rate = torch.as_tensor(rate, dtype=step.dtype, device=step.device)
         one_minus_beta2 = step**beta2_decay
@@ -227,17 +215,17 @@ def scale_by_adafactor(
 def _check(
     beta2_decay: Any, eps: Any, d: Any, weight_decay: Any, fn: str
 ) -> tuple[float, float | None, float, float, float]:
-    beta2_decay = real(beta2_decay, "beta2_decay", fn)
+    beta2_decay = _checks.as_float(beta2_decay, "beta2_decay", fn)
     if not beta2_decay <= 0.0:
         raise ValueError(f"{fn}: invalid beta2_decay={beta2_decay}; expected beta2_decay <= 0")
     if not isinstance(eps, (tuple, list)) or len(eps) != 2:
         raise ValueError(f"{fn}: eps must be a pair (eps1 or None, eps2), got {eps!r}")
-    eps1 = None if eps[0] is None else nonneg(eps[0], "eps[0]", "epsilon value", fn)
-    eps2 = nonneg(eps[1], "eps[1]", "epsilon value", fn)
-    d = real(d, "d", fn)
+    eps1 = None if eps[0] is None else _checks.nonneg(eps[0], "eps[0]", "epsilon value", fn)
+    eps2 = _checks.nonneg(eps[1], "eps[1]", "epsilon value", fn)
+    d = _checks.as_float(d, "d", fn)
     if not d >= 1.0:
         raise ValueError(f"{fn}: invalid clipping threshold d={d}; expected d >= 1")
-    weight_decay = nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
     return beta2_decay, eps1, eps2, d, weight_decay
 
 
@@ -284,8 +272,8 @@ def adafactor(
         tensor([0.9000, 1.1000])
     """
     fn = "adafactor"
-    maximize = as_bool(maximize, "maximize", fn)
-    lr = check_lr(lr, fn)
+    maximize = _checks.as_bool(maximize, "maximize", fn)
+    lr = _checks.check_lr(lr, fn)
     _check(beta2_decay, eps, d, weight_decay, fn)
     del foreach
     txs: list[GradientTransformation] = []

@@ -7,28 +7,11 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from gradchain import _ops
-from gradchain.optim._compat import (
-    GradientTransformation,
-    Leaves,
-    acc_dtype,
-    add_decayed_weights,
-    as_bool,
-    chain,
-    check_lr,
-    donation,
-    expect_state,
-    groups,
-    nonneg,
-    pick,
-    safe_increment,
-    scalar_dtype,
-    scalar_for,
-    scale,
-    scale_by_learning_rate,
-    scatter,
-    zero_count,
-)
+from gradchain import _checks, _ops
+from gradchain._tree import Leaves
+from gradchain.base import GradientTransformation, donation, expect_state
+from gradchain.combine import chain
+from gradchain.transforms import add_decayed_weights, scale, scale_by_learning_rate
 
 __all__ = ["ScaleByAdagradState", "scale_by_adagrad", "adagrad"]
 
@@ -86,22 +69,22 @@ def scale_by_adagrad(
         tensor([ 1., -1.])
     """
     fn = "scale_by_adagrad"
-    lr_decay = nonneg(lr_decay, "lr_decay", "lr_decay value", fn)
-    initial_accumulator_value = nonneg(
+    lr_decay = _checks.nonneg(lr_decay, "lr_decay", "lr_decay value", fn)
+    initial_accumulator_value = _checks.nonneg(
         initial_accumulator_value, "initial_accumulator_value", "initial_accumulator_value", fn
     )
-    eps = nonneg(eps, "eps", "epsilon value", fn)
+    eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
 
     def init(params: Any) -> ScaleByAdagradState:
         sums = optree.tree_map(
             lambda p: None if p is None else torch.full_like(
-                p, initial_accumulator_value, dtype=acc_dtype(p.dtype),
+                p, initial_accumulator_value, dtype=_ops.acc_dtype(p.dtype),
                 memory_format=torch.preserve_format,
             ),
             params,
             none_is_leaf=True,
         )
-        return ScaleByAdagradState(count=zero_count(params), sum_of_squares=sums)
+        return ScaleByAdagradState(count=_ops.zero_count(params), sum_of_squares=sums)
 
     def update(
         updates: Any, state: ScaleByAdagradState, params: Any = None, **extra: Any
@@ -112,23 +95,23 @@ def scale_by_adagrad(
         view = Leaves(updates)
         gs = view.values
         sums: list[Any] = view.take(state.sum_of_squares, "sum_of_squares")
-        count = safe_increment(state.count)
+        count = _ops.safe_increment(state.count)
         decay = None
         if lr_decay != 0.0:
-            step = count.to(scalar_dtype(count.device))
+            step = count.to(_ops.scalar_dtype(count.device))
             decay = 1.0 / (1.0 + (step - 1.0) * lr_decay)
         out: list[Any] = [None] * len(gs)
         new: list[Any] = [None] * len(gs)
-        for idx in groups(sums):
-            s = pick(sums, idx)
-            g = _ops.cast(pick(gs, idx), [x.dtype for x in s])
+        for idx in _ops.groups(sums):
+            s = _ops.pick(sums, idx)
+            g = _ops.cast(_ops.pick(gs, idx), [x.dtype for x in s])
             s = _ops.addcmul(s, g, g, 1.0)
             std = _ops.add_scalar_(_ops.sqrt(s), eps)
             u = _ops.div(g, std)
             if decay is not None:
-                u = _ops.mul_(u, scalar_for(decay, s[0]))
-            scatter(out, idx, _ops.cast(u, [x.dtype for x in pick(gs, idx)]))
-            scatter(new, idx, s)
+                u = _ops.mul_(u, _ops.scalar_for(decay, s[0]))
+            _ops.scatter(out, idx, _ops.cast(u, [x.dtype for x in _ops.pick(gs, idx)]))
+            _ops.scatter(new, idx, s)
         return view.put(out), ScaleByAdagradState(
             count=count, sum_of_squares=view.put_into(state.sum_of_squares, new)
         )
@@ -186,9 +169,9 @@ def adagrad(
         tensor([ 0.9000, -0.9000])
     """
     fn = "adagrad"
-    maximize = as_bool(maximize, "maximize", fn)
-    lr = check_lr(lr, fn)
-    weight_decay = nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    maximize = _checks.as_bool(maximize, "maximize", fn)
+    lr = _checks.check_lr(lr, fn)
+    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
     txs: list[GradientTransformation] = []
     if maximize:
         txs.append(scale(-1.0))

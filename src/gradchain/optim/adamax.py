@@ -6,30 +6,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gradchain import _ops
-from gradchain.optim._compat import (
-    GradientTransformation,
-    Leaves,
-    add_decayed_weights,
-    as_bool,
-    buffers_like,
-    chain,
-    check_betas,
-    check_lr,
-    donation,
-    expect_state,
-    groups,
-    in_range,
-    nonneg,
-    pick,
-    safe_increment,
-    scalar_dtype,
-    scalar_for,
-    scale,
-    scale_by_learning_rate,
-    scatter,
-    zero_count,
-)
+from gradchain import _checks, _ops
+from gradchain._tree import Leaves
+from gradchain.base import GradientTransformation, donation, expect_state
+from gradchain.combine import chain
+from gradchain.transforms import add_decayed_weights, scale, scale_by_learning_rate
 
 __all__ = ["ScaleByAdamaxState", "scale_by_adamax", "adamax"]
 
@@ -86,13 +67,13 @@ def scale_by_adamax(
         {'w': tensor([ 1., -1.])}
     """
     fn = "scale_by_adamax"
-    b1 = in_range(b1, "b1", fn, 0.0, 1.0, hi_open=True)
-    b2 = in_range(b2, "b2", fn, 0.0, 1.0, hi_open=True)
-    eps = nonneg(eps, "eps", "epsilon value", fn)
+    b1 = _checks.in_range(b1, "b1", fn, 0.0, 1.0, hi_open=True)
+    b2 = _checks.in_range(b2, "b2", fn, 0.0, 1.0, hi_open=True)
+    eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
 
     def init(params: Any) -> ScaleByAdamaxState:
         return ScaleByAdamaxState(
-            count=zero_count(params), mu=buffers_like(params), inf_norm=buffers_like(params)
+            count=_ops.zero_count(params), mu=_ops.buffers_like(params), inf_norm=_ops.buffers_like(params)
         )
 
     def update(
@@ -105,22 +86,22 @@ def scale_by_adamax(
         gs = view.values
         mus: list[Any] = view.take(state.mu, "mu")
         infs: list[Any] = view.take(state.inf_norm, "inf_norm")
-        count = safe_increment(state.count)
-        step = count.to(scalar_dtype(count.device))
+        count = _ops.safe_increment(state.count)
+        step = count.to(_ops.scalar_dtype(count.device))
         bias_correction = 1.0 - b1**step
         n = len(gs)
         out: list[Any] = [None] * n
         new_mu: list[Any] = [None] * n
         new_inf: list[Any] = [None] * n
-        for idx in groups(mus):
-            m = pick(mus, idx)
-            g = _ops.cast(pick(gs, idx), [x.dtype for x in m])
+        for idx in _ops.groups(mus):
+            m = _ops.pick(mus, idx)
+            g = _ops.cast(_ops.pick(gs, idx), [x.dtype for x in m])
             m = _ops.lerp(m, g, 1.0 - b1)
-            u = _ops.maximum_(_ops.mul(pick(infs, idx), b2), _ops.add_scalar_(_ops.abs(g), eps))
-            d = _ops.div_scalar_(_ops.div(m, u), scalar_for(bias_correction, m[0]))
-            scatter(out, idx, _ops.cast(d, [x.dtype for x in pick(gs, idx)]))
-            scatter(new_mu, idx, m)
-            scatter(new_inf, idx, u)
+            u = _ops.maximum_(_ops.mul(_ops.pick(infs, idx), b2), _ops.add_scalar_(_ops.abs(g), eps))
+            d = _ops.div_scalar_(_ops.div(m, u), _ops.scalar_for(bias_correction, m[0]))
+            _ops.scatter(out, idx, _ops.cast(d, [x.dtype for x in _ops.pick(gs, idx)]))
+            _ops.scatter(new_mu, idx, m)
+            _ops.scatter(new_inf, idx, u)
         return view.put(out), ScaleByAdamaxState(
             count=count,
             mu=view.put_into(state.mu, new_mu),
@@ -177,11 +158,11 @@ def adamax(
         tensor([ 0.9000, -0.9000])
     """
     fn = "adamax"
-    maximize = as_bool(maximize, "maximize", fn)
-    lr = check_lr(lr, fn)
-    eps = nonneg(eps, "eps", "epsilon value", fn)
-    b1, b2 = check_betas(betas, fn)
-    weight_decay = nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    maximize = _checks.as_bool(maximize, "maximize", fn)
+    lr = _checks.check_lr(lr, fn)
+    eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
+    b1, b2 = _checks.betas(betas, fn)
+    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
     del foreach, differentiable, capturable
     txs: list[GradientTransformation] = []
     if maximize:

@@ -6,31 +6,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gradchain import _ops
-from gradchain.optim._compat import (
-    GradientTransformation,
-    Leaves,
-    add_decayed_weights,
-    as_bool,
-    buffers_like,
-    chain,
-    check_lr,
-    donation,
-    expect_state,
-    first_device,
-    groups,
-    is_schedule,
-    nonneg,
-    pick,
-    real,
-    safe_increment,
-    scalar_dtype,
-    scalar_for,
-    scale,
-    scatter,
-    state_scalar_dtype,
-    zero_count,
-)
+from gradchain import _checks, _ops
+from gradchain._tree import Leaves
+from gradchain.base import GradientTransformation, donation, expect_state
+from gradchain.combine import chain
+from gradchain.transforms import add_decayed_weights, scale
 
 __all__ = ["ScaleByAsgdState", "scale_by_asgd", "asgd"]
 
@@ -102,11 +82,11 @@ def scale_by_asgd(
         (tensor([-0.2000]), tensor([0.8000]))
     """
     fn = "scale_by_asgd"
-    lr = check_lr(learning_rate, fn)
-    lambd = real(lambd, "lambd", fn)
-    alpha = real(alpha, "alpha", fn)
-    t0 = real(t0, "t0", fn)
-    schedule: Any = lr if is_schedule(lr) else None
+    lr = _checks.check_lr(learning_rate, fn)
+    lambd = _checks.as_float(lambd, "lambd", fn)
+    alpha = _checks.as_float(alpha, "alpha", fn)
+    t0 = _checks.as_float(t0, "t0", fn)
+    schedule: Any = lr if _checks.is_schedule(lr) else None
 
     def lr_at(count: torch.Tensor) -> Any:
         if schedule is None:
@@ -114,15 +94,15 @@ def scale_by_asgd(
         return schedule(count)  # type: ignore[operator]
 
     def init(params: Any) -> ScaleByAsgdState:
-        dtype = state_scalar_dtype()
-        count = zero_count(params)
+        dtype = _ops.state_scalar_dtype()
+        count = _ops.zero_count(params)
         first = lr_at(count)
         eta = (first.detach() if isinstance(first, torch.Tensor) else torch.tensor(first))
         return ScaleByAsgdState(
             count=count,
-            eta=eta.to(device=first_device(params), dtype=dtype, copy=True).reshape(()),
-            mu=torch.ones((), dtype=dtype, device=first_device(params)),
-            ax=buffers_like(params),
+            eta=eta.to(device=_ops.first_device(params), dtype=dtype, copy=True).reshape(()),
+            mu=torch.ones((), dtype=dtype, device=_ops.first_device(params)),
+            ax=_ops.buffers_like(params),
         )
 
     def update(
@@ -142,21 +122,21 @@ def scale_by_asgd(
         n = len(gs)
         out: list[Any] = [None] * n
         new_ax: list[Any] = [None] * n
-        for idx in groups(axs):
-            ax = pick(axs, idx)
+        for idx in _ops.groups(axs):
+            ax = _ops.pick(axs, idx)
             like = ax[0]
-            g = _ops.cast(pick(gs, idx), [x.dtype for x in ax])
-            p = _ops.cast(pick(ps, idx), [x.dtype for x in ax])
-            eta = scalar_for(state.eta, like)
+            g = _ops.cast(_ops.pick(gs, idx), [x.dtype for x in ax])
+            p = _ops.cast(_ops.pick(ps, idx), [x.dtype for x in ax])
+            eta = _ops.scalar_for(state.eta, like)
             u = _ops.mul_(_ops.add(g, p, alpha=lambd), -eta)
             new_p = _ops.add(p, u)
             ax = _ops.add_(
-                _ops.mul_(_ops.sub(new_p, ax), scalar_for(state.mu, like)), ax
+                _ops.mul_(_ops.sub(new_p, ax), _ops.scalar_for(state.mu, like)), ax
             )
-            scatter(out, idx, _ops.cast(u, [x.dtype for x in pick(gs, idx)]))
-            scatter(new_ax, idx, ax)
-        count = safe_increment(state.count)
-        step = count.to(scalar_dtype(count.device))
+            _ops.scatter(out, idx, _ops.cast(u, [x.dtype for x in _ops.pick(gs, idx)]))
+            _ops.scatter(new_ax, idx, ax)
+        count = _ops.safe_increment(state.count)
+        step = count.to(_ops.scalar_dtype(count.device))
         rate = lr_at(state.count)
         rate = rate.to(step) if isinstance(rate, torch.Tensor) else rate
         new_eta = rate / ((1.0 + lambd * rate * step) ** alpha)
@@ -224,9 +204,9 @@ def asgd(
         (tensor([0.8000]), tensor([0.8000]))
     """
     fn = "asgd"
-    maximize = as_bool(maximize, "maximize", fn)
-    lr = check_lr(lr, fn)
-    weight_decay = nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    maximize = _checks.as_bool(maximize, "maximize", fn)
+    lr = _checks.check_lr(lr, fn)
+    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
     del foreach, differentiable, capturable
     txs: list[GradientTransformation] = []
     if maximize:

@@ -21,24 +21,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gradchain.optim._compat import (
-    GradientTransformation,
-    Leaves,
-    add_decayed_weights,
-    as_bool,
-    buffers_like,
-    chain,
-    check_lr,
-    donation,
-    expect_state,
-    flatten,
-    leaf_paths,
-    nonneg,
-    real,
-    safe_increment,
-    scale_by_learning_rate,
-    zero_count,
-)
+from gradchain import _checks, _ops
+from gradchain._tree import Leaves, flatten, leaf_paths
+from gradchain.base import GradientTransformation, donation, expect_state
+from gradchain.combine import chain
+from gradchain.transforms import add_decayed_weights, scale_by_learning_rate
 
 __all__ = ["ScaleByMuonState", "scale_by_muon", "muon"]
 
@@ -111,12 +98,12 @@ def _check(
     momentum: Any, nesterov: Any, ns_coefficients: Any, eps: Any, ns_steps: Any,
     adjust_lr_fn: Any, fn: str,
 ) -> tuple[float, bool, tuple[float, float, float], float, int]:
-    momentum = nonneg(momentum, "momentum", "momentum value", fn)
-    nesterov = as_bool(nesterov, "nesterov", fn)
+    momentum = _checks.nonneg(momentum, "momentum", "momentum value", fn)
+    nesterov = _checks.as_bool(nesterov, "nesterov", fn)
     if not isinstance(ns_coefficients, (tuple, list)) or len(ns_coefficients) != 3:
         raise ValueError(f"{fn}: ns_coefficients must be 3 floats (a, b, c), got {ns_coefficients!r}")
-    coefs = tuple(real(x, "ns_coefficients", fn) for x in ns_coefficients)
-    eps = real(eps, "eps", fn)
+    coefs = tuple(_checks.as_float(x, "ns_coefficients", fn) for x in ns_coefficients)
+    eps = _checks.as_float(eps, "eps", fn)
     if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 0 <= ns_steps < 100:
         raise ValueError(f"{fn}: invalid ns_steps={ns_steps!r}; expected an int, 0 <= ns_steps < 100")
     if adjust_lr_fn not in _ADJUST:
@@ -204,7 +191,7 @@ def scale_by_muon(
 
     def init(params: Any) -> ScaleByMuonState:
         _require_matrices(params, fn)
-        return ScaleByMuonState(count=zero_count(params), momentum=buffers_like(params))
+        return ScaleByMuonState(count=_ops.zero_count(params), momentum=_ops.buffers_like(params))
 
     def update(
         updates: Any, state: ScaleByMuonState, params: Any = None, **extra: Any
@@ -226,7 +213,7 @@ def scale_by_muon(
             out.append(u.to(g.dtype))
             new.append(buf)
         return view.put(out), ScaleByMuonState(
-            count=safe_increment(state.count), momentum=view.put_into(state.momentum, new)
+            count=_ops.safe_increment(state.count), momentum=view.put_into(state.momentum, new)
         )
 
     return GradientTransformation(init, update)
@@ -282,8 +269,8 @@ def muon(
                 [-0.0000, -0.1125]])
     """
     fn = "muon"
-    lr = check_lr(lr, fn)
-    weight_decay = nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    lr = _checks.check_lr(lr, fn)
+    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
     _check(momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, fn)
     txs: list[GradientTransformation] = [
         scale_by_muon(momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn)

@@ -6,32 +6,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gradchain import _ops
-from gradchain.optim._compat import (
-    GradientTransformation,
-    Leaves,
-    add_decayed_weights,
-    as_bool,
-    buffers_like,
-    chain,
-    check_betas,
-    check_lr,
-    donation,
-    expect_state,
-    first_device,
-    groups,
-    in_range,
-    nonneg,
-    pick,
-    safe_increment,
-    scalar_dtype,
-    scalar_for,
-    scale,
-    scale_by_learning_rate,
-    scatter,
-    state_scalar_dtype,
-    zero_count,
-)
+from gradchain import _checks, _ops
+from gradchain._tree import Leaves
+from gradchain.base import GradientTransformation, donation, expect_state
+from gradchain.combine import chain
+from gradchain.transforms import add_decayed_weights, scale, scale_by_learning_rate
 
 __all__ = ["ScaleByNadamState", "scale_by_nadam", "nadam"]
 
@@ -101,17 +80,17 @@ def scale_by_nadam(
         tensor([ 1.0565, -1.0565])
     """
     fn = "scale_by_nadam"
-    b1 = in_range(b1, "b1", fn, 0.0, 1.0, hi_open=True)
-    b2 = in_range(b2, "b2", fn, 0.0, 1.0, hi_open=True)
-    eps = nonneg(eps, "eps", "epsilon value", fn)
-    momentum_decay = nonneg(momentum_decay, "momentum_decay", "momentum_decay value", fn)
+    b1 = _checks.in_range(b1, "b1", fn, 0.0, 1.0, hi_open=True)
+    b2 = _checks.in_range(b2, "b2", fn, 0.0, 1.0, hi_open=True)
+    eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
+    momentum_decay = _checks.nonneg(momentum_decay, "momentum_decay", "momentum_decay value", fn)
 
     def init(params: Any) -> ScaleByNadamState:
         return ScaleByNadamState(
-            count=zero_count(params),
-            mu_product=torch.ones((), dtype=state_scalar_dtype(), device=first_device(params)),
-            mu=buffers_like(params),
-            nu=buffers_like(params),
+            count=_ops.zero_count(params),
+            mu_product=torch.ones((), dtype=_ops.state_scalar_dtype(), device=_ops.first_device(params)),
+            mu=_ops.buffers_like(params),
+            nu=_ops.buffers_like(params),
         )
 
     def update(
@@ -124,8 +103,8 @@ def scale_by_nadam(
         gs = view.values
         mus: list[Any] = view.take(state.mu, "mu")
         nus: list[Any] = view.take(state.nu, "nu")
-        count = safe_increment(state.count)
-        step = count.to(scalar_dtype(count.device))
+        count = _ops.safe_increment(state.count)
+        step = count.to(_ops.scalar_dtype(count.device))
         bias_correction2 = 1.0 - b2**step
         mu = b1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
         mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((step + 1.0) * momentum_decay))
@@ -138,22 +117,22 @@ def scale_by_nadam(
         out: list[Any] = [None] * n
         new_mu: list[Any] = [None] * n
         new_nu: list[Any] = [None] * n
-        for idx in groups(mus):
-            m = pick(mus, idx)
-            g = _ops.cast(pick(gs, idx), [x.dtype for x in m])
+        for idx in _ops.groups(mus):
+            m = _ops.pick(mus, idx)
+            g = _ops.cast(_ops.pick(gs, idx), [x.dtype for x in m])
             m = _ops.lerp(m, g, 1.0 - b1)
-            v = _ops.addcmul_(_ops.mul(pick(nus, idx), b2), g, g, 1.0 - b2)
+            v = _ops.addcmul_(_ops.mul(_ops.pick(nus, idx), b2), g, g, 1.0 - b2)
             like = m[0]
             denom = _ops.add_scalar_(
-                _ops.sqrt(_ops.div_scalar(v, scalar_for(bias_correction2, like))), eps
+                _ops.sqrt(_ops.div_scalar(v, _ops.scalar_for(bias_correction2, like))), eps
             )
             num = _ops.add_(
-                _ops.mul(g, scalar_for(coef_g, like)), _ops.mul(m, scalar_for(coef_m, like))
+                _ops.mul(g, _ops.scalar_for(coef_g, like)), _ops.mul(m, _ops.scalar_for(coef_m, like))
             )
             d = _ops.div_(num, denom)
-            scatter(out, idx, _ops.cast(d, [x.dtype for x in pick(gs, idx)]))
-            scatter(new_mu, idx, m)
-            scatter(new_nu, idx, v)
+            _ops.scatter(out, idx, _ops.cast(d, [x.dtype for x in _ops.pick(gs, idx)]))
+            _ops.scatter(new_mu, idx, m)
+            _ops.scatter(new_nu, idx, v)
         return view.put(out), ScaleByNadamState(
             count=count,
             mu_product=mu_product,
@@ -218,13 +197,13 @@ def nadam(
         tensor([ 0.8944, -0.8944])
     """
     fn = "nadam"
-    maximize = as_bool(maximize, "maximize", fn)
-    decoupled_weight_decay = as_bool(decoupled_weight_decay, "decoupled_weight_decay", fn)
-    lr = check_lr(lr, fn)
-    eps = nonneg(eps, "eps", "epsilon value", fn)
-    b1, b2 = check_betas(betas, fn)
-    weight_decay = nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
-    momentum_decay = nonneg(momentum_decay, "momentum_decay", "momentum_decay value", fn)
+    maximize = _checks.as_bool(maximize, "maximize", fn)
+    decoupled_weight_decay = _checks.as_bool(decoupled_weight_decay, "decoupled_weight_decay", fn)
+    lr = _checks.check_lr(lr, fn)
+    eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
+    b1, b2 = _checks.betas(betas, fn)
+    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    momentum_decay = _checks.nonneg(momentum_decay, "momentum_decay", "momentum_decay value", fn)
     del foreach, capturable, differentiable
     txs: list[GradientTransformation] = []
     if maximize:

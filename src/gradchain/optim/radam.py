@@ -6,30 +6,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gradchain import _ops
-from gradchain.optim._compat import (
-    GradientTransformation,
-    Leaves,
-    add_decayed_weights,
-    as_bool,
-    buffers_like,
-    chain,
-    check_betas,
-    check_lr,
-    donation,
-    expect_state,
-    groups,
-    in_range,
-    nonneg,
-    pick,
-    safe_increment,
-    scalar_dtype,
-    scalar_for,
-    scale,
-    scale_by_learning_rate,
-    scatter,
-    zero_count,
-)
+from gradchain import _checks, _ops
+from gradchain._tree import Leaves
+from gradchain.base import GradientTransformation, donation, expect_state
+from gradchain.combine import chain
+from gradchain.transforms import add_decayed_weights, scale, scale_by_learning_rate
 
 __all__ = ["ScaleByRadamState", "scale_by_radam", "radam"]
 
@@ -94,14 +75,14 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gra
         tensor([ 1., -2.])
     """
     fn = "scale_by_radam"
-    b1 = in_range(b1, "b1", fn, 0.0, 1.0, hi_open=True)
-    b2 = in_range(b2, "b2", fn, 0.0, 1.0, hi_open=True)
-    eps = nonneg(eps, "eps", "epsilon value", fn)
+    b1 = _checks.in_range(b1, "b1", fn, 0.0, 1.0, hi_open=True)
+    b2 = _checks.in_range(b2, "b2", fn, 0.0, 1.0, hi_open=True)
+    eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
     rho_inf = 2.0 / (1.0 - b2) - 1.0
 
     def init(params: Any) -> ScaleByRadamState:
         return ScaleByRadamState(
-            count=zero_count(params), mu=buffers_like(params), nu=buffers_like(params)
+            count=_ops.zero_count(params), mu=_ops.buffers_like(params), nu=_ops.buffers_like(params)
         )
 
     def update(
@@ -114,8 +95,8 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gra
         gs = view.values
         mus: list[Any] = view.take(state.mu, "mu")
         nus: list[Any] = view.take(state.nu, "nu")
-        count = safe_increment(state.count)
-        step = count.to(scalar_dtype(count.device))
+        count = _ops.safe_increment(state.count)
+        step = count.to(_ops.scalar_dtype(count.device))
         b2t = b2**step
         bias_correction1 = 1.0 - b1**step
         bias_correction2 = 1.0 - b2t
@@ -133,20 +114,20 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gra
         out: list[Any] = [None] * n
         new_mu: list[Any] = [None] * n
         new_nu: list[Any] = [None] * n
-        for idx in groups(mus):
-            m = pick(mus, idx)
-            g = _ops.cast(pick(gs, idx), [x.dtype for x in m])
+        for idx in _ops.groups(mus):
+            m = _ops.pick(mus, idx)
+            g = _ops.cast(_ops.pick(gs, idx), [x.dtype for x in m])
             m = _ops.lerp(m, g, 1.0 - b1)
-            v = _ops.addcmul_(_ops.mul(pick(nus, idx), b2), g, g, 1.0 - b2)
+            v = _ops.addcmul_(_ops.mul(_ops.pick(nus, idx), b2), g, g, 1.0 - b2)
             like = m[0]
             # torch's foreach form: m / bc1 * (adaptive / (sqrt(v) + eps) + plain)
             factor = _ops.add_scalar_(_ops.sqrt(v), eps)
-            factor = _ops.rdiv_scalar_(factor, scalar_for(adaptive, like))
-            factor = _ops.add_scalar_(factor, scalar_for(plain, like))
-            d = _ops.mul_list_(_ops.div_scalar(m, scalar_for(bias_correction1, like)), factor)
-            scatter(out, idx, _ops.cast(d, [x.dtype for x in pick(gs, idx)]))
-            scatter(new_mu, idx, m)
-            scatter(new_nu, idx, v)
+            factor = _ops.rdiv_scalar_(factor, _ops.scalar_for(adaptive, like))
+            factor = _ops.add_scalar_(factor, _ops.scalar_for(plain, like))
+            d = _ops.mul_list_(_ops.div_scalar(m, _ops.scalar_for(bias_correction1, like)), factor)
+            _ops.scatter(out, idx, _ops.cast(d, [x.dtype for x in _ops.pick(gs, idx)]))
+            _ops.scatter(new_mu, idx, m)
+            _ops.scatter(new_nu, idx, v)
         return view.put(out), ScaleByRadamState(
             count=count, mu=view.put_into(state.mu, new_mu), nu=view.put_into(state.nu, new_nu)
         )
@@ -205,12 +186,12 @@ def radam(
         tensor([ 0.7000, -0.9500])
     """
     fn = "radam"
-    maximize = as_bool(maximize, "maximize", fn)
-    decoupled_weight_decay = as_bool(decoupled_weight_decay, "decoupled_weight_decay", fn)
-    lr = check_lr(lr, fn)
-    eps = nonneg(eps, "eps", "epsilon value", fn)
-    b1, b2 = check_betas(betas, fn)
-    weight_decay = nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    maximize = _checks.as_bool(maximize, "maximize", fn)
+    decoupled_weight_decay = _checks.as_bool(decoupled_weight_decay, "decoupled_weight_decay", fn)
+    lr = _checks.check_lr(lr, fn)
+    eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
+    b1, b2 = _checks.betas(betas, fn)
+    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
     del foreach, capturable, differentiable
     txs: list[GradientTransformation] = []
     if maximize:

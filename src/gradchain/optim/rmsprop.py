@@ -6,27 +6,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gradchain import _ops
-from gradchain.optim._compat import (
-    GradientTransformation,
-    Leaves,
-    add_decayed_weights,
-    as_bool,
-    buffers_like,
-    chain,
-    check_lr,
-    donation,
-    expect_state,
-    groups,
-    nonneg,
-    pick,
-    safe_increment,
-    scale,
-    scale_by_learning_rate,
-    scatter,
-    trace,
-    zero_count,
-)
+from gradchain import _checks, _ops
+from gradchain._tree import Leaves
+from gradchain.base import GradientTransformation, donation, expect_state
+from gradchain.combine import chain
+from gradchain.optim.sgd import trace
+from gradchain.transforms import add_decayed_weights, scale, scale_by_learning_rate
 
 __all__ = ["ScaleByRmspropState", "scale_by_rmsprop", "rmsprop"]
 
@@ -84,15 +69,15 @@ def scale_by_rmsprop(
         {'w': tensor([ 2., -2.])}
     """
     fn = "scale_by_rmsprop"
-    alpha = nonneg(alpha, "alpha", "alpha value", fn)
-    eps = nonneg(eps, "eps", "epsilon value", fn)
-    centered = as_bool(centered, "centered", fn)
+    alpha = _checks.nonneg(alpha, "alpha", "alpha value", fn)
+    eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
+    centered = _checks.as_bool(centered, "centered", fn)
 
     def init(params: Any) -> ScaleByRmspropState:
         return ScaleByRmspropState(
-            count=zero_count(params),
-            nu=buffers_like(params),
-            mu=buffers_like(params) if centered else (),
+            count=_ops.zero_count(params),
+            nu=_ops.buffers_like(params),
+            mu=_ops.buffers_like(params) if centered else (),
         )
 
     def update(
@@ -109,22 +94,22 @@ def scale_by_rmsprop(
         out: list[Any] = [None] * n
         new_nu: list[Any] = [None] * n
         new_mu: list[Any] = [None] * n
-        for idx in groups(nus):
-            v = pick(nus, idx)
-            g = _ops.cast(pick(gs, idx), [x.dtype for x in v])
+        for idx in _ops.groups(nus):
+            v = _ops.pick(nus, idx)
+            g = _ops.cast(_ops.pick(gs, idx), [x.dtype for x in v])
             v = _ops.addcmul_(_ops.mul(v, alpha), g, g, 1.0 - alpha)
             if centered:
-                m = _ops.lerp(pick(mus, idx), g, 1.0 - alpha)
+                m = _ops.lerp(_ops.pick(mus, idx), g, 1.0 - alpha)
                 avg = _ops.sqrt(_ops.addcmul(v, m, m, -1.0))
-                scatter(new_mu, idx, m)
+                _ops.scatter(new_mu, idx, m)
             else:
                 avg = _ops.sqrt(v)
             avg = _ops.add_scalar_(avg, eps)
             u = _ops.div(g, avg)
-            scatter(out, idx, _ops.cast(u, [x.dtype for x in pick(gs, idx)]))
-            scatter(new_nu, idx, v)
+            _ops.scatter(out, idx, _ops.cast(u, [x.dtype for x in _ops.pick(gs, idx)]))
+            _ops.scatter(new_nu, idx, v)
         return view.put(out), ScaleByRmspropState(
-            count=safe_increment(state.count),
+            count=_ops.safe_increment(state.count),
             nu=view.put_into(state.nu, new_nu),
             mu=view.put_into(state.mu, new_mu) if centered else state.mu,
         )
@@ -184,13 +169,13 @@ def rmsprop(
         tensor([ 0.9800, -0.9800])
     """
     fn = "rmsprop"
-    maximize = as_bool(maximize, "maximize", fn)
-    centered = as_bool(centered, "centered", fn)
-    lr = check_lr(lr, fn)
-    eps = nonneg(eps, "eps", "epsilon value", fn)
-    momentum = nonneg(momentum, "momentum", "momentum value", fn)
-    weight_decay = nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
-    alpha = nonneg(alpha, "alpha", "alpha value", fn)
+    maximize = _checks.as_bool(maximize, "maximize", fn)
+    centered = _checks.as_bool(centered, "centered", fn)
+    lr = _checks.check_lr(lr, fn)
+    eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
+    momentum = _checks.nonneg(momentum, "momentum", "momentum value", fn)
+    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    alpha = _checks.nonneg(alpha, "alpha", "alpha value", fn)
     del capturable, foreach, differentiable
     txs: list[GradientTransformation] = []
     if maximize:

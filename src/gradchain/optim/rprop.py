@@ -7,26 +7,11 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from gradchain import _ops
-from gradchain.optim._compat import (
-    GradientTransformation,
-    Leaves,
-    acc_dtype,
-    as_bool,
-    buffers_like,
-    chain,
-    check_lr,
-    donation,
-    expect_state,
-    groups,
-    is_schedule,
-    pick,
-    real,
-    safe_increment,
-    scale,
-    scatter,
-    zero_count,
-)
+from gradchain import _checks, _ops
+from gradchain._tree import Leaves
+from gradchain.base import GradientTransformation, donation, expect_state
+from gradchain.combine import chain
+from gradchain.transforms import scale
 
 __all__ = ["ScaleByRpropState", "scale_by_rprop", "rprop"]
 
@@ -53,14 +38,14 @@ class ScaleByRpropState(NamedTuple):
 def _check_rprop(etas: Any, step_sizes: Any, fn: str) -> tuple[float, float, float, float]:
     if not isinstance(etas, (tuple, list)) or len(etas) != 2:
         raise ValueError(f"{fn}: etas must be a pair (etaminus, etaplus), got {etas!r}")
-    etaminus, etaplus = real(etas[0], "etas[0]", fn), real(etas[1], "etas[1]", fn)
+    etaminus, etaplus = _checks.as_float(etas[0], "etas[0]", fn), _checks.as_float(etas[1], "etas[1]", fn)
     if not 0.0 < etaminus < 1.0 < etaplus:
         raise ValueError(
             f"{fn}: invalid etas=({etaminus}, {etaplus}); expected 0 < etas[0] < 1 < etas[1]"
         )
     if not isinstance(step_sizes, (tuple, list)) or len(step_sizes) != 2:
         raise ValueError(f"{fn}: step_sizes must be a pair (min, max), got {step_sizes!r}")
-    lo, hi = real(step_sizes[0], "step_sizes[0]", fn), real(step_sizes[1], "step_sizes[1]", fn)
+    lo, hi = _checks.as_float(step_sizes[0], "step_sizes[0]", fn), _checks.as_float(step_sizes[1], "step_sizes[1]", fn)
     return etaminus, etaplus, lo, hi
 
 
@@ -111,12 +96,12 @@ def scale_by_rprop(
         tensor([ 0.1200, -0.1200])
     """
     fn = "scale_by_rprop"
-    if is_schedule(learning_rate):
+    if _checks.is_schedule(learning_rate):
         raise TypeError(
             f"{fn}: learning_rate sets the initial per-element step sizes (torch.optim.Rprop "
             "ignores later learning-rate changes), so it cannot be a schedule; pass a float"
         )
-    lr: Any = check_lr(learning_rate, fn)
+    lr: Any = _checks.check_lr(learning_rate, fn)
     etaminus, etaplus, lo, hi = _check_rprop(etas, step_sizes, fn)
 
     def init(params: Any) -> ScaleByRpropState:
@@ -124,11 +109,11 @@ def scale_by_rprop(
             if p is None:
                 return None
             value = lr if not isinstance(lr, torch.Tensor) else lr.detach()
-            out = torch.zeros_like(p, dtype=acc_dtype(p.dtype), memory_format=torch.preserve_format)
+            out = torch.zeros_like(p, dtype=_ops.acc_dtype(p.dtype), memory_format=torch.preserve_format)
             return out.add_(value) if isinstance(value, float) else out + value.to(out)
 
         sizes = optree.tree_map(full, params, none_is_leaf=True)
-        return ScaleByRpropState(count=zero_count(params), prev=buffers_like(params), step_size=sizes)
+        return ScaleByRpropState(count=_ops.zero_count(params), prev=_ops.buffers_like(params), step_size=sizes)
 
     def update(
         updates: Any, state: ScaleByRpropState, params: Any = None, **extra: Any
@@ -144,9 +129,9 @@ def scale_by_rprop(
         out: list[Any] = [None] * n
         new_prev: list[Any] = [None] * n
         new_size: list[Any] = [None] * n
-        for idx in groups(prevs):
-            p = pick(prevs, idx)
-            g = _ops.cast(pick(gs, idx), [x.dtype for x in p])
+        for idx in _ops.groups(prevs):
+            p = _ops.pick(prevs, idx)
+            g = _ops.cast(_ops.pick(gs, idx), [x.dtype for x in p])
             signs = _ops.sign(_ops.mul_list(g, p))
             factors = []
             masked = []
@@ -156,13 +141,13 @@ def scale_by_rprop(
                 f = torch.where(f == 0, 1.0, f)
                 factors.append(f)
                 masked.append(torch.where(f == etaminus, 0.0, gi))
-            size = _ops.clamp_(_ops.mul_list(pick(sizes, idx), factors), lo, hi)
+            size = _ops.clamp_(_ops.mul_list(_ops.pick(sizes, idx), factors), lo, hi)
             u = _ops.mul_list_(_ops.sign(masked), size)
-            scatter(out, idx, _ops.cast(u, [x.dtype for x in pick(gs, idx)]))
-            scatter(new_prev, idx, masked)
-            scatter(new_size, idx, size)
+            _ops.scatter(out, idx, _ops.cast(u, [x.dtype for x in _ops.pick(gs, idx)]))
+            _ops.scatter(new_prev, idx, masked)
+            _ops.scatter(new_size, idx, size)
         return view.put(out), ScaleByRpropState(
-            count=safe_increment(state.count),
+            count=_ops.safe_increment(state.count),
             prev=view.put_into(state.prev, new_prev),
             step_size=view.put_into(state.step_size, new_size),
         )
@@ -214,13 +199,13 @@ def rprop(
         tensor([ 0.9000, -0.9000])
     """
     fn = "rprop"
-    maximize = as_bool(maximize, "maximize", fn)
-    if is_schedule(lr):
+    maximize = _checks.as_bool(maximize, "maximize", fn)
+    if _checks.is_schedule(lr):
         raise TypeError(
             f"{fn}: lr sets the initial per-element step sizes (torch.optim.Rprop ignores "
             "later learning-rate changes), so it cannot be a schedule; pass a float"
         )
-    lr = check_lr(lr, fn)  # type: ignore[assignment]
+    lr = _checks.check_lr(lr, fn)  # type: ignore[assignment]
     _check_rprop(etas, step_sizes, fn)
     del capturable, foreach, differentiable
     txs: list[GradientTransformation] = []
