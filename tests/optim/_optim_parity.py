@@ -149,3 +149,43 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for cls_name, f64, f32 in parity_table():
         print(f"{cls_name:10s} float64 {f64:.1e}  float32 {f32:.1e}")
+
+
+def check_binding(
+    torch_cls: Callable[..., torch.optim.Optimizer],
+    tx: gc.GradientTransformation,
+    kwargs: dict[str, Any],
+    dtype: torch.dtype,
+    flags: dict[str, Any],
+    steps: int = 30,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    none_leaf: bool = False,
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+) -> None:
+    """``update_and_apply_`` runs torch's kernel: params equal ``torch_cls(**flags)``'s bit
+    for bit after every step (and the binding is taken, not the generic path)."""
+    from gradchain._tree import flatten
+    from gradchain.update import _fused_step
+
+    params = make_params(dtype, shapes=shapes)
+    if none_leaf:
+        params["frozen"] = torch.randn(3, 2, dtype=dtype)
+    tparams = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    ours = {k: v.clone() for k, v in params.items()}
+    opt = torch_cls(list(tparams.values()), **kwargs, **flags)
+    sched = scheduler(opt) if scheduler is not None else None
+    state = tx.init(ours)
+    for t in range(steps):
+        grads = make_grads(params, t)
+        if none_leaf:
+            grads["frozen"] = None
+        for k, p in tparams.items():
+            p.grad = None if grads[k] is None else grads[k].clone()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        p_leaves, spec = flatten(ours)
+        assert _fused_step(tx, state, spec, p_leaves, spec.flatten_up_to(grads)) is not None
+        state = gc.update_and_apply_(tx, grads, state, ours)
+        for k in ours:
+            assert torch.equal(ours[k], tparams[k].detach()), (t, k)

@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-from _optim_parity import DTYPES, RTOL, check_mid_run_reload, run_parity
+from _optim_parity import DTYPES, RTOL, check_binding, check_mid_run_reload, run_parity
+
+import gradchain as gc
 
 from gradchain.optim.adagrad import adagrad, scale_by_adagrad
 from gradchain.testing import check_transformation
@@ -100,3 +102,28 @@ def test_laws() -> None:
     check_transformation(scale_by_adagrad(lr_decay=0.1, initial_accumulator_value=0.1),
                          vmap=True, compile=True, compile_examples=2)
     check_transformation(adagrad(0.1, weight_decay=0.1, maximize=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kwargs", [CASES[0], CASES[-1]], ids=str)
+def test_update_and_apply_is_torch_fused_bit_for_bit(kwargs: dict[str, Any], dtype: torch.dtype
+                                                     ) -> None:
+    check_binding(torch.optim.Adagrad, adagrad(**kwargs), kwargs, dtype, {"fused": True},
+                  none_leaf=True)
+
+
+def test_update_and_apply_with_schedule_and_gate() -> None:
+    kw = dict(lr=0.1, lr_decay=0.02)
+    check_binding(torch.optim.Adagrad, adagrad(schedule, 0.02), kw, torch.float32,
+                  {"fused": True}, scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, decay))
+    # A nonfinite gradient closes skip_if_nonfinite's gate: params and state stay as they were.
+    tx = gc.chain(gc.skip_if_nonfinite(), adagrad(0.1))
+    params = {"w": torch.ones(3)}
+    state = tx.init(params)
+    state = gc.update_and_apply_(tx, {"w": torch.ones(3)}, state, params)
+    before = params["w"].clone()
+    sums = state[1][0].sum_of_squares["w"].clone()
+    state = gc.update_and_apply_(tx, {"w": torch.tensor([1.0, float("nan"), 1.0])}, state, params)
+    assert torch.equal(params["w"], before)
+    assert torch.equal(state[1][0].sum_of_squares["w"], sums)
+    assert int(state[1][0].count) == 1

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+import torch.optim.adadelta
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
+from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
 from gradchain.transforms import add_decayed_weights, scale, scale_by_learning_rate
 
 __all__ = ["ScaleByAdadeltaState", "scale_by_adadelta", "adadelta"]
@@ -164,6 +166,21 @@ def adadelta(
         txs.append(scale(-1.0))
     if weight_decay != 0:
         txs.append(add_decayed_weights(weight_decay))
+    rule_at = len(txs)
     txs.append(scale_by_adadelta(rho, eps))
     txs.append(scale_by_learning_rate(lr))
-    return chain(*txs)
+    return bind_fused(chain(*txs), _adadelta_plan(lr, rule_at, len(txs), rho=rho, eps=eps,
+                                                  weight_decay=weight_decay, maximize=maximize))
+
+
+def _adadelta_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
+    """``adadelta``'s binding to torch's foreach Adadelta (what
+    ``torch.optim.Adadelta(foreach=True)`` runs), for :func:`~gradchain.update_and_apply_`."""
+
+    def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
+        torch.optim.adadelta.adadelta(ps, gs, bufs[0], bufs[1], steps, foreach=True,
+                                      lr=lr_now, **hyper)
+        return {}
+
+    return torch_rule_plan(lr, size, rule_at, ScaleByAdadeltaState,
+                           [(0, "square_avg"), (0, "acc_delta")], kernel)

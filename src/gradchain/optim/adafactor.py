@@ -8,11 +8,13 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
+import torch.optim._adafactor
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
+from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
 from gradchain.transforms import scale
 
 __all__ = ["ScaleByAdafactorState", "scale_by_adafactor", "adafactor"]
@@ -279,5 +281,26 @@ def adafactor(
     txs: list[GradientTransformation] = []
     if maximize:
         txs.append(scale(-1.0))
+    rule_at = len(txs)
     txs.append(scale_by_adafactor(lr, beta2_decay, eps, d, weight_decay))
-    return chain(*txs)
+    b2d, eps1, eps2, d, weight_decay = _check(beta2_decay, eps, d, weight_decay, fn)
+    return bind_fused(chain(*txs), _adafactor_plan(
+        lr, rule_at, len(txs), beta2_decay=b2d, eps1=eps1, eps2=eps2, d=d,
+        weight_decay=weight_decay, maximize=maximize))
+
+
+def _adafactor_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
+    """``adafactor``'s binding to torch's foreach Adafactor (what
+    ``torch.optim.Adafactor(foreach=True)`` runs), for :func:`~gradchain.update_and_apply_`.
+    torch's code reads the per-parameter norms on the host (``.item()``), as it does itself."""
+
+    def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
+        rows = [r if p.dim() >= 2 else None for r, p in zip(bufs[0], ps)]
+        cols = [c if p.dim() >= 2 else None for c, p in zip(bufs[1], ps)]
+        variances = [v if p.dim() < 2 else None for v, p in zip(bufs[2], ps)]
+        torch.optim._adafactor.adafactor(ps, gs, rows, cols, variances, steps, foreach=True,
+                                         lr=lr_now, **hyper)
+        return {}
+
+    return torch_rule_plan(lr, size, rule_at, ScaleByAdafactorState,
+                           [(0, "row"), (0, "col"), (0, "variance")], kernel, shaped=False)

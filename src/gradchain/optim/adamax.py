@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+import torch.optim.adamax
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
+from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
 from gradchain.transforms import add_decayed_weights, scale, scale_by_learning_rate
 
 __all__ = ["ScaleByAdamaxState", "scale_by_adamax", "adamax"]
@@ -169,7 +171,21 @@ def adamax(
         txs.append(scale(-1.0))
     if weight_decay != 0:
         txs.append(add_decayed_weights(weight_decay))
+    rule_at = len(txs)
     txs.append(scale_by_adamax(b1, b2, eps))
     txs.append(scale_by_learning_rate(lr))
-    return chain(*txs)
+    return bind_fused(chain(*txs), _adamax_plan(lr, rule_at, len(txs), beta1=b1, beta2=b2, eps=eps,
+                                                weight_decay=weight_decay, maximize=maximize))
 
+
+def _adamax_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
+    """``adamax``'s binding to torch's foreach Adamax (what ``torch.optim.Adamax(foreach=True)``
+    runs), for :func:`~gradchain.update_and_apply_`."""
+
+    def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
+        torch.optim.adamax.adamax(ps, gs, bufs[0], bufs[1], steps, foreach=True, lr=lr_now,
+                                  **hyper)
+        return {}
+
+    return torch_rule_plan(lr, size, rule_at, ScaleByAdamaxState, [(0, "mu"), (0, "inf_norm")],
+                           kernel)

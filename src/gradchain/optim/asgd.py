@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+import torch.optim.asgd
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
+from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
 from gradchain.transforms import add_decayed_weights, scale
 
 __all__ = ["ScaleByAsgdState", "scale_by_asgd", "asgd"]
@@ -213,5 +215,24 @@ def asgd(
         txs.append(scale(-1.0))
     if weight_decay != 0:
         txs.append(add_decayed_weights(weight_decay))
+    rule_at = len(txs)
     txs.append(scale_by_asgd(lr, lambd, alpha, t0))
-    return chain(*txs)
+    return bind_fused(chain(*txs), _asgd_plan(
+        lr, rule_at, len(txs), lambd=float(lambd), alpha=float(alpha), t0=float(t0),
+        weight_decay=weight_decay, maximize=maximize))
+
+
+def _asgd_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
+    """``asgd``'s binding to torch's foreach ASGD (what ``torch.optim.ASGD(foreach=True)``
+    runs), for :func:`~gradchain.update_and_apply_`. torch's foreach ASGD computes the next
+    ``eta`` from its float32 step tensor, so this path departs from the pure one (which
+    follows torch's single-tensor arithmetic) by ~1e-8 relative in float64."""
+
+    def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
+        etas = [st.eta.clone() for _ in ps]
+        mus = [st.mu.clone() for _ in ps]
+        torch.optim.asgd.asgd(ps, gs, bufs[0], mus, etas, steps, foreach=True, lr=lr_now,
+                              **hyper)
+        return {"eta": etas[0], "mu": mus[0]}
+
+    return torch_rule_plan(lr, size, rule_at, ScaleByAsgdState, [(0, "ax")], kernel)

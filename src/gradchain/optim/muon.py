@@ -20,11 +20,13 @@ import math
 from typing import Any, NamedTuple
 
 import torch
+import torch.optim._muon
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves, flatten, leaf_paths
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
+from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
 from gradchain.transforms import add_decayed_weights, scale_by_learning_rate
 
 __all__ = ["ScaleByMuonState", "scale_by_muon", "muon"]
@@ -278,4 +280,21 @@ def muon(
     if weight_decay != 0:
         txs.append(add_decayed_weights(weight_decay))
     txs.append(scale_by_learning_rate(lr))
-    return chain(*txs)
+    momentum, nesterov, coefs, eps, ns_steps = _check(
+        momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, fn
+    )
+    return bind_fused(chain(*txs), _muon_plan(
+        lr, len(txs), weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+        ns_coefficients=coefs, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn))
+
+
+def _muon_plan(lr: Any, size: int, **hyper: Any) -> FusedPlan:
+    """``muon``'s binding to torch's Muon step (``torch.optim._muon.muon``, what
+    ``torch.optim.Muon`` runs: torch has no foreach or fused Muon), for
+    :func:`~gradchain.update_and_apply_`."""
+
+    def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
+        torch.optim._muon.muon(ps, gs, bufs[0], lr=lr_now, has_complex=False, **hyper)
+        return {}
+
+    return torch_rule_plan(lr, size, 0, ScaleByMuonState, [(0, "momentum")], kernel)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+import torch.optim.nadam
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
+from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
 from gradchain.transforms import add_decayed_weights, scale, scale_by_learning_rate
 
 __all__ = ["ScaleByNadamState", "scale_by_nadam", "nadam"]
@@ -210,8 +212,24 @@ def nadam(
         txs.append(scale(-1.0))
     if weight_decay != 0 and not decoupled_weight_decay:
         txs.append(add_decayed_weights(weight_decay))
+    rule_at = len(txs)
     txs.append(scale_by_nadam(b1, b2, eps, momentum_decay))
     if weight_decay != 0 and decoupled_weight_decay:
         txs.append(add_decayed_weights(weight_decay))
     txs.append(scale_by_learning_rate(lr))
-    return chain(*txs)
+    return bind_fused(chain(*txs), _nadam_plan(
+        lr, rule_at, len(txs), beta1=b1, beta2=b2, eps=eps, weight_decay=weight_decay,
+        momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize))
+
+
+def _nadam_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
+    """``nadam``'s binding to torch's foreach Nadam (what
+    ``torch.optim.Nadam(foreach=True)`` runs), for :func:`~gradchain.update_and_apply_`."""
+
+    def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
+        mu_products = [st.mu_product.clone() for _ in ps]
+        torch.optim.nadam.nadam(ps, gs, bufs[0], bufs[1], mu_products, steps, foreach=True,
+                                lr=lr_now, **hyper)
+        return {"mu_product": mu_products[0]}
+
+    return torch_rule_plan(lr, size, rule_at, ScaleByNadamState, [(0, "mu"), (0, "nu")], kernel)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+import torch.optim.radam
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
+from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
 from gradchain.transforms import add_decayed_weights, scale, scale_by_learning_rate
 
 __all__ = ["ScaleByRadamState", "scale_by_radam", "radam"]
@@ -198,8 +200,23 @@ def radam(
         txs.append(scale(-1.0))
     if weight_decay != 0 and not decoupled_weight_decay:
         txs.append(add_decayed_weights(weight_decay))
+    rule_at = len(txs)
     txs.append(scale_by_radam(b1, b2, eps))
     if weight_decay != 0 and decoupled_weight_decay:
         txs.append(add_decayed_weights(weight_decay))
     txs.append(scale_by_learning_rate(lr))
-    return chain(*txs)
+    return bind_fused(chain(*txs), _radam_plan(
+        lr, rule_at, len(txs), beta1=b1, beta2=b2, eps=eps, weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize))
+
+
+def _radam_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
+    """``radam``'s binding to torch's foreach Radam (what
+    ``torch.optim.Radam(foreach=True)`` runs), for :func:`~gradchain.update_and_apply_`."""
+
+    def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
+        torch.optim.radam.radam(ps, gs, bufs[0], bufs[1], steps, foreach=True, lr=lr_now,
+                                **hyper)
+        return {}
+
+    return torch_rule_plan(lr, size, rule_at, ScaleByRadamState, [(0, "mu"), (0, "nu")], kernel)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+import torch.optim.rmsprop
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
-from gradchain.optim.sgd import trace
+from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
+from gradchain.optim.sgd import TraceState, trace
 from gradchain.transforms import add_decayed_weights, scale, scale_by_learning_rate
 
 __all__ = ["ScaleByRmspropState", "scale_by_rmsprop", "rmsprop"]
@@ -182,8 +184,30 @@ def rmsprop(
         txs.append(scale(-1.0))
     if weight_decay != 0:
         txs.append(add_decayed_weights(weight_decay))
+    rule_at = len(txs)
     txs.append(scale_by_rmsprop(alpha, eps, centered))
     if momentum > 0:
         txs.append(trace(momentum))
     txs.append(scale_by_learning_rate(lr))
-    return chain(*txs)
+    return bind_fused(chain(*txs), _rmsprop_plan(
+        lr, rule_at, len(txs), alpha=alpha, eps=eps, weight_decay=weight_decay,
+        momentum=momentum, centered=centered, maximize=maximize))
+
+
+def _rmsprop_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
+    """``rmsprop``'s binding to torch's foreach RMSprop (what
+    ``torch.optim.RMSprop(foreach=True)`` runs), for :func:`~gradchain.update_and_apply_`:
+    the block's averages and the following :func:`~gradchain.trace`'s buffers are torch's
+    ``square_avg``, ``grad_avg`` and ``momentum_buffer``."""
+    centered, momentum = hyper["centered"], hyper["momentum"]
+    fields = [(0, "nu")] + ([(0, "mu")] if centered else []) + ([(1, "trace")] if momentum > 0 else [])
+    members = [(1, TraceState)] if momentum > 0 else []
+
+    def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
+        grad_avgs = bufs[1] if centered else []
+        momentum_bufs = bufs[-1] if momentum > 0 else []
+        torch.optim.rmsprop.rmsprop(ps, gs, bufs[0], grad_avgs, momentum_bufs, steps,
+                                    foreach=True, lr=lr_now, **hyper)
+        return {}
+
+    return torch_rule_plan(lr, size, rule_at, ScaleByRmspropState, fields, kernel, members=members)

@@ -6,11 +6,13 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
+import torch.optim.rprop
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
+from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
 from gradchain.transforms import scale
 
 __all__ = ["ScaleByRpropState", "scale_by_rprop", "rprop"]
@@ -211,8 +213,22 @@ def rprop(
     txs: list[GradientTransformation] = []
     if maximize:
         txs.append(scale(-1.0))
+    rule_at = len(txs)
     txs.append(scale_by_rprop(lr, etas, step_sizes))
     txs.append(scale(-1.0))
-    return chain(*txs)
+    etaminus, etaplus, lo, hi = _check_rprop(etas, step_sizes, fn)
+    return bind_fused(chain(*txs), _rprop_plan(
+        rule_at, len(txs), etaminus=etaminus, etaplus=etaplus, step_size_min=lo,
+        step_size_max=hi, maximize=maximize))
 
 
+def _rprop_plan(rule_at: int, size: int, **hyper: Any) -> FusedPlan:
+    """``rprop``'s binding to torch's foreach Rprop (what ``torch.optim.Rprop(foreach=True)``
+    runs), for :func:`~gradchain.update_and_apply_`."""
+
+    def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
+        torch.optim.rprop.rprop(ps, gs, bufs[0], bufs[1], steps, foreach=True, **hyper)
+        return {}
+
+    return torch_rule_plan(0.0, size, rule_at, ScaleByRpropState,
+                           [(0, "prev"), (0, "step_size")], kernel)
