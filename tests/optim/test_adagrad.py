@@ -10,7 +10,6 @@ import torch
 from _optim_parity import DTYPES, RTOL, check_binding, check_mid_run_reload, run_parity
 
 import gradchain as gc
-
 from gradchain.optim.adagrad import adagrad, scale_by_adagrad
 from gradchain.testing import check_transformation
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from _optim_parity import DTYPES, RTOL, check_mid_run_reload, rel_diff, run_parity
+from _optim_parity import DTYPES, RTOL, check_binding, check_mid_run_reload, rel_diff, run_parity
 
 import gradchain as gc
 from gradchain.optim.asgd import asgd, scale_by_asgd
@@ -90,3 +90,11 @@ def test_invalid_arguments_raise_like_torch(kwargs: dict[str, Any]) -> None:
 def test_laws() -> None:
     check_transformation(scale_by_asgd(0.1, lambd=1e-2, t0=1.0), vmap=True)
     check_transformation(asgd(weight_decay=0.1, maximize=True), max_examples=10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kwargs", [CASES[0], CASES[-1]], ids=str)
+def test_update_and_apply_is_torch_bit_for_bit(kwargs: dict[str, Any], dtype: torch.dtype
+                                               ) -> None:
+    """update_and_apply_ runs torch.optim.ASGD(foreach=True): equal bit for bit."""
+    check_binding(torch.optim.ASGD, asgd(**kwargs), kwargs, dtype, {"foreach": True}, none_leaf=True)

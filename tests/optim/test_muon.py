@@ -9,7 +9,7 @@ from typing import Any
 import optree
 import pytest
 import torch
-from _optim_parity import DTYPE_IDS, DTYPES, RTOL, check_mid_run_reload, run_parity
+from _optim_parity import DTYPE_IDS, DTYPES, RTOL, check_binding, check_mid_run_reload, run_parity
 
 import gradchain as gc
 from gradchain.optim.muon import muon, scale_by_muon
@@ -79,3 +79,11 @@ def test_laws() -> None:
     check_transformation(scale_by_muon(), params=params, vmap=True, max_examples=15,
                          rtol=0.1, atol=0.1)
     check_transformation(muon(), params=params, max_examples=10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kwargs", [CASES[0], CASES[-1]], ids=str)
+def test_update_and_apply_is_torch_bit_for_bit(kwargs: dict[str, Any], dtype: torch.dtype
+                                               ) -> None:
+    """update_and_apply_ runs torch's Muon step (it has no foreach or fused kernel): equal bit for bit."""
+    check_binding(torch.optim.Muon, muon(**kwargs), kwargs, dtype, {}, none_leaf=True, shapes=SHAPES)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from _optim_parity import DTYPES, RTOL, check_mid_run_reload, run_parity
+from _optim_parity import DTYPES, RTOL, check_binding, check_mid_run_reload, run_parity
 
 from gradchain.optim.radam import radam, scale_by_radam
 from gradchain.testing import check_transformation
@@ -62,3 +62,11 @@ def test_laws() -> None:
                          compile_backend="aot_eager",
                          steps=5)
     check_transformation(radam(weight_decay=0.1, maximize=True), max_examples=10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kwargs", [CASES[0], CASES[-1]], ids=str)
+def test_update_and_apply_is_torch_bit_for_bit(kwargs: dict[str, Any], dtype: torch.dtype
+                                               ) -> None:
+    """update_and_apply_ runs torch.optim.RAdam(foreach=True): equal bit for bit."""
+    check_binding(torch.optim.RAdam, radam(**kwargs), kwargs, dtype, {"foreach": True}, none_leaf=True)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import optree
 import pytest
 import torch
-from _optim_parity import DTYPES, RTOL, check_mid_run_reload, run_parity
+from _optim_parity import DTYPES, RTOL, check_binding, check_mid_run_reload, run_parity
 
+import gradchain as gc
 from gradchain.optim.rmsprop import rmsprop, scale_by_rmsprop
 from gradchain.testing import check_transformation
 
@@ -62,3 +64,28 @@ def test_laws() -> None:
                          compile_examples=2, compile_backend="aot_eager")
     check_transformation(rmsprop(momentum=0.9, weight_decay=0.1, maximize=True),
                          max_examples=10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kwargs", [CASES[0], CASES[-1]], ids=str)
+def test_update_and_apply_is_torch_bit_for_bit(kwargs: dict[str, Any], dtype: torch.dtype
+                                               ) -> None:
+    """update_and_apply_ runs torch.optim.RMSprop(foreach=True): equal bit for bit."""
+    check_binding(torch.optim.RMSprop, rmsprop(**kwargs), kwargs, dtype, {"foreach": True}, none_leaf=True)
+
+
+
+def test_update_and_apply_behind_a_closed_gate_changes_nothing() -> None:
+    # torch's foreach RMSprop has no found_inf: the gate's CPU flag is read for free and a
+    # closed step leaves params and the rule's state (moments, momentum, counts) untouched.
+    tx = gc.chain(gc.skip_if_nonfinite(), rmsprop(1e-2, momentum=0.9, centered=True))
+    params = {"w": torch.ones(3), "b": torch.ones(2)}
+    state = tx.init(params)
+    state = gc.update_and_apply_(tx, {"w": torch.ones(3), "b": torch.ones(2)}, state, params)
+    before = [x.clone() for x in optree.tree_leaves((params, state[1]))]
+    bad = {"w": torch.tensor([1.0, float("inf"), 1.0]), "b": torch.ones(2)}
+    state = gc.update_and_apply_(tx, bad, state, params)
+    after = optree.tree_leaves((params, state[1]))
+    assert len(before) == len(after)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert not bool(gc.applied(state))

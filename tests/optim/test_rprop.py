@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from _optim_parity import DTYPES, RTOL, check_mid_run_reload, run_parity
+from _optim_parity import DTYPES, RTOL, check_binding, check_mid_run_reload, run_parity
 
 from gradchain.optim.rprop import rprop, scale_by_rprop
 from gradchain.testing import check_transformation
@@ -71,3 +71,11 @@ def test_invalid_arguments_raise_like_torch(kwargs: dict[str, Any]) -> None:
 def test_laws() -> None:
     check_transformation(scale_by_rprop(0.1), vmap=True)
     check_transformation(rprop(maximize=True), max_examples=10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kwargs", [CASES[0], CASES[-1]], ids=str)
+def test_update_and_apply_is_torch_bit_for_bit(kwargs: dict[str, Any], dtype: torch.dtype
+                                               ) -> None:
+    """update_and_apply_ runs torch.optim.Rprop(foreach=True): equal bit for bit."""
+    check_binding(torch.optim.Rprop, rprop(**kwargs), kwargs, dtype, {"foreach": True}, none_leaf=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-import torch.optim.adadelta
+from torch.optim import adadelta as torch_adadelta
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves
@@ -178,7 +178,7 @@ def _adadelta_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
     ``torch.optim.Adadelta(foreach=True)`` runs), for :func:`~gradchain.update_and_apply_`."""
 
     def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
-        torch.optim.adadelta.adadelta(ps, gs, bufs[0], bufs[1], steps, foreach=True,
+        torch_adadelta.adadelta(ps, gs, bufs[0], bufs[1], steps, foreach=True,
                                       lr=lr_now, **hyper)
         return {}
 

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
-import torch.optim._adafactor
+from torch.optim import _adafactor as torch_adafactor
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves
@@ -298,7 +298,7 @@ def _adafactor_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan
         rows = [r if p.dim() >= 2 else None for r, p in zip(bufs[0], ps)]
         cols = [c if p.dim() >= 2 else None for c, p in zip(bufs[1], ps)]
         variances = [v if p.dim() < 2 else None for v, p in zip(bufs[2], ps)]
-        torch.optim._adafactor.adafactor(ps, gs, rows, cols, variances, steps, foreach=True,
+        torch_adafactor.adafactor(ps, gs, rows, cols, variances, steps, foreach=True,
                                          lr=lr_now, **hyper)
         return {}
 

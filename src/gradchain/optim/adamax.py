@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-import torch.optim.adamax
+from torch.optim import adamax as torch_adamax
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves
@@ -183,7 +183,7 @@ def _adamax_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
     runs), for :func:`~gradchain.update_and_apply_`."""
 
     def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
-        torch.optim.adamax.adamax(ps, gs, bufs[0], bufs[1], steps, foreach=True, lr=lr_now,
+        torch_adamax.adamax(ps, gs, bufs[0], bufs[1], steps, foreach=True, lr=lr_now,
                                   **hyper)
         return {}
 

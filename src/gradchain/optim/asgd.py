@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-import torch.optim.asgd
+from torch.optim import asgd as torch_asgd
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves
@@ -231,7 +231,7 @@ def _asgd_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
     def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
         etas = [st.eta.clone() for _ in ps]
         mus = [st.mu.clone() for _ in ps]
-        torch.optim.asgd.asgd(ps, gs, bufs[0], mus, etas, steps, foreach=True, lr=lr_now,
+        torch_asgd.asgd(ps, gs, bufs[0], mus, etas, steps, foreach=True, lr=lr_now,
                               **hyper)
         return {"eta": etas[0], "mu": mus[0]}
 

@@ -20,7 +20,7 @@ import math
 from typing import Any, NamedTuple
 
 import torch
-import torch.optim._muon
+from torch.optim import _muon as torch_muon
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves, flatten, leaf_paths
@@ -294,7 +294,7 @@ def _muon_plan(lr: Any, size: int, **hyper: Any) -> FusedPlan:
     :func:`~gradchain.update_and_apply_`."""
 
     def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
-        torch.optim._muon.muon(ps, gs, bufs[0], lr=lr_now, has_complex=False, **hyper)
+        torch_muon.muon(ps, gs, bufs[0], lr=lr_now, has_complex=False, **hyper)
         return {}
 
     return torch_rule_plan(lr, size, 0, ScaleByMuonState, [(0, "momentum")], kernel)

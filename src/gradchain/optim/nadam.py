@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-import torch.optim.nadam
+from torch.optim import nadam as torch_nadam
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves
@@ -228,7 +228,7 @@ def _nadam_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
 
     def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
         mu_products = [st.mu_product.clone() for _ in ps]
-        torch.optim.nadam.nadam(ps, gs, bufs[0], bufs[1], mu_products, steps, foreach=True,
+        torch_nadam.nadam(ps, gs, bufs[0], bufs[1], mu_products, steps, foreach=True,
                                 lr=lr_now, **hyper)
         return {"mu_product": mu_products[0]}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-import torch.optim.radam
+from torch.optim import radam as torch_radam
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves
@@ -215,7 +215,7 @@ def _radam_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
     ``torch.optim.Radam(foreach=True)`` runs), for :func:`~gradchain.update_and_apply_`."""
 
     def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
-        torch.optim.radam.radam(ps, gs, bufs[0], bufs[1], steps, foreach=True, lr=lr_now,
+        torch_radam.radam(ps, gs, bufs[0], bufs[1], steps, foreach=True, lr=lr_now,
                                 **hyper)
         return {}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-import torch.optim.rmsprop
+from torch.optim import rmsprop as torch_rmsprop
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves
@@ -206,7 +206,7 @@ def _rmsprop_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
     def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
         grad_avgs = bufs[1] if centered else []
         momentum_bufs = bufs[-1] if momentum > 0 else []
-        torch.optim.rmsprop.rmsprop(ps, gs, bufs[0], grad_avgs, momentum_bufs, steps,
+        torch_rmsprop.rmsprop(ps, gs, bufs[0], grad_avgs, momentum_bufs, steps,
                                     foreach=True, lr=lr_now, **hyper)
         return {}
 

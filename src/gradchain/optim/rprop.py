@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
-import torch.optim.rprop
+from torch.optim import rprop as torch_rprop
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves
@@ -227,7 +227,7 @@ def _rprop_plan(rule_at: int, size: int, **hyper: Any) -> FusedPlan:
     runs), for :func:`~gradchain.update_and_apply_`."""
 
     def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
-        torch.optim.rprop.rprop(ps, gs, bufs[0], bufs[1], steps, foreach=True, **hyper)
+        torch_rprop.rprop(ps, gs, bufs[0], bufs[1], steps, foreach=True, **hyper)
         return {}
 
     return torch_rule_plan(0.0, size, rule_at, ScaleByRpropState,
