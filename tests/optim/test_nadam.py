@@ -9,6 +9,7 @@ import pytest
 import torch
 from _optim_parity import DTYPES, RTOL, check_binding, check_mid_run_reload, run_parity
 
+import gradchain as gc
 from gradchain.optim.nadam import nadam, scale_by_nadam
 from gradchain.testing import check_transformation
 
@@ -84,3 +85,18 @@ def test_update_and_apply_is_torch_bit_for_bit(kwargs: dict[str, Any], dtype: to
                                                ) -> None:
     """update_and_apply_ runs torch.optim.NAdam(foreach=True): equal bit for bit."""
     check_binding(torch.optim.NAdam, nadam(**kwargs), kwargs, dtype, {"foreach": True}, none_leaf=True)
+
+
+def test_update_and_apply_after_a_step_without_gradients_follows_the_pure_update() -> None:
+    # A step where every gradient is None takes the generic path (the binding needs rows),
+    # which advances count and mu_product as the pure update does.
+    tx = nadam(1e-2)
+    live = {"w": torch.ones(3, 2)}
+    pure = {"w": torch.ones(3, 2)}
+    s_live, s_pure = tx.init(live), tx.init(pure)
+    for g in [None, torch.full((3, 2), 0.5), torch.full((3, 2), -1.0)]:
+        s_live = gc.update_and_apply_(tx, {"w": g}, s_live, live)
+        u, s_pure = tx.update({"w": g}, s_pure, pure)
+        pure = gc.apply_updates(pure, u)
+    torch.testing.assert_close(live["w"], pure["w"], rtol=1e-6, atol=0)
+    assert torch.equal(s_live[0].mu_product, s_pure[0].mu_product)

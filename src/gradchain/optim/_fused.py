@@ -164,7 +164,9 @@ def torch_rule_plan(
         except (TypeError, ValueError):
             return None
         rows = fused_rows(p_leaves, g_leaves, buffers if shaped else [], devices=None)
-        if rows is None:
+        if not rows:
+            # No gradient at all: the generic path advances the rule's scalars as the pure
+            # update does (torch's code would skip them).
             return None
         if not shaped:
             for b in buffers:
