@@ -8,7 +8,7 @@ import optree
 import torch
 
 from gradchain import _checks, _ops
-from gradchain._tree import Leaves, flatten_like, group_by_device_dtype
+from gradchain._tree import Leaves, flatten_like
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
 from gradchain.optim._fused import (
@@ -18,9 +18,12 @@ from gradchain.optim._fused import (
     bind_fused,
     found_inf,
     fused_rows,
+    kernel_groups,
+    lr_arg,
+    lr_state_fits,
+    step_lr,
 )
 from gradchain.transforms import (
-    ScaleByScheduleState,
     add_decayed_weights,
     scale,
     scale_by_learning_rate,
@@ -203,44 +206,34 @@ def _adagrad_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
     """``adagrad``'s binding to ``torch._fused_adagrad_`` (what
     ``torch.optim.Adagrad(fused=True)`` runs), for :func:`~gradchain.update_and_apply_`; a
     gate's device flag goes to the kernel as ``found_inf`` (no sync)."""
-    scheduled = _checks.is_schedule(lr)
 
     def plan(state: Any, p_leaves: list[Any], g_leaves: list[Any], spec: Any) -> FusedStep | None:
-        if not isinstance(state, tuple) or len(state) != size:
+        if not lr_state_fits(state, size, lr):
             return None
-        lr_state: Any = state[-1] if scheduled else None
-        if scheduled and not isinstance(lr_state, ScaleByScheduleState):
-            return None
-        st: Any = state[rule_at]
+        st = state[rule_at]
         if not isinstance(st, ScaleByAdagradState) or not torch.is_tensor(st.count):
             return None
         try:
-            sums = flatten_like(spec, st.sum_of_squares, "sum_of_squares", "params")
+            buffers = [flatten_like(spec, st.sum_of_squares, "sum_of_squares", "params")]
         except (TypeError, ValueError):
             return None
-        rows = fused_rows(p_leaves, g_leaves, [sums])
+        rows = fused_rows(p_leaves, g_leaves, buffers)
         if rows is None:
             return None
 
         def step(grads: list[Any], keep: torch.Tensor | None) -> Any:
             new_state = list(state)
-            lr_now: Any = lr
-            if lr_state is not None:
-                lr_now = lr(lr_state.count)
-                new_state[-1] = lr_state._replace(
-                    count=advance(lr_state.count, _ops.safe_increment(lr_state.count), keep)
-                )
+            lr_now = step_lr(lr, new_state, keep)
             count = _ops.safe_increment(st.count)
-            table = [(p_leaves[i], grads[i], sums[i]) for i in rows]
-            for cols in group_by_device_dtype(table):
+            for cols in kernel_groups(p_leaves, grads, rows, buffers):
                 device = cols[0][0].device
                 # torch's fused Adagrad increments its float32 steps before the kernel,
                 # which only reads them.
                 step_t = count.to(device, torch.float32)
                 torch._fused_adagrad_(
                     cols[0], cols[1], cols[2], [step_t] * len(cols[0]),
-                    lr=lr_now.to(device) if isinstance(lr_now, torch.Tensor) else float(lr_now),
-                    grad_scale=None, found_inf=found_inf(keep, device), **hyper,
+                    lr=lr_arg(lr_now, device), grad_scale=None,
+                    found_inf=found_inf(keep, device), **hyper,
                 )
             # The sums were updated in place: the new state holds the same tensors.
             new_state[rule_at] = st._replace(count=advance(st.count, count, keep))
