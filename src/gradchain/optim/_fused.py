@@ -156,12 +156,18 @@ def gate_open(keep: torch.Tensor | None) -> bool:
     return bool(keep) if known is None else known
 
 
+def copies(t: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """``n`` separate 0-dim copies of ``t``, for torch code that keeps one scalar tensor per
+    parameter and updates each (``step``, NAdam's ``mu_product``, ASGD's ``eta``): views of
+    one new buffer (one allocation, not ``n``), never the same tensor repeated."""
+    return list(t.reshape(1).expand(n).clone().unbind(0))
+
+
 def step_tensors(count: torch.Tensor, n: int) -> list[torch.Tensor]:
     """torch's per-parameter ``step`` tensors for a rule whose count is ``count`` (before
-    this step): ``n`` separate 0-dim tensors in torch's scalar-state dtype, since torch's
-    foreach kernels increment each of them."""
-    base = count.to(_ops.state_scalar_dtype())
-    return [base.clone() for _ in range(n)]
+    this step), in torch's scalar-state dtype: :func:`copies`, since torch's foreach
+    kernels increment each of them."""
+    return copies(count.to(_ops.state_scalar_dtype()), n)
 
 
 def torch_rule_plan(

@@ -11,7 +11,7 @@ from gradchain import _checks, _ops
 from gradchain._tree import Leaves
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
-from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
+from gradchain.optim._fused import FusedPlan, bind_fused, copies, torch_rule_plan
 from gradchain.transforms import add_decayed_weights, scale
 
 __all__ = ["ScaleByAsgdState", "scale_by_asgd", "asgd"]
@@ -229,8 +229,8 @@ def _asgd_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
     follows torch's single-tensor arithmetic) by ~1e-8 relative in float64."""
 
     def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
-        etas = [st.eta.clone() for _ in ps]
-        mus = [st.mu.clone() for _ in ps]
+        etas = copies(st.eta, len(ps))
+        mus = copies(st.mu, len(ps))
         torch_asgd.asgd(ps, gs, bufs[0], mus, etas, steps, foreach=True, lr=lr_now,
                               **hyper)
         return {"eta": etas[0], "mu": mus[0]}

@@ -11,7 +11,7 @@ from gradchain import _checks, _ops
 from gradchain._tree import Leaves
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
-from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
+from gradchain.optim._fused import FusedPlan, bind_fused, copies, torch_rule_plan
 from gradchain.transforms import add_decayed_weights, scale, scale_by_learning_rate
 
 __all__ = ["ScaleByNadamState", "scale_by_nadam", "nadam"]
@@ -227,7 +227,7 @@ def _nadam_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
     ``torch.optim.Nadam(foreach=True)`` runs), for :func:`~gradchain.update_and_apply_`."""
 
     def kernel(ps: Any, gs: Any, bufs: Any, steps: Any, lr_now: Any, st: Any) -> dict[str, Any]:
-        mu_products = [st.mu_product.clone() for _ in ps]
+        mu_products = copies(st.mu_product, len(ps))
         torch_nadam.nadam(ps, gs, bufs[0], bufs[1], mu_products, steps, foreach=True,
                                 lr=lr_now, **hyper)
         return {"mu_product": mu_products[0]}

@@ -75,6 +75,10 @@ def scale_by_rprop(
     ``torch.optim.Rprop`` after its first step), so it is not a trailing
     :func:`~gradchain.scale_by_learning_rate` and cannot be a schedule.
 
+    The sign products, the clamp and the step run on flat foreach lists; the three
+    element selects (``etaplus`` / ``etaminus`` / ``1``, and zeroing where the sign flipped)
+    are one ``torch.where`` per leaf, as in torch's own foreach Rprop.
+
     Args:
         learning_rate: initial step size, a float or a 1-element tensor.
         etas: ``(etaminus, etaplus)``, with ``0 < etaminus < 1 < etaplus``.
