@@ -1,0 +1,1 @@
+"""Update rules, one module per algorithm (see ``docs/optimizers-modern.md``)."""

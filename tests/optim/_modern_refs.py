@@ -1,0 +1,78 @@
+"""Helpers for the parity tests of the rules torch does not ship (lion, lamb, lars,
+schedule-free, from_torch): random trees, runs of a gradchain rule, of an optax rule
+(through jax, on the same numbers) and of a torch-style optimizer, and the relative error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+import gradchain as gc
+
+SHAPES = {"w": (3, 4), "b": (4,), "s": ()}
+
+
+def random_tree(dtype: torch.dtype, seed: int, shapes: dict[str, tuple[int, ...]] = SHAPES) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for k, s in shapes.items()}
+
+
+def grads_seq(dtype: torch.dtype, steps: int, seed: int = 1) -> list[dict]:
+    return [random_tree(dtype, seed * 1000 + t) for t in range(steps)]
+
+
+def rel_err(a: dict, b: dict) -> float:
+    """max over leaves of max|a - b| / max|b| (float64)."""
+    worst = 0.0
+    for k in b:
+        x = torch.as_tensor(np.asarray(a[k]), dtype=torch.float64)
+        y = torch.as_tensor(np.asarray(b[k]), dtype=torch.float64)
+        scale = max(y.abs().max().item(), 1e-300)
+        worst = max(worst, (x - y).abs().max().item() / scale)
+    return worst
+
+
+def run_gradchain(tx: gc.GradientTransformation, params: dict, grads: list[dict]) -> dict:
+    state = tx.init(params)
+    for g in grads:
+        updates, state = tx.update(g, state, params)
+        params = gc.apply_updates(params, updates)
+    return params
+
+
+def run_optax(make: Callable[[], Any], params: dict, grads: list[dict]) -> dict:
+    """Run ``make()`` (an optax transformation) on jax copies of the same numbers; float64
+    under ``jax.enable_x64``."""
+    import jax.numpy as jnp
+    import optax
+
+    def to_jax(tree: dict) -> dict:
+        return {k: jnp.asarray(v.numpy()) for k, v in tree.items()}
+
+    opt = make()
+    p = to_jax(params)
+    state = opt.init(p)
+    for g in grads:
+        updates, state = opt.update(to_jax(g), state, p)
+        p = optax.apply_updates(p, updates)
+    return {k: torch.from_numpy(np.array(v)) for k, v in p.items()}
+
+
+def run_torch(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], params: dict,
+              grads: list[dict], before_step: Callable[[Any], None] | None = None) -> tuple[dict, Any]:
+    ps = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    opt = make(list(ps.values()))
+    if before_step is not None:
+        before_step(opt)
+    for g in grads:
+        for k, p in ps.items():
+            p.grad = None if g[k] is None else g[k].clone()
+        opt.step()
+    return {k: p.detach() for k, p in ps.items()}, opt
+
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
