@@ -47,6 +47,7 @@ def run_gradchain(tx: gc.GradientTransformation, params: dict, grads: list[dict]
 def run_optax(make: Callable[[], Any], params: dict, grads: list[dict]) -> dict:
     """Run ``make()`` (an optax transformation) on jax copies of the same numbers; float64
     under ``jax.enable_x64``."""
+    import jax
     import jax.numpy as jnp
     import optax
 
@@ -56,9 +57,13 @@ def run_optax(make: Callable[[], Any], params: dict, grads: list[dict]) -> dict:
     opt = make()
     p = to_jax(params)
     state = opt.init(p)
+    @jax.jit
+    def step(p: Any, state: Any, g: Any) -> Any:
+        updates, state = opt.update(g, state, p)
+        return optax.apply_updates(p, updates), state
+
     for g in grads:
-        updates, state = opt.update(to_jax(g), state, p)
-        p = optax.apply_updates(p, updates)
+        p, state = step(p, state, to_jax(g))
     return {k: torch.from_numpy(np.array(v)) for k, v in p.items()}
 
 
