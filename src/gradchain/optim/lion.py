@@ -184,7 +184,7 @@ def lion(
     decoupled_weight_decay = _check_bool(decoupled_weight_decay, "decoupled_weight_decay", fn)
     if decoupled_weight_decay and weight_decay != 0:
         lr0 = lr(torch.zeros((), dtype=torch.int64)) if _is_schedule(lr) else lr  # type: ignore[operator]
-        lr0 = float(lr0)
+        lr0 = float(lr0)  # type: ignore[arg-type]
         if lr0 == 0:
             raise ValueError(
                 f"{fn}: decoupled_weight_decay=True divides weight_decay by the initial "
