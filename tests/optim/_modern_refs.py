@@ -5,7 +5,8 @@ schedule-free, from_torch): random trees, runs of a gradchain rule, of an optax 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -78,6 +79,19 @@ def run_torch(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], param
             p.grad = None if g[k] is None else g[k].clone()
         opt.step()
     return {k: p.detach() for k, p in ps.items()}, opt
+
+
+@contextlib.contextmanager
+def x64(on: bool) -> Iterator[None]:
+    """jax in float64 (``jax_enable_x64``) inside the block, restored after."""
+    import jax
+
+    old = bool(jax.config.jax_enable_x64)
+    jax.config.update("jax_enable_x64", on)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", old)
 
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}

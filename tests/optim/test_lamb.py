@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from _modern_refs import TOL, grads_seq, random_tree, rel_err, run_gradchain, run_optax
+from _modern_refs import TOL, grads_seq, random_tree, rel_err, run_gradchain, run_optax, x64
 
 import gradchain as gc
 from gradchain.optim.lamb import lamb
@@ -23,14 +23,14 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kw", CASES)
 def test_lamb_matches_optax(kw: dict, dtype: torch.dtype) -> None:
-    jax = pytest.importorskip("jax")
+    pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
     params, grads = random_tree(dtype, 0), grads_seq(dtype, STEPS)
     ours = run_gradchain(lamb(**kw), params, grads)
     b1, b2 = kw.get("betas", (0.9, 0.999))
     okw = dict(b1=b1, b2=b2, eps=kw.get("eps", 1e-6), weight_decay=kw.get("weight_decay", 0.0),
                mask=kw.get("mask"))
-    with jax.enable_x64(dtype == torch.float64):
+    with x64(dtype == torch.float64):
         ref = run_optax(lambda: optax.lamb(kw["lr"], **okw), params, grads)
     assert rel_err(ours, ref) <= TOL[dtype]
 

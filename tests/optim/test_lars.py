@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from _modern_refs import TOL, grads_seq, random_tree, rel_err, run_gradchain, run_optax
+from _modern_refs import TOL, grads_seq, random_tree, rel_err, run_gradchain, run_optax, x64
 
 import gradchain as gc
 from gradchain.optim.lars import lars, scale_by_trust_ratio
@@ -32,18 +32,18 @@ def _optax_kw(kw: dict) -> dict:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kw", CASES)
 def test_lars_matches_optax(kw: dict, dtype: torch.dtype) -> None:
-    jax = pytest.importorskip("jax")
+    pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
     params, grads = random_tree(dtype, 0), grads_seq(dtype, STEPS)
     ours = run_gradchain(lars(**kw), params, grads)
-    with jax.enable_x64(dtype == torch.float64):
+    with x64(dtype == torch.float64):
         ref = run_optax(lambda: optax.lars(**_optax_kw(kw)), params, grads)
     assert rel_err(ours, ref) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(min_norm=0.5, trust_coefficient=2.0, eps=1e-2)])
 def test_scale_by_trust_ratio_matches_optax(kw: dict) -> None:
-    jax = pytest.importorskip("jax")
+    pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
     dtype = torch.float64
     params, grads = random_tree(dtype, 0), grads_seq(dtype, STEPS)
@@ -52,7 +52,7 @@ def test_scale_by_trust_ratio_matches_optax(kw: dict) -> None:
     for g in grads:
         g["z"] = torch.ones(2, dtype=dtype)
     ours = run_gradchain(gc.chain(scale_by_trust_ratio(**kw), gc.scale(-0.1)), params, grads)
-    with jax.enable_x64(True):
+    with x64(True):
         ref = run_optax(
             lambda: optax.chain(optax.scale_by_trust_ratio(**kw), optax.scale(-0.1)), params, grads
         )

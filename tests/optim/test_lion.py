@@ -6,7 +6,16 @@ import io
 
 import pytest
 import torch
-from _modern_refs import TOL, grads_seq, random_tree, rel_err, run_gradchain, run_optax, run_torch
+from _modern_refs import (
+    TOL,
+    grads_seq,
+    random_tree,
+    rel_err,
+    run_gradchain,
+    run_optax,
+    run_torch,
+    x64,
+)
 
 import gradchain as gc
 from gradchain.optim.lion import ScaleByLionState, lion, scale_by_lion
@@ -42,12 +51,12 @@ def test_lion_decoupled_weight_decay_matches_lion_pytorch() -> None:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kw", CASES)
 def test_lion_matches_optax(kw: dict, dtype: torch.dtype) -> None:
-    jax = pytest.importorskip("jax")
+    pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
     params, grads = random_tree(dtype, 0), grads_seq(dtype, STEPS)
     ours = run_gradchain(lion(**kw), params, grads)
     b1, b2 = kw["betas"]
-    with jax.enable_x64(dtype == torch.float64):
+    with x64(dtype == torch.float64):
         ref = run_optax(
             lambda: optax.lion(kw["lr"], b1=b1, b2=b2, weight_decay=kw["weight_decay"]),
             params, grads,
@@ -56,14 +65,14 @@ def test_lion_matches_optax(kw: dict, dtype: torch.dtype) -> None:
 
 
 def test_lion_schedule_matches_optax() -> None:
-    jax = pytest.importorskip("jax")
+    pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
     params, grads = random_tree(torch.float64, 0), grads_seq(torch.float64, STEPS)
     # A float64 schedule: gradchain's built-in schedules return float32 values.
     ours = run_gradchain(
         lion(lambda c: 1e-2 * 0.98 ** c.to(torch.float64), weight_decay=0.1), params, grads
     )
-    with jax.enable_x64(True):
+    with x64(True):
         ref = run_optax(lambda: optax.lion(lambda c: 1e-2 * 0.98**c, weight_decay=0.1), params, grads)
     assert rel_err(ours, ref) <= 1e-12
 
