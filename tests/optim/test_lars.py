@@ -9,8 +9,9 @@ import torch
 from _modern_refs import TOL, grads_seq, random_tree, rel_err, run_gradchain, run_optax, x64
 
 import gradchain as gc
-from gradchain.optim.lars import lars, scale_by_trust_ratio
+from gradchain.optim.lars import lars
 from gradchain.testing import check_transformation
+from gradchain.transforms import scale_by_trust_ratio
 
 STEPS = 100
 MASK = {"w": True, "b": False, "s": True}

@@ -67,13 +67,10 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from gradchain.base import GradientTransformation, _expect_state
-from gradchain.tree import Leaves, flatten, flatten_like
+from gradchain._tree import Leaves, flatten, flatten_like
+from gradchain.base import GradientTransformation, Params, Updates, expect_state
 
 __all__ = ["FromTorchState", "from_torch"]
-
-Params = Any
-Updates = Any
 
 _INT, _FLOAT, _BOOL, _TENSOR, _STATIC = "int", "float", "bool", "tensor", "static"
 
@@ -95,9 +92,8 @@ class FromTorchState(NamedTuple):
             hold zeros.
 
     Example:
-        >>> import torch
-        >>> from gradchain.optim.from_torch import from_torch
-        >>> state = from_torch(torch.optim.Adam, lr=0.1).init({"w": torch.zeros(2)})
+        >>> import torch, gradchain as gc
+        >>> state = gc.from_torch(torch.optim.Adam, lr=0.1).init({"w": torch.zeros(2)})
         >>> sorted(state.slots)[:4]
         ['group/amsgrad', 'group/betas/0', 'group/betas/1', 'group/capturable']
         >>> state.slots["state/0/exp_avg"], state.has_state
@@ -215,8 +211,7 @@ def from_torch(
 
     Example:
         >>> import torch, gradchain as gc
-        >>> from gradchain.optim.from_torch import from_torch
-        >>> tx = gc.chain(gc.clip_by_norm(1.0), from_torch(torch.optim.RMSprop, lr=0.01))
+        >>> tx = gc.chain(gc.clip_by_norm(1.0), gc.from_torch(torch.optim.RMSprop, lr=0.01))
         >>> params = {"w": torch.tensor([1.0, -1.0])}
         >>> state = tx.init(params)
         >>> updates, state = tx.update({"w": torch.tensor([3.0, -4.0])}, state, params)
@@ -321,7 +316,7 @@ def from_torch(
                 "host reads, in-place kernels); compile the other members of the chain, or "
                 "wrap the optimizer in gc.ChainedOptimizer"
             )
-        _expect_state(state, FromTorchState, name)
+        expect_state(state, FromTorchState, name)
         if params is None:
             raise ValueError(
                 f"{name}: params is None; the optimizer steps copies of the params, call "

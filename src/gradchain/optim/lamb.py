@@ -7,22 +7,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gradchain.base import GradientTransformation, chain
-from gradchain.optim.lars import scale_by_trust_ratio
-from gradchain.optimizers import (
+from gradchain import _checks
+from gradchain.base import GradientTransformation, Params
+from gradchain.combine import chain, masked
+from gradchain.optim.adam import scale_by_adam
+from gradchain.transforms import (
     ScalarOrSchedule,
-    _check_betas,
-    _check_lr,
-    _check_nonneg,
     add_decayed_weights,
-    scale_by_adam,
     scale_by_learning_rate,
+    scale_by_trust_ratio,
 )
-from gradchain.partition import masked
 
 __all__ = ["lamb"]
 
-Params = Any
 Mask = Any | Callable[[Params], Any]
 
 
@@ -68,18 +65,17 @@ def lamb(
 
     Example:
         >>> import torch, gradchain as gc
-        >>> from gradchain.optim.lamb import lamb
-        >>> tx = lamb(lr=0.1)
+        >>> tx = gc.lamb(lr=0.1)
         >>> params = {"w": torch.tensor([3.0, 4.0])}
         >>> updates, state = tx.update({"w": torch.tensor([1.0, -1.0])}, tx.init(params), params)
         >>> updates["w"]  # Adam's first direction is sign(g), scaled to |p| = 5
         tensor([-0.3536,  0.3536])
     """
     fn = "lamb"
-    lr = _check_lr(lr, fn)
-    b1, b2 = _check_betas(betas, fn)
-    eps = _check_nonneg(eps, "eps", "epsilon value", fn)
-    weight_decay = _check_nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    lr = _checks.check_lr(lr, fn)
+    b1, b2 = _checks.betas(betas, fn)
+    eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
+    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
     txs = [scale_by_adam(b1, b2, eps)]
     if weight_decay != 0:
         wd = add_decayed_weights(weight_decay)

@@ -27,28 +27,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gradchain import _ops
-from gradchain.base import GradientTransformation, _expect_state, chain, donation
-from gradchain.optimizers import (
-    ScalarOrSchedule,
-    _buffers_like,
-    _check_beta,
-    _check_betas,
-    _check_bool,
-    _check_lr,
-    _check_nonneg,
-    _is_schedule,
-    _next_count,
-    _zero_count,
-    add_decayed_weights,
-    scale_by_learning_rate,
-)
-from gradchain.tree import Leaves
+from gradchain import _checks, _ops
+from gradchain._tree import Leaves
+from gradchain.base import GradientTransformation, Params, Updates, donation, expect_state
+from gradchain.combine import chain
+from gradchain.transforms import ScalarOrSchedule, add_decayed_weights, scale_by_learning_rate
 
 __all__ = ["ScaleByLionState", "scale_by_lion", "lion"]
-
-Params = Any
-Updates = Any
 
 
 class ScaleByLionState(NamedTuple):
@@ -60,9 +45,8 @@ class ScaleByLionState(NamedTuple):
             the params; float32 for float16/bfloat16 params.
 
     Example:
-        >>> import torch
-        >>> from gradchain.optim.lion import scale_by_lion
-        >>> scale_by_lion().init({"w": torch.zeros(2)})
+        >>> import torch, gradchain as gc
+        >>> gc.scale_by_lion().init({"w": torch.zeros(2)})
         ScaleByLionState(count=tensor(0), mu={'w': tensor([0., 0.])})
     """
 
@@ -93,26 +77,25 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
         ValueError: a beta outside ``[0, 1)``.
 
     Example:
-        >>> import torch
-        >>> from gradchain.optim.lion import scale_by_lion
-        >>> tx = scale_by_lion()
+        >>> import torch, gradchain as gc
+        >>> tx = gc.scale_by_lion()
         >>> params = {"w": torch.zeros(3)}
         >>> updates, state = tx.update({"w": torch.tensor([0.5, -2.0, 0.0])}, tx.init(params))
         >>> updates["w"], state.mu["w"]
         (tensor([ 1., -1.,  0.]), tensor([ 0.0050, -0.0200,  0.0000]))
     """
     fn = "scale_by_lion"
-    b1 = _check_beta(b1, "b1", fn)
-    b2 = _check_beta(b2, "b2", fn)
+    b1 = _checks.beta(b1, "b1", fn)
+    b2 = _checks.beta(b2, "b2", fn)
 
     def init(params: Params) -> ScaleByLionState:
-        return ScaleByLionState(count=_zero_count(params), mu=_buffers_like(params))
+        return ScaleByLionState(count=_ops.zero_count(params), mu=_ops.buffers_like(params))
 
     def update(
         updates: Updates, state: ScaleByLionState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, ScaleByLionState]:
         del params
-        _expect_state(state, ScaleByLionState, fn)
+        expect_state(state, ScaleByLionState, fn)
         _, donated_s = donation(extra, fn)
         view = Leaves(updates)
         gs = view.values
@@ -124,7 +107,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
         new_mu = _ops.add_(decayed, g, alpha=1.0 - b2)
         out = _ops.cast(direction, [x.dtype for x in gs])
         return view.put(out), ScaleByLionState(
-            count=_next_count(state.count), mu=view.put_into(state.mu, new_mu)
+            count=_ops.safe_increment(state.count), mu=view.put_into(state.mu, new_mu)
         )
 
     return GradientTransformation(init, update)
@@ -170,20 +153,19 @@ def lion(
 
     Example:
         >>> import torch, gradchain as gc
-        >>> from gradchain.optim.lion import lion
-        >>> tx = lion(lr=0.1, weight_decay=0.5)
+        >>> tx = gc.lion(lr=0.1, weight_decay=0.5)
         >>> params = {"w": torch.tensor([1.0, -1.0])}
         >>> updates, state = tx.update({"w": torch.tensor([3.0, -0.5])}, tx.init(params), params)
         >>> gc.apply_updates(params, updates)["w"]  # p * (1 - 0.05) - 0.1 * sign(g)
         tensor([ 0.8500, -0.8500])
     """
     fn = "lion"
-    lr = _check_lr(lr, fn)
-    b1, b2 = _check_betas(betas, fn)
-    weight_decay = _check_nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
-    decoupled_weight_decay = _check_bool(decoupled_weight_decay, "decoupled_weight_decay", fn)
+    lr = _checks.check_lr(lr, fn)
+    b1, b2 = _checks.betas(betas, fn)
+    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    decoupled_weight_decay = _checks.as_bool(decoupled_weight_decay, "decoupled_weight_decay", fn)
     if decoupled_weight_decay and weight_decay != 0:
-        lr0 = lr(torch.zeros((), dtype=torch.int64)) if _is_schedule(lr) else lr  # type: ignore[operator]
+        lr0 = lr(torch.zeros((), dtype=torch.int64)) if _checks.is_schedule(lr) else lr  # type: ignore[operator]
         lr0 = float(lr0)  # type: ignore[arg-type]
         if lr0 == 0:
             raise ValueError(

@@ -26,25 +26,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gradchain import _ops
-from gradchain.base import GradientTransformation, _expect_state
-from gradchain.optimizers import (
-    ScalarOrSchedule,
-    _acc_dtype,
-    _check_beta,
-    _check_betas,
-    _check_lr,
-    _check_nonneg,
-    _first_device,
-    _groups,
-    _is_schedule,
-    _next_count,
-    _pick,
-    _scalar_for,
-    _scatter,
-    _zero_count,
-)
-from gradchain.tree import Leaves, flatten, flatten_like, unflatten
+from gradchain import _checks, _ops
+from gradchain._tree import Leaves, flatten, flatten_like, unflatten
+from gradchain.base import GradientTransformation, Params, Updates, expect_state
+from gradchain.transforms import ScalarOrSchedule
 
 __all__ = [
     "ScheduleFreeState",
@@ -52,9 +37,6 @@ __all__ = [
     "schedule_free_sgd",
     "schedule_free_eval_params",
 ]
-
-Params = Any
-Updates = Any
 
 
 class ScheduleFreeState(NamedTuple):
@@ -72,9 +54,8 @@ class ScheduleFreeState(NamedTuple):
             interpolation weight, read by :func:`schedule_free_eval_params`.
 
     Example:
-        >>> import torch
-        >>> from gradchain.optim.schedule_free import schedule_free_sgd
-        >>> schedule_free_sgd().init({"w": torch.ones(2)})
+        >>> import torch, gradchain as gc
+        >>> gc.schedule_free_sgd().init({"w": torch.ones(2)})
         ScheduleFreeState(count=tensor(0), z={'w': tensor([1., 1.])}, nu=(), weight_sum=tensor(0., dtype=torch.float64), lr_max=tensor(-1., dtype=torch.float64), b1=tensor(0.9000, dtype=torch.float64))
     """
 
@@ -89,7 +70,7 @@ class ScheduleFreeState(NamedTuple):
 def _copy_like(params: Params) -> Params:
     leaves, spec = flatten(params)
     return unflatten(spec, [
-        None if p is None else p.detach().to(_acc_dtype(p.dtype), copy=True) for p in leaves
+        None if p is None else p.detach().to(_ops.acc_dtype(p.dtype), copy=True) for p in leaves
     ])
 
 
@@ -115,8 +96,8 @@ def _schedule_free(
     def init(params: Params) -> ScheduleFreeState:
         if params is None:
             raise ValueError(f"{fn}.init: params is None; schedule-free starts z at the params")
-        zeros = _zero_count(params)
-        device = _first_device(params)
+        zeros = _ops.zero_count(params)
+        device = _ops.first_device(params)
         f64 = torch.float64
         return ScheduleFreeState(
             count=zeros,
@@ -130,7 +111,7 @@ def _schedule_free(
     def update(
         updates: Updates, state: ScheduleFreeState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, ScheduleFreeState]:
-        _expect_state(state, ScheduleFreeState, fn)
+        expect_state(state, ScheduleFreeState, fn)
         view = Leaves(updates)
         gs = view.values
         if gs and params is None:
@@ -144,7 +125,7 @@ def _schedule_free(
 
         # The scalars of the reference's step, in float64 on the state's device (no sync).
         k = state.count.to(torch.float64)
-        lr_t = lr(state.count) if _is_schedule(lr) else lr  # type: ignore[operator]
+        lr_t = lr(state.count) if _checks.is_schedule(lr) else lr  # type: ignore[operator]
         if not isinstance(lr_t, torch.Tensor):
             lr_t = torch.tensor(float(lr_t), dtype=torch.float64, device=k.device)  # type: ignore[arg-type]
         lr_t = lr_t.to(device=k.device, dtype=torch.float64)
@@ -163,26 +144,26 @@ def _schedule_free(
         out: list[Any] = [None] * len(gs)
         new_zs: list[Any] = [None] * len(gs)
         new_nus: list[Any] = [None] * len(gs)
-        for idx in _groups(zs):
-            z = _pick(zs, idx)
+        for idx in _ops.groups(zs):
+            z = _ops.pick(zs, idx)
             like = z[0]
-            g = _ops.cast(_pick(gs, idx), [x.dtype for x in z])
-            y = _ops.cast(_pick(ys, idx), [x.dtype for x in z])
+            g = _ops.cast(_ops.pick(gs, idx), [x.dtype for x in z])
+            y = _ops.cast(_ops.pick(ys, idx), [x.dtype for x in z])
             if b2 is not None:
-                v = _ops.addcmul_(_ops.mul(_pick(nus, idx), b2), g, g, 1.0 - b2)
-                denom = _ops.div_scalar(v, _scalar_for(bias_correction2, like))
+                v = _ops.addcmul_(_ops.mul(_ops.pick(nus, idx), b2), g, g, 1.0 - b2)
+                denom = _ops.div_scalar(v, _ops.scalar_for(bias_correction2, like))
                 denom = _ops.add_scalar_(_ops.sqrt(denom), eps)
                 g = _ops.div(g, denom)
-                _scatter(new_nus, idx, v)
+                _ops.scatter(new_nus, idx, v)
             if weight_decay != 0:
                 g = _ops.add(g, y, alpha=weight_decay)
-            y_new = _ops.add_(_lerp(y, z, ckp1), _ops.mul(g, _scalar_for(coef, like)))
-            _scatter(new_zs, idx, _ops.add(z, _ops.mul(g, _scalar_for(neg_lr, like))))
+            y_new = _ops.add_(_lerp(y, z, ckp1), _ops.mul(g, _ops.scalar_for(coef, like)))
+            _ops.scatter(new_zs, idx, _ops.add(z, _ops.mul(g, _ops.scalar_for(neg_lr, like))))
             u = _ops.add_(y_new, y, alpha=-1.0)
-            _scatter(out, idx, _ops.cast(u, [x.dtype for x in _pick(gs, idx)]))
+            _ops.scatter(out, idx, _ops.cast(u, [x.dtype for x in _ops.pick(gs, idx)]))
 
         return view.put(out), ScheduleFreeState(
-            count=_next_count(state.count),
+            count=_ops.safe_increment(state.count),
             z=view.put_into(state.z, new_zs),
             nu=view.put_into(state.nu, new_nus) if b2 is not None else state.nu,
             weight_sum=weight_sum,
@@ -196,7 +177,7 @@ def _schedule_free(
 def _ops_zeros_like(params: Params) -> Params:
     leaves, spec = flatten(params)
     return unflatten(spec, [
-        None if p is None else torch.zeros_like(p, dtype=_acc_dtype(p.dtype)) for p in leaves
+        None if p is None else torch.zeros_like(p, dtype=_ops.acc_dtype(p.dtype)) for p in leaves
     ])
 
 
@@ -205,13 +186,13 @@ def _check_schedule_args(
 ) -> tuple[int, float, float]:
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"{fn}: warmup_steps must be an int >= 0, got {warmup_steps!r}")
-    r = _check_nonneg(r, "r", "polynomial weighting power", fn)
-    weight_lr_power = _check_nonneg(weight_lr_power, "weight_lr_power", "power", fn)
+    r = _checks.nonneg(r, "r", "polynomial weighting power", fn)
+    weight_lr_power = _checks.nonneg(weight_lr_power, "weight_lr_power", "power", fn)
     return warmup_steps, r, weight_lr_power
 
 
 def _check_b1(value: float, name: str, fn: str) -> float:
-    value = _check_beta(value, name, fn)
+    value = _checks.beta(value, name, fn)
     if value == 0:
         raise ValueError(
             f"{fn}: {name} must be > 0 (the eval params x = z + (y - z) / {name} need it)"
@@ -269,22 +250,21 @@ def schedule_free_adamw(
 
     Example:
         >>> import torch, gradchain as gc
-        >>> from gradchain.optim.schedule_free import schedule_free_adamw, schedule_free_eval_params
-        >>> tx = schedule_free_adamw(lr=0.1)
+        >>> tx = gc.schedule_free_adamw(lr=0.1)
         >>> y = {"w": torch.tensor([1.0, -1.0])}
         >>> state = tx.init(y)
         >>> for _ in range(2):
         ...     updates, state = tx.update({"w": torch.tensor([1.0, -1.0])}, state, y)
         ...     y = gc.apply_updates(y, updates)
-        >>> y["w"], schedule_free_eval_params(y, state)["w"]
+        >>> y["w"], gc.schedule_free_eval_params(y, state)["w"]
         (tensor([ 0.8450, -0.8450]), tensor([ 0.8500, -0.8500]))
     """
     fn = "schedule_free_adamw"
-    lr = _check_lr(lr, fn)
-    b1, b2 = _check_betas(betas, fn)
+    lr = _checks.check_lr(lr, fn)
+    b1, b2 = _checks.betas(betas, fn)
     b1 = _check_b1(b1, "betas[0]", fn)
-    eps = _check_nonneg(eps, "eps", "epsilon value", fn)
-    weight_decay = _check_nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
+    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
     warmup_steps, r, weight_lr_power = _check_schedule_args(fn, warmup_steps, r, weight_lr_power)
     return _schedule_free(fn, lr, b1, b2, eps, weight_decay, warmup_steps, r, weight_lr_power)
 
@@ -323,20 +303,19 @@ def schedule_free_sgd(
 
     Example:
         >>> import torch, gradchain as gc
-        >>> from gradchain.optim.schedule_free import schedule_free_sgd, schedule_free_eval_params
-        >>> tx = schedule_free_sgd(lr=0.1, momentum=0.5)
+        >>> tx = gc.schedule_free_sgd(lr=0.1, momentum=0.5)
         >>> y = {"w": torch.tensor([1.0])}
         >>> state = tx.init(y)
         >>> for _ in range(2):
         ...     updates, state = tx.update({"w": torch.tensor([1.0])}, state, y)
         ...     y = gc.apply_updates(y, updates)
-        >>> y["w"], schedule_free_eval_params(y, state)["w"]
+        >>> y["w"], gc.schedule_free_eval_params(y, state)["w"]
         (tensor([0.8250]), tensor([0.8500]))
     """
     fn = "schedule_free_sgd"
-    lr = _check_lr(lr, fn)
+    lr = _checks.check_lr(lr, fn)
     momentum = _check_b1(momentum, "momentum", fn)
-    weight_decay = _check_nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
     warmup_steps, r, weight_lr_power = _check_schedule_args(fn, warmup_steps, r, weight_lr_power)
     return _schedule_free(fn, lr, momentum, None, 0.0, weight_decay, warmup_steps, r,
                           weight_lr_power)
@@ -379,14 +358,13 @@ def schedule_free_eval_params(params: Params, state: Any) -> Params:
 
     Example:
         >>> import torch, gradchain as gc
-        >>> from gradchain.optim.schedule_free import schedule_free_sgd, schedule_free_eval_params
-        >>> tx = gc.chain(gc.clip_by_norm(1.0), schedule_free_sgd(lr=1.0, momentum=0.5))
+        >>> tx = gc.chain(gc.clip_by_norm(1.0), gc.schedule_free_sgd(lr=1.0, momentum=0.5))
         >>> y = {"w": torch.tensor([0.0])}
         >>> state = tx.init(y)
         >>> for _ in range(2):
         ...     updates, state = tx.update({"w": torch.tensor([1.0])}, state, y)
         ...     y = gc.apply_updates(y, updates)
-        >>> x = schedule_free_eval_params(y, state)  # y = lerp(x, z, 1 - momentum)
+        >>> x = gc.schedule_free_eval_params(y, state)  # y = lerp(x, z, 1 - momentum)
         >>> y["w"], x["w"], state[1].z["w"]
         (tensor([-1.7500]), tensor([-1.5000]), tensor([-2.0000]))
     """
