@@ -102,7 +102,11 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
         mus: list[Any] = view.take(state.mu, "mu")
         g = _ops.cast(gs, [m.dtype for m in mus])
         direction = _ops.add_(_ops.mul(mus, b1), g, alpha=1.0 - b1)
-        direction = [torch.sign(d) for d in direction]
+        # sign in place on the fresh intermediate (foreach where it serves)
+        if _ops.use_foreach(direction) and not torch.compiler.is_compiling():
+            torch._foreach_sign_(direction)
+        else:
+            direction = [torch.sign(d) for d in direction]
         decayed = _ops.mul_(mus, b2) if donated_s else _ops.mul(mus, b2)
         new_mu = _ops.add_(decayed, g, alpha=1.0 - b2)
         out = _ops.cast(direction, [x.dtype for x in gs])
