@@ -161,10 +161,24 @@ def test_state_is_plain_tensors_and_round_trips() -> None:
 def test_hyperparameters_are_state() -> None:
     params = {"w": torch.ones(2)}
     tx = from_torch(torch.optim.SGD, lr=0.1)
-    _, state = tx.update({"w": torch.ones(2)}, tx.init(params), params)
+    state = tx.init(params)
+    assert float(state.slots["group/lr"]) == 0.1
+    state = state._replace(slots={**state.slots, "group/lr": torch.tensor(0.2, dtype=torch.float64)})
+    updates, state = tx.update({"w": torch.ones(2)}, state, params)
+    assert torch.equal(params["w"] + updates["w"], torch.full((2,), 1.0 - 0.2))
     state = state._replace(slots={**state.slots, "group/lr": torch.tensor(0.5, dtype=torch.float64)})
     updates, state = tx.update({"w": torch.ones(2)}, state, params)
     assert torch.equal(updates["w"], torch.full((2,), -0.5))
+
+
+def test_betas_in_the_initial_state_are_honoured() -> None:
+    params = {"w": torch.ones(2)}
+    tx = from_torch(torch.optim.Adam, lr=0.1, betas=(0.9, 0.999))
+    state = tx.init(params)
+    state = state._replace(slots={**state.slots, "group/betas/0": torch.tensor(0.5, dtype=torch.float64)})
+    _, state = tx.update({"w": torch.ones(2)}, state, params)
+    assert torch.equal(state.slots["state/0/exp_avg"], torch.full((2,), 0.5))
+    assert float(state.slots["group/betas/0"]) == 0.5
 
 
 def test_errors() -> None:

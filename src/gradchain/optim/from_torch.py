@@ -242,16 +242,17 @@ def from_torch(
     # Validate the hyperparameters now, with the optimizer's own checks.
     build([torch.zeros(1, requires_grad=True)])
 
-    layouts: dict[Any, tuple[_Layout, dict[str, torch.Tensor], dict[str, Any]]] = {}
+    layouts: dict[Any, tuple[_Layout, dict[str, torch.Tensor], dict[str, Any], Any]] = {}
 
     def copies_of(ps: list[torch.Tensor]) -> list[torch.Tensor]:
         return [p.detach().clone().requires_grad_(True) for p in ps]
 
     def layout_for(
         ps: list[torch.Tensor],
-    ) -> tuple[_Layout, dict[str, torch.Tensor], dict[str, Any]]:
+    ) -> tuple[_Layout, dict[str, torch.Tensor], dict[str, Any], Any]:
         """The state layout (from a first step on zero gradients, on throwaway copies), a
-        zero tensor per stored key, and the group values before any step; cached per
+        zero tensor per stored key, and the group values before any step (by path, and as
+        the snapshot tree); cached per
         (shape, dtype, device) signature of the params (a cache of constants: no state)."""
         sig = tuple((tuple(p.shape), p.dtype, p.device) for p in ps)
         if sig not in layouts:
@@ -271,7 +272,7 @@ def from_torch(
             }
             paths, leaves, _ = optree.tree_flatten_with_path(before, none_is_leaf=True)
             start = {_key(p): v for p, v in zip(paths, leaves)}
-            layouts[sig] = (layout, zeros, start)
+            layouts[sig] = (layout, zeros, start, before)
         return layouts[sig]
 
     def present(params: Params) -> tuple[list[Any], Any, list[int]]:
@@ -286,7 +287,7 @@ def from_torch(
         device = ps[0].device if ps else torch.device("cpu")
         slots: dict[str, torch.Tensor] = {}
         if ps:
-            layout, zeros, start = layout_for(ps)
+            layout, zeros, start, _ = layout_for(ps)
             for key, kind in zip(layout.keys, layout.kinds):
                 if key is None:
                     continue
@@ -337,7 +338,7 @@ def from_torch(
         gs = [grads[i] for i in idx]
         if any(g is not None for i, g in enumerate(grads) if leaves[i] is None):
             raise ValueError(f"{name}: a gradient arrived for a params leaf that is None")
-        layout, _, _ = layout_for(ps)
+        layout, _, _, before = layout_for(ps)
         if state.has_state.shape != (len(ps),):
             raise ValueError(
                 f"{name}: the state was made for {state.has_state.numel()} params, got "
@@ -356,6 +357,10 @@ def from_torch(
             for i, p in enumerate(copies):
                 if has_state[i]:
                     opt.state[p] = tree["state"][str(i)]
+        else:
+            # Before the first step the optimizer has no per-param state and its group is
+            # the constructed one: give it the group values the state holds (a changed lr).
+            opt.param_groups[0].update(_group_before(layout, state.slots, before["group"]))
         for p, g in zip(copies, gs):
             p.grad = None if g is None else g.detach().to(dtype=p.dtype, copy=True)
         opt.step()
@@ -436,3 +441,23 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a is b or type(a) is type(b) and a == b)
     except Exception:  # a value whose == is not a bool
         return a is b
+
+
+def _group_before(layout: _Layout, slots: dict[str, torch.Tensor], before: dict[str, Any]) -> Any:
+    """The constructed group's values (``before``) with those stored in ``slots`` where the
+    stored kind is the constructed value's (tuples such as ``betas`` element by element)."""
+    kinds = {key: kind for key, kind in zip(layout.keys, layout.kinds) if key is not None}
+
+    def stored(key: str, value: Any) -> Any:
+        kind = kinds.get(key)
+        if kind is None or kind == _STATIC or _kind(value) != kind or key not in slots:
+            return value
+        return _from_tensor(slots[key], kind)
+
+    group: dict[str, Any] = {}
+    for name, value in before.items():
+        if isinstance(value, tuple):
+            group[name] = tuple(stored(f"group/{name}/{j}", v) for j, v in enumerate(value))
+        else:
+            group[name] = stored(f"group/{name}", value)
+    return group
