@@ -67,6 +67,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
+from gradchain import _ops
 from gradchain._tree import Leaves, flatten, flatten_like
 from gradchain.base import GradientTransformation, Params, Updates, expect_state
 
@@ -377,7 +378,7 @@ def from_torch(
                 if g is not None:
                     out[i] = (copies[k].detach() - ps[k].detach()).to(g.dtype)
         new_state = FromTorchState(
-            count=state.count + 1,
+            count=_ops.safe_increment(state.count),
             has_state=torch.tensor(new_has, dtype=torch.bool, device=state.has_state.device),
             slots=slots,
         )
