@@ -84,6 +84,38 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
     return peak
 
 
+def kernel_seconds(fn: Callable[[], object], calls: int) -> float:
+    """Time per call spent inside torch ops (the top-level ops' durations, from the
+    profiler); the rest of a call's wall time is Python."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+
+    def outermost_op(e: object) -> bool:
+        # An aten op with no aten op above it (annotations such as Optimizer.step are
+        # Python, and are not ops).
+        if not e.name.startswith("aten::"):  # type: ignore[attr-defined]
+            return False
+        parent = e.cpu_parent  # type: ignore[attr-defined]
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    ops = [e for e in prof.events() if outermost_op(e)]
+    return sum(e.cpu_time_total for e in ops) / 1e6 / calls
+
+
+def python_us_per_call(fn: Callable[[], object], calls: int, rounds: int) -> tuple[float, float]:
+    """(wall, Python) microseconds per call: the median wall time, minus the time in torch
+    ops measured by the profiler."""
+    for _ in range(3):
+        fn()
+    wall = statistics.median(timed(fn, calls) for _ in range(rounds))
+    return wall * 1e6, (wall - kernel_seconds(fn, calls)) * 1e6
+
+
 def timed(fn: Callable[[], object], inner: int) -> float:
     start = time.perf_counter()
     for _ in range(inner):
@@ -188,6 +220,37 @@ def build_rows(params: dict[str, torch.Tensor], compile_row3: bool) -> list[Row]
 
     rows.append(Row("3 clip+adamw fused", fused_inplace_step, torch_fused_step,
                     "update_and_apply_ (torch's fused kernel)"))
+
+    # 3'. the same with a no-decay partition vs AdamW(fused) with two param groups
+    labels = {k: "decay" if p.ndim == 2 else "no_decay" for k, p in params.items()}
+    nd_tx = gc.chain(gc.clip_by_norm(1.0), gc.partition(
+        {"decay": gc.adamw(1e-3, weight_decay=0.1), "no_decay": gc.adamw(1e-3, weight_decay=0.0)},
+        labels,
+    ))
+    nd_live = {k: torch.nn.Parameter(p.clone()) for k, p in params.items()}
+    nd_box = {"state": nd_tx.init(params)}
+    nd_donor = {k: g.clone() for k, g in grads.items()}
+    g_params = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    for p, g in zip(g_params, grads.values()):
+        p.grad = g.clone()
+    keys = list(params)
+    groups_opt = torch.optim.AdamW(
+        [{"params": [p for k, p in zip(keys, g_params) if labels[k] == "decay"],
+          "weight_decay": 0.1},
+         {"params": [p for k, p in zip(keys, g_params) if labels[k] == "no_decay"],
+          "weight_decay": 0.0}],
+        lr=1e-3, fused=True,
+    )
+
+    def nd_step() -> None:
+        nd_box["state"] = gc.update_and_apply_(nd_tx, nd_donor, nd_box["state"], nd_live)
+
+    def torch_groups_step() -> None:
+        torch.nn.utils.clip_grad_norm_(g_params, 1.0, foreach=True)
+        groups_opt.step()
+
+    rows.append(Row("3' no-decay partition fused", nd_step, torch_groups_step,
+                    "vs AdamW(fused) with two param groups"))
     if compile_row3:
         # The compiled in-place step: update_and_apply_ traced with fullgraph=True writes the
         # new params and state into the old tensors (inductor computes them in place).
@@ -333,6 +396,15 @@ def main() -> None:
             print(f"{name:7} {row.name:28} {m['ours_ms']:12.3f} {m['torch_ms']:9.3f} "
                   f"{m['ratio']:6.2f} {m['ours_peak_mb']:8.1f} / {m['torch_peak_mb']:<8.1f}  "
                   f"{row.note}")
+        if name != "medium":
+            # Python per call: what a GPU user pays on every step (launch-bound kernels).
+            by_name = {row.name: row for row in build_rows(params, compile_row3=False)}
+            fused_row = by_name["3 clip+adamw fused"]
+            calls = 5 if args.smoke else 200
+            for who, fn in (("gradchain", fused_row.ours), ("torch", fused_row.theirs)):
+                wall, py = python_us_per_call(fn, calls, 1 if args.smoke else 5)
+                print(f"{name:7} python per call, clip+adamw fused step, {who:9}: "
+                      f"{py:7.1f} us of {wall:7.1f} us")
         print(f"({name}: {len(params)} tensors, {n / 1e6:.2f}M parameters)")
     if args.smoke:
         print("smoke run: sizes are tiny, the figures mean nothing")

@@ -149,6 +149,11 @@ def group_by_device_dtype(
         >>> [cols[1] for cols in group_by_device_dtype(rows)]
         [[1, 3], [2]]
     """
+    if not rows:
+        return []
+    firsts = [row[0] for row in rows]
+    if len({t.dtype for t in firsts}) == 1 and len({t.device for t in firsts}) == 1:
+        return [tuple(list(col) for col in zip(*rows))]  # the common case: one group
     groups: dict[tuple[torch.device, torch.dtype], list[tuple[Any, ...]]] = {}
     for row in rows:
         t = row[0]

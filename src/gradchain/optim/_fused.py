@@ -27,8 +27,10 @@ from typing import Any
 import torch
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-from gradchain._tree import PLAIN
+from gradchain import _checks, _ops
+from gradchain._tree import PLAIN, group_by_device_dtype
 from gradchain.base import GradientTransformation, State
+from gradchain.transforms import ScaleByScheduleState
 
 FusedStep = Callable[[list[Any], "torch.Tensor | None"], State]
 FusedPlan = Callable[[State, list[Any], list[Any], Any], "FusedStep | None"]
@@ -96,3 +98,40 @@ def found_inf(keep: torch.Tensor | None, device: torch.device) -> torch.Tensor |
 def advance(count: torch.Tensor, new: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """``new`` where the step applies (``keep`` is ``None`` or true), else ``count``."""
     return new if keep is None else torch.where(keep.to(new.device), new, count)
+
+
+def tick(count: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``count`` advanced by one where the step applies."""
+    return advance(count, _ops.safe_increment(count), keep)
+
+
+def lr_state_fits(state: Any, size: int, lr: Any) -> bool:
+    """Whether ``state`` is the state of a rule chain of ``size`` members ending in
+    ``scale_by_learning_rate(lr)`` (a :class:`~gradchain.ScaleByScheduleState` there when
+    ``lr`` is a schedule)."""
+    if not isinstance(state, tuple) or len(state) != size:
+        return False
+    return not _checks.is_schedule(lr) or isinstance(state[-1], ScaleByScheduleState)
+
+
+def step_lr(lr: Any, new_state: list[Any], keep: torch.Tensor | None) -> Any:
+    """The learning rate of this step; a schedule's count (the rule chain's last member,
+    in ``new_state``) advances where the step applies."""
+    if not _checks.is_schedule(lr):
+        return lr
+    lr_state = new_state[-1]
+    new_state[-1] = lr_state._replace(count=tick(lr_state.count, keep))
+    return lr(lr_state.count)
+
+
+def lr_arg(lr: Any, device: torch.device) -> Any:
+    """A learning rate as torch's fused kernels take it: a float, or a tensor on ``device``."""
+    return lr.to(device) if isinstance(lr, torch.Tensor) else float(lr)
+
+
+def kernel_groups(
+    p_leaves: list[Any], grads: list[Any], rows: list[int], buffers: list[list[Any]]
+) -> list[tuple[list[Any], ...]]:
+    """Columns (params, grads, each buffer) per (device, dtype) group at the rows of
+    :func:`fused_rows`: one kernel call each."""
+    return group_by_device_dtype([(p_leaves[i], grads[i], *(b[i] for b in buffers)) for i in rows])

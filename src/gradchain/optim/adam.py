@@ -15,13 +15,23 @@ from typing import Any, NamedTuple
 import torch
 
 from gradchain import _checks, _ops
-from gradchain._tree import Leaves, flatten_like, group_by_device_dtype
+from gradchain._tree import Leaves, flatten_like
 from gradchain.base import GradientTransformation, Params, Updates, donation, expect_state
 from gradchain.combine import chain
-from gradchain.optim._fused import FusedPlan, FusedStep, advance, bind_fused, found_inf, fused_rows
+from gradchain.optim._fused import (
+    FusedPlan,
+    FusedStep,
+    advance,
+    bind_fused,
+    found_inf,
+    fused_rows,
+    kernel_groups,
+    lr_arg,
+    lr_state_fits,
+    step_lr,
+)
 from gradchain.transforms import (
     ScalarOrSchedule,
-    ScaleByScheduleState,
     add_decayed_weights,
     scale,
     scale_by_learning_rate,
@@ -223,26 +233,7 @@ def adam(
         >>> gc.apply_updates(params, updates)["w"]
         tensor([ 0.9000, -0.9000])
     """
-    fn = "adam"
-    amsgrad = _checks.as_bool(amsgrad, "amsgrad", fn)
-    maximize = _checks.as_bool(maximize, "maximize", fn)
-    lr = _checks.check_lr(lr, fn)
-    eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
-    b1, b2 = _checks.betas(betas, fn)
-    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
-    txs: list[GradientTransformation] = []
-    if maximize:
-        txs.append(scale(-1.0))
-    if weight_decay != 0:
-        txs.append(add_decayed_weights(weight_decay))
-    adam_at = len(txs)
-    txs.append(scale_by_adam(b1, b2, eps, amsgrad))
-    txs.append(scale_by_learning_rate(lr))
-    return bind_fused(
-        chain(*txs),
-        _adam_plan(False, lr, adam_at, len(txs), b1=b1, b2=b2, eps=eps,
-                   weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize),
-    )
+    return _adam_rule("adam", False, lr, betas, eps, weight_decay, amsgrad, maximize)
 
 
 def adamw(
@@ -295,24 +286,34 @@ def adamw(
         >>> gc.apply_updates(params, updates)["w"]  # p * (1 - 0.05) - 0.1 * sign(g)
         tensor([ 0.8500, -0.8500])
     """
-    fn = "adamw"
+    return _adam_rule("adamw", True, lr, betas, eps, weight_decay, amsgrad, maximize)
+
+
+def _adam_rule(
+    fn: str, decoupled: bool, lr: ScalarOrSchedule, betas: tuple[float, float], eps: float,
+    weight_decay: float, amsgrad: bool, maximize: bool,
+) -> GradientTransformation:
+    """``adam`` (L2 ``weight_decay`` added to the gradient) or ``adamw`` (``decoupled``:
+    the decay added to the direction), validated as torch validates them, as a chain
+    bound to torch's fused kernel."""
     amsgrad = _checks.as_bool(amsgrad, "amsgrad", fn)
     maximize = _checks.as_bool(maximize, "maximize", fn)
     lr = _checks.check_lr(lr, fn)
     eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
     b1, b2 = _checks.betas(betas, fn)
     weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
-    txs: list[GradientTransformation] = []
-    if maximize:
-        txs.append(scale(-1.0))
+    decay = [add_decayed_weights(weight_decay)] if weight_decay != 0 else []
+    txs: list[GradientTransformation] = [scale(-1.0)] if maximize else []
+    if not decoupled:
+        txs += decay
     adam_at = len(txs)
     txs.append(scale_by_adam(b1, b2, eps, amsgrad))
-    if weight_decay != 0:
-        txs.append(add_decayed_weights(weight_decay))
+    if decoupled:
+        txs += decay
     txs.append(scale_by_learning_rate(lr))
     return bind_fused(
         chain(*txs),
-        _adam_plan(True, lr, adam_at, len(txs), b1=b1, b2=b2, eps=eps,
+        _adam_plan(decoupled, lr, adam_at, len(txs), b1=b1, b2=b2, eps=eps,
                    weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize),
     )
 
@@ -323,14 +324,10 @@ def _adam_plan(
     """``adam``'s / ``adamw``'s binding to ``torch._fused_adam_`` / ``_fused_adamw_`` (what
     ``torch.optim.Adam/AdamW(fused=True)`` runs), for :func:`~gradchain.update_and_apply_`;
     see :mod:`gradchain.optim._fused`."""
-    scheduled = _checks.is_schedule(lr)
     amsgrad = hyper["amsgrad"]
 
     def plan(state: Any, p_leaves: list[Any], g_leaves: list[Any], spec: Any) -> FusedStep | None:
-        if not isinstance(state, tuple) or len(state) != size:
-            return None
-        lr_state = state[-1] if scheduled else None
-        if scheduled and not isinstance(lr_state, ScaleByScheduleState):
+        if not lr_state_fits(state, size, lr):
             return None
         st = state[adam_at]
         if not isinstance(st, ScaleByAdamState) or not torch.is_tensor(st.count):
@@ -348,22 +345,16 @@ def _adam_plan(
 
         def step(grads: list[Any], keep: torch.Tensor | None) -> Any:
             new_state = list(state)
-            lr_now: Any = lr
-            if lr_state is not None:
-                lr_now = lr(lr_state.count)  # type: ignore[operator]
-                new_state[-1] = lr_state._replace(
-                    count=advance(lr_state.count, _ops.safe_increment(lr_state.count), keep)
-                )
+            lr_now = step_lr(lr, new_state, keep)
             count = _ops.safe_increment(st.count)
             kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-            table = [(p_leaves[i], grads[i], *(b[i] for b in buffers)) for i in rows]
-            for cols in group_by_device_dtype(table):
+            for cols in kernel_groups(p_leaves, grads, rows, buffers):
                 device = cols[0][0].device
                 step_t = count.to(device, torch.float32)
                 kernel(
                     cols[0], cols[1], cols[2], cols[3], cols[4] if amsgrad else [],
                     [step_t] * len(cols[0]),
-                    lr=lr_now.to(device) if isinstance(lr_now, torch.Tensor) else float(lr_now),
+                    lr=lr_arg(lr_now, device),
                     beta1=hyper["b1"], beta2=hyper["b2"], weight_decay=hyper["weight_decay"],
                     eps=hyper["eps"], amsgrad=amsgrad, maximize=hyper["maximize"],
                     found_inf=found_inf(keep, device),
