@@ -207,3 +207,47 @@ def test_compile_and_vmap_fail_with_a_message_naming_from_torch() -> None:
 
 def test_from_torch_obeys_the_eager_laws() -> None:
     check_transformation(from_torch(torch.optim.Adam, lr=1e-2, weight_decay=0.1), max_examples=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_update_and_apply_gives_torchs_params_bit_for_bit(dtype: torch.dtype) -> None:
+    # Large steps that cross zero: the additive path is a rounding off there, the in-place
+    # path copies the optimizer's new params.
+    kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    params = random_tree(dtype, 0)
+    live = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    opt = torch.optim.SGD(list(live.values()), **kw)
+    tx = from_torch(torch.optim.SGD, **kw)
+    ours = {k: v.clone() for k, v in params.items()}
+    state = tx.init(ours)
+    for t, g in enumerate(grads_seq(dtype, STEPS)):
+        if t % 4 == 2:
+            g["s"] = None
+        state = gc.update_and_apply_(tx, {k: None if v is None else v.clone() for k, v in g.items()},
+                                     state, ours)
+        for k, p in live.items():
+            p.grad = None if g[k] is None else g[k].clone()
+        opt.step()
+        for k in params:
+            assert torch.equal(ours[k], live[k].detach()), (t, k)
+
+
+def test_update_and_apply_behind_gates() -> None:
+    params = random_tree(torch.float32, 0)
+    kw = dict(lr=1e-2, amsgrad=True)
+    tx = gc.chain(gc.skip_if_nonfinite(), gc.clip_by_norm(1.0), gc.accumulate_every(2),
+                  from_torch(torch.optim.AdamW, **kw))
+    ref_tx = gc.chain(gc.skip_if_nonfinite(), gc.clip_by_norm(1.0), gc.accumulate_every(2))
+    live = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    opt = gc.ChainedOptimizer(torch.optim.AdamW([live[k] for k in sorted(live)], **kw), ref_tx)
+    ours = {k: v.clone() for k, v in params.items()}
+    state = tx.init(ours)
+    for t, g in enumerate(grads_seq(torch.float32, 12)):
+        if t == 5:
+            g["w"][0, 0] = float("nan")
+        state = gc.update_and_apply_(tx, {k: v.clone() for k, v in g.items()}, state, ours)
+        for k, p in live.items():
+            p.grad = g[k].clone()
+        opt.step()
+        for k in params:
+            assert torch.equal(ours[k], live[k].detach()), (t, k)
