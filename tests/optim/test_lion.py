@@ -125,4 +125,6 @@ def test_bad_arguments_raise() -> None:
 
 
 def test_lion_obeys_the_laws() -> None:
-    check_transformation(lion(1e-2, weight_decay=0.1), vmap=True, compile=True, compile_examples=2)
+    # compile and vmap on this one rule only (CI time); see the other modules for the rest
+    check_transformation(lion(1e-2, weight_decay=0.1), vmap=True, compile=True, compile_examples=1,
+                         max_examples=15)
