@@ -87,11 +87,14 @@ class FromTorchState(NamedTuple):
 
     Attributes:
         count: int64 0-dim tensor, the number of updates done.
-        has_state: 1-D bool tensor, one entry per params leaf (in ``optree`` leaf order):
-            whether the optimizer holds state for that param (it creates it on the first
-            step the param has a gradient, as ``torch.optim`` does).
+        has_state: 1-D bool tensor, one entry per param (the params tree's tensor leaves,
+            ``None`` leaves left out, in ``optree`` leaf order, i.e. the order of the
+            optimizer's one param group): whether the optimizer holds state for that param
+            (it creates it on the first step the param has a gradient, as ``torch.optim``
+            does).
         slots: a dict from path to tensor: every per-param state value
-            (``"state/<leaf>/<key>"``, e.g. ``"state/0/exp_avg"``) and every param-group
+            (``"state/<i>/<key>"``, ``i`` the param's position in that order, e.g.
+            ``"state/0/exp_avg"``) and every param-group
             value (``"group/<key>"``, e.g. ``"group/lr"``, ``"group/betas/0"``). Python
             numbers are stored as 0-dim tensors (int64, float64, bool) and given back to
             the optimizer as Python numbers of the same type; other non-tensor values
