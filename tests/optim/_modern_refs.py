@@ -95,3 +95,19 @@ def x64(on: bool) -> Iterator[None]:
 
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def check_injected_lr(factory: Callable[..., gc.GradientTransformation], **kw: Any) -> None:
+    """``inject_hyperparams(factory)`` with ``lr`` in the state (the other numbers static)
+    equals ``factory`` and follows a changed ``lr``."""
+    params, (g1, g2) = random_tree(torch.float64, 0), grads_seq(torch.float64, 2)
+    tx = gc.inject_hyperparams(factory, static_args=tuple(k for k in kw if k != "lr"))(**kw)
+    state = tx.init(params)
+    ref, ref_state = factory(**kw), factory(**kw).init(params)
+    for g, lr in ((g1, kw["lr"]), (g2, kw["lr"] / 2)):
+        ref = factory(**{**kw, "lr": lr})
+        state = gc.set_hyperparams(state, lr=lr)
+        updates, state = tx.update(g, state, params)
+        expected, ref_state = ref.update(g, ref_state, params)
+        for k in params:
+            assert torch.equal(updates[k], expected[k]), k

@@ -6,7 +6,16 @@ import io
 
 import pytest
 import torch
-from _modern_refs import TOL, grads_seq, random_tree, rel_err, run_gradchain, run_optax, x64
+from _modern_refs import (
+    TOL,
+    check_injected_lr,
+    grads_seq,
+    random_tree,
+    rel_err,
+    run_gradchain,
+    run_optax,
+    x64,
+)
 
 import gradchain as gc
 from gradchain.optim.lamb import lamb
@@ -68,3 +77,7 @@ def test_bad_arguments_raise() -> None:
 
 def test_lamb_obeys_the_laws() -> None:
     check_transformation(lamb(1e-2, weight_decay=0.1), max_examples=15)
+
+
+def test_lr_can_be_injected_into_the_state() -> None:
+    check_injected_lr(lamb, lr=1e-2, weight_decay=0.1)

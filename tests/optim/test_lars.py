@@ -6,7 +6,16 @@ import io
 
 import pytest
 import torch
-from _modern_refs import TOL, grads_seq, random_tree, rel_err, run_gradchain, run_optax, x64
+from _modern_refs import (
+    TOL,
+    check_injected_lr,
+    grads_seq,
+    random_tree,
+    rel_err,
+    run_gradchain,
+    run_optax,
+    x64,
+)
 
 import gradchain as gc
 from gradchain.optim.lars import lars
@@ -104,3 +113,7 @@ def test_bad_arguments_raise() -> None:
 def test_lars_obeys_the_laws() -> None:
     check_transformation(lars(0.5, weight_decay=1e-2, nesterov=True), max_examples=15)
     check_transformation(scale_by_trust_ratio(min_norm=1e-3, eps=1e-6), max_examples=15)
+
+
+def test_lr_can_be_injected_into_the_state() -> None:
+    check_injected_lr(lars, lr=0.5, weight_decay=1e-2)

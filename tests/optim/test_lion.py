@@ -8,6 +8,7 @@ import pytest
 import torch
 from _modern_refs import (
     TOL,
+    check_injected_lr,
     grads_seq,
     random_tree,
     rel_err,
@@ -128,3 +129,7 @@ def test_lion_obeys_the_laws() -> None:
     # compile and vmap on this one rule only (CI time); see the other modules for the rest
     check_transformation(lion(1e-2, weight_decay=0.1), vmap=True, compile=True, compile_examples=1,
                          max_examples=15)
+
+
+def test_lr_can_be_injected_into_the_state() -> None:
+    check_injected_lr(lion, lr=1e-2, weight_decay=0.1)

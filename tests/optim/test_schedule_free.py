@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from _modern_refs import TOL, grads_seq, random_tree, rel_err, run_torch
+from _modern_refs import TOL, check_injected_lr, grads_seq, random_tree, rel_err, run_torch
 
 import gradchain as gc
 from gradchain.optim.schedule_free import (
@@ -143,3 +143,8 @@ def test_schedule_free_obeys_the_laws() -> None:
     check_transformation(schedule_free_adamw(1e-2, weight_decay=0.1, warmup_steps=2),
                          max_examples=15)
     check_transformation(schedule_free_sgd(0.1, r=1.0), max_examples=15)
+
+
+def test_lr_can_be_injected_into_the_state() -> None:
+    check_injected_lr(schedule_free_adamw, lr=1e-2, weight_decay=0.1)
+    check_injected_lr(schedule_free_sgd, lr=0.1, warmup_steps=3)
