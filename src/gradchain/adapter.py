@@ -12,14 +12,77 @@ from typing import Any
 import optree
 import torch
 
-from gradchain.base import GradientTransformation, _and, _fold_flags, is_gate
+from gradchain.base import GradientTransformation, _and, _fold_flags, chain_members, is_gate
 from gradchain.clipping import ClipByNormState
 from gradchain.gates import AccumulateState, scale_loss
 from gradchain.tree import _named_nodes, from_state_dict, to_state_dict
 
+try:  # pickling a transformation (closures) by value; deepcopy does not need it
+    import cloudpickle as _cloudpickle
+except ImportError:  # pragma: no cover - cloudpickle ships with the dev extra
+    _cloudpickle = None
+
 __all__ = ["ChainedOptimizer"]
 
 _FORMAT = 1
+
+# torch.optim.Optimizer's per-instance hook tables: like torch's own pickling, copies start
+# without hooks (hooks are often lambdas or bound to objects that are not copied).
+_HOOK_TABLES = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+# Per-process or per-instance attributes a copy rebuilds instead of copying: the weak
+# self-reference, the snapshot's scratch buffers, the profiler name, and an instance
+# ``step`` patched by an LR scheduler (it refers to the original object).
+_NOT_COPIED = (*_HOOK_TABLES, "_self_ref", "_snapshot_buffers", "_zero_grad_profile_name",
+               "step", "_grad_backup")
+
+
+def _describe(transform: GradientTransformation) -> str:
+    """A short name for ``transform``: its factory's name, ``chain(...)`` of its members."""
+    members = chain_members(transform)
+    if members is not None:
+        return "chain(" + ", ".join(_describe(m) for m in members) + ")"
+    name = getattr(transform.update, "__qualname__", type(transform.update).__name__)
+    return name.split(".<locals>")[0]
+
+
+def _ptr(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage (of its local shard for a DTensor)."""
+    local = getattr(t, "_local_tensor", None)  # DTensor: a wrapper without storage
+    try:
+        return (t if local is None else local).untyped_storage().data_ptr()
+    except RuntimeError:  # another storage-less tensor subclass
+        return None
+
+
+def _storages(tree: Any) -> set[int | None]:
+    """The storage addresses of the tensors in ``tree``."""
+    return {
+        _ptr(x) for x in optree.tree_leaves(tree, none_is_leaf=True) if isinstance(x, torch.Tensor)
+    }
+
+
+class _ByValue:
+    """A transformation pickled by value (its functions are closures, which plain pickle
+    stores by name and cannot find again): ``cloudpickle`` bytes, loaded back on unpickle."""
+
+    def __init__(self, transform: GradientTransformation) -> None:
+        self.transform = transform
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if _cloudpickle is None:
+            raise TypeError(
+                "ChainedOptimizer: pickling the adapter stores its transformation (closures) "
+                "by value, which needs the cloudpickle package (pip install cloudpickle); "
+                "copy.deepcopy works without it, and a checkpoint should use state_dict()"
+            )
+        return (_cloudpickle.loads, (_cloudpickle.dumps(self.transform),))
 
 
 def _merge_states(old: Any, new: Any) -> Any:
@@ -209,7 +272,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         transform: GradientTransformation,
         *,
         should_commit: Callable[[], bool] | None = None,
-        transactional: bool = True,
+        transactional: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -241,19 +304,54 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self.transform = transform
         self.should_commit = should_commit
         self.transactional = transactional
-        self._snapshot_buffers: list[torch.Tensor] = []  # see _Snapshot
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
         self._warned_capturable_if_run_uncaptured = True
+        self._rebuild_local()
         self.tx_state = transform.init(self._param_tree())
         self._last_applied = False
-        self._self_ref = weakref.ref(self)
         self._before_seed: Any = None  # the state before no_sync moved the window into .grad
+
+    def _rebuild_local(self) -> None:
+        """The per-instance attributes a new object and a copy start with (``_NOT_COPIED``)."""
+        for name in _HOOK_TABLES:
+            setattr(self, name, OrderedDict())
+        self._snapshot_buffers: list[torch.Tensor] = []  # see _Snapshot
+        # (.grad tensor, its value before this step wrote into it), transactional only
+        self._grad_backup: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._self_ref = weakref.ref(self)
+        self._patch_step_function()
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
+        """Everything but hooks and per-instance scratch (see ``_NOT_COPIED``); the
+        transformation goes by value (its functions are closures; needs ``cloudpickle``)."""
+        real = self._real()
+        state = {k: v for k, v in real.__dict__.items() if k not in _NOT_COPIED}
+        state["transform"] = _ByValue(real.transform)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # type: ignore[override]
+        transform = state["transform"]
+        if isinstance(transform, _ByValue):  # a copy made in this process
+            transform = transform.transform
+        self.__dict__.update(state, transform=transform)
+        self._rebuild_local()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ChainedOptimizer:
+        """A deep copy as torch makes one of an optimizer (parameters and both states copied,
+        hooks not), sharing the transformation (pure functions) and ``should_commit``."""
+        real = self._real()
+        new = ChainedOptimizer.__new__(ChainedOptimizer)
+        memo[id(real)] = new
+        memo[id(self)] = new
+        if real.should_commit is not None:
+            memo.setdefault(id(real.should_commit), real.should_commit)
+        state = {
+            k: copy.deepcopy(v, memo) if k != "transform" else v
+            for k, v in real.__dict__.items()
+            if k not in _NOT_COPIED
+        }
+        new.__setstate__(state)
+        return new
 
     # ------------------------------------------------------------------ torch.optim surface
     @property  # type: ignore[override]
@@ -281,7 +379,12 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self.optimizer.defaults = value
 
     def __repr__(self) -> str:
-        return f"ChainedOptimizer({self.optimizer!r})"
+        real = self._real()
+        inner = "\n  ".join(repr(real.optimizer).splitlines())
+        return (
+            f"ChainedOptimizer(\n  transform={_describe(real.transform)},\n"
+            f"  transactional={real.transactional},\n  optimizer={inner}\n)"
+        )
 
     def _real(self) -> ChainedOptimizer:
         """``self``, or, when a method is called on a proxy that subclasses this class and
@@ -461,16 +564,65 @@ class ChainedOptimizer(torch.optim.Optimizer):
             )
         return bool(values[0]) if isinstance(flag, torch.Tensor) else bool(flag)
 
-    def _write_grads(self, updates: list[list[Any]]) -> None:
+    def _write_grads(self, updates: list[list[Any]], new_state: Any) -> None:
+        """Write the processed gradients into the existing ``.grad`` tensors, in place, so
+        the tensor objects survive the step as with the bare optimizer (references held
+        elsewhere, CUDA graphs). A ``.grad`` is replaced instead only where it cannot take
+        the values: there is none, its shape differs, or the new transformation state
+        shares its memory (a transformation may keep donated memory in its state).
+
+        Transactional, every ``.grad`` handed to the wrapped step is first copied into
+        ``_grad_backup`` (restored if the step raises)."""
+        backup = self._grad_backup
+        kept: set[int] | None = None  # storages of the new state, computed on demand
         with torch.no_grad():
             for group, ugroup in zip(self._params(), updates):
                 for p, u in zip(group, ugroup):
-                    if u is not None:
-                        if self.transactional and u is p.grad:
-                            # Passed through unchanged: the wrapped step must not get the
-                            # caller's tensor, which a failed step could leave modified.
-                            u = u.clone()  # type: ignore[union-attr]
-                        p.grad = u.to(p.dtype) if u.dtype != p.dtype else u
+                    if u is None:
+                        continue
+                    g = p.grad
+                    if g is not None and self.transactional:
+                        backup.append((g, g.clone()))
+                    if u is g:
+                        continue
+                    if g is not None and g.shape == u.shape and g.layout is torch.strided:
+                        if kept is None:
+                            kept = _storages(new_state)
+                        ptr = _ptr(g)
+                        if ptr is not None and ptr not in kept and ptr != _ptr(u):
+                            g.copy_(u)
+                            continue
+                    p.grad = u.to(p.dtype) if u.dtype != p.dtype else u
+
+    def _wrapped_step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """The wrapped optimizer's ``step``, with its own (local) step hooks and profiler
+        range but without torch's global step hooks: those ran once already, for this
+        adapter's ``step()``, so profilers and step counters see one step per call.
+
+        An instance-level ``step`` (patched on the wrapped optimizer by someone else, e.g. an
+        LR scheduler built on it) is called as it is, global hooks included."""
+        opt = self.optimizer
+        fn = getattr(type(opt), "step", None)
+        raw = getattr(fn, "__wrapped__", None) if getattr(fn, "hooked", False) else None
+        if raw is None or "step" in vars(opt):
+            return opt.step() if closure is None else opt.step(closure)
+        args: tuple[Any, ...] = (opt,) if closure is None else (opt, closure)
+        kwargs: dict[str, Any] = {}
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(opt).__name__}.step"):
+            for pre_hook in tuple(opt._optimizer_step_pre_hooks.values()):
+                result = pre_hook(opt, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(
+                            f"{fn} must return None or a tuple of (new_args, new_kwargs), "
+                            f"but got {result}."
+                        )
+                    args, kwargs = result
+            out = raw(*args, **kwargs)
+            opt._optimizer_step_code()
+            for post_hook in tuple(opt._optimizer_step_post_hooks.values()):
+                post_hook(opt, args, kwargs)
+        return out
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, **extra: Any) -> Any:  # type: ignore[override]
@@ -491,6 +643,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         )
         saved = (self.tx_state, self._before_seed, self._last_applied)
         snapshot: list[_Snapshot] = []  # taken just before the wrapped step, if transactional
+        self._grad_backup.clear()
         try:
             if self._reevaluates:
                 return self._step_reevaluating(closure, snapshot, **extra)
@@ -498,6 +651,8 @@ class ChainedOptimizer(torch.optim.Optimizer):
         except BaseException as err:
             if snapshot:
                 snapshot[0].restore()
+            for g, value in reversed(self._grad_backup):
+                g.copy_(value)
             self.tx_state, self._before_seed, self._last_applied = saved
             if isinstance(err, _NonfiniteNormError) and saved[1] is not None:
                 # A refusal: move the window back into the accumulator (see no_sync), so
@@ -510,6 +665,8 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 if g is not None and value is not None and g._version != v:
                     g.copy_(value)
             raise
+        finally:
+            self._grad_backup.clear()
 
     def _step(
         self, closure: Callable[[], Any] | None, snapshot: list[_Snapshot], **extra: Any
@@ -538,10 +695,10 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 self.tx_state = before_seed
             self._last_applied = False
             return loss
-        self._write_grads(updates)
+        self._write_grads(updates, new_state)
         if self.transactional:
             snapshot.append(_Snapshot(self.optimizer, self._snapshot_buffers))
-        self.optimizer.step()
+        self._wrapped_step()
         self.tx_state = new_state
         self._last_applied = True
         return loss
@@ -564,12 +721,12 @@ class ChainedOptimizer(torch.optim.Optimizer):
             old = box["state"]
             updates, box["state"] = self._run_transform(old, **extra)
             self._decide(box["state"], old)
-            self._write_grads(updates)
+            self._write_grads(updates, box["state"])
             return loss
 
         if self.transactional:
             snapshot.append(_Snapshot(self.optimizer, self._snapshot_buffers))
-        loss = self.optimizer.step(wrapped)
+        loss = self._wrapped_step(wrapped)
         self.tx_state = box["state"]
         self._last_applied = True
         return loss
