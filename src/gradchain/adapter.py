@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - cloudpickle ships with the dev extra
 __all__ = ["ChainedOptimizer"]
 
 _FORMAT = 1
+_GROUP_KEY = "gradchain"  # the chain state's key in param_groups[0] of the torch-shaped view
 
 # torch.optim.Optimizer's per-instance hook tables: like torch's own pickling, copies start
 # without hooks (hooks are often lambdas or bound to objects that are not copied).
@@ -309,6 +310,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self.tx_state = transform.init(self._param_tree())
         self._last_applied = False
         self._before_seed: Any = None  # the state before no_sync moved the window into .grad
+        # The wrapped optimizer's state was made by an initialisation step (DCP's), not by a
+        # real one: the first applied step clears it, so it starts as in a run without it.
+        self._placeholder = False
 
     def _rebuild_local(self) -> None:
         """The per-instance attributes a new object and a copy start with (``_NOT_COPIED``)."""
@@ -641,7 +645,14 @@ class ChainedOptimizer(torch.optim.Optimizer):
             if closure is not None and self.transactional
             else None
         )
+        if self._is_initialisation_step(closure, extra):
+            # DCP's _init_optim_state: make the wrapped optimizer's state (zero gradients, lr
+            # 0) without touching the chain; the first real step starts from scratch.
+            self._wrapped_step()
+            self._placeholder = True
+            return None
         saved = (self.tx_state, self._before_seed, self._last_applied)
+        placeholder = self._placeholder
         snapshot: list[_Snapshot] = []  # taken just before the wrapped step, if transactional
         self._grad_backup.clear()
         try:
@@ -654,6 +665,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
             for g, value in reversed(self._grad_backup):
                 g.copy_(value)
             self.tx_state, self._before_seed, self._last_applied = saved
+            self._placeholder = placeholder
             if isinstance(err, _NonfiniteNormError) and saved[1] is not None:
                 # A refusal: move the window back into the accumulator (see no_sync), so
                 # that it is not lost with the gradients the caller will discard.
@@ -667,6 +679,31 @@ class ChainedOptimizer(torch.optim.Optimizer):
             raise
         finally:
             self._grad_backup.clear()
+
+    def _is_initialisation_step(self, closure: Any, extra: dict[str, Any]) -> bool:
+        """Whether this call is an optimizer-state initialisation, as
+        ``torch.distributed.checkpoint.state_dict`` makes one before reading or loading a
+        state dict (``_init_optim_state``): the wrapped optimizer has no state yet, every
+        group's lr is 0 and every trainable parameter has an all-zero gradient. The host
+        checks come first; the zero check (one device read) runs only when they hold,
+        i.e. at most on the steps before the first applied one with every lr at 0."""
+        if closure is not None or extra or self.optimizer.state:
+            return False
+        groups = self.optimizer.param_groups
+        if not groups or not all("lr" in g and float(g["lr"]) == 0.0 for g in groups):
+            return False
+        grads = [p.grad for g in groups for p in g["params"] if p.requires_grad]
+        if not grads or any(g is None for g in grads):
+            return False
+        device = grads[0].device
+        nonzero = torch.stack([torch.count_nonzero(g).to(device) for g in grads]).sum()
+        return int(nonzero) == 0
+
+    def _drop_placeholder(self) -> None:
+        """Before the first real wrapped step: forget state an initialisation step made."""
+        if self._placeholder:
+            self.optimizer.state.clear()
+            self._placeholder = False
 
     def _step(
         self, closure: Callable[[], Any] | None, snapshot: list[_Snapshot], **extra: Any
@@ -698,6 +735,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self._write_grads(updates, new_state)
         if self.transactional:
             snapshot.append(_Snapshot(self.optimizer, self._snapshot_buffers))
+        self._drop_placeholder()
         self._wrapped_step()
         self.tx_state = new_state
         self._last_applied = True
@@ -726,49 +764,85 @@ class ChainedOptimizer(torch.optim.Optimizer):
 
         if self.transactional:
             snapshot.append(_Snapshot(self.optimizer, self._snapshot_buffers))
+        self._drop_placeholder()
         loss = self._wrapped_step(wrapped)
         self.tx_state = box["state"]
         self._last_applied = True
         return loss
 
     # ------------------------------------------------------------------ checkpoints
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "group_sizes": [len(g) for g in self._params()],
+            "shapes": [[list(p.shape) for p in g] for g in self._params()],
+            "placeholder": self._placeholder,
+        }
+
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The wrapped optimizer's state dict and the transformation state, as plain data
-        (loads with ``torch.load(..., weights_only=True)``)."""
+        (loads with ``torch.load(..., weights_only=True)``).
+
+        Keys: ``"optimizer"`` (the wrapped optimizer's ``state_dict()``), ``"transform"``
+        (:func:`~gradchain.to_state_dict` of the chain state) and ``"gradchain"`` (format,
+        group sizes and shapes, checked on load); and, for tools that read a torch optimizer
+        state dict (``torch.distributed.checkpoint.state_dict``, FSDP), torch's own keys
+        ``"state"`` (the same object as ``["optimizer"]["state"]``) and ``"param_groups"``,
+        whose first group also carries the chain state under ``"gradchain"``. Either form,
+        the whole dict or just ``{"state", "param_groups"}``, loads back.
+
+        State-dict hooks run as in torch: pre-hooks with the adapter, then post-hooks
+        with the adapter and the dict (a hook's return value replaces the dict)."""
         if self._real() is not self:
             return self._real().state_dict()
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "transform": to_state_dict(self.tx_state),
-            "gradchain": {
-                "format": _FORMAT,
-                "group_sizes": [len(g) for g in self._params()],
-                "shapes": [[list(p.shape) for p in g] for g in self._params()],
-            },
+        for pre_hook in tuple(self._optimizer_state_dict_pre_hooks.values()):
+            pre_hook(self)
+        inner = self.optimizer.state_dict()
+        transform = to_state_dict(self.tx_state)
+        meta = self._meta()
+        groups = [dict(g) for g in inner["param_groups"]]
+        if groups:
+            groups[0][_GROUP_KEY] = {**meta, "transform": transform}
+        state_dict: dict[str, Any] = {
+            "state": inner["state"],
+            "param_groups": groups,
+            "optimizer": inner,
+            "transform": transform,
+            "gradchain": meta,
         }
+        for post_hook in tuple(self._optimizer_state_dict_post_hooks.values()):
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore both states. A state dict from another chain or parameter set is refused
-        with a ``ValueError`` naming the mismatch, and nothing is changed."""
+        with a ``ValueError`` naming the mismatch, and nothing is changed. Accepts the dict
+        :meth:`state_dict` returns, or its torch-shaped part ``{"state", "param_groups"}``
+        (what ``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` passes).
+
+        Load-state-dict hooks run as in torch: pre-hooks with the adapter and (a shallow
+        copy of) the dict, whose return value replaces it, then post-hooks with the
+        adapter."""
         if self._real() is not self:
             return self._real().load_state_dict(state_dict)
-        if not isinstance(state_dict, dict) or not {"optimizer", "transform", "gradchain"} <= set(
-            state_dict
-        ):
-            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
-            raise ValueError(
-                "ChainedOptimizer.load_state_dict: expected a dict with keys 'optimizer', "
-                f"'transform' and 'gradchain' (from ChainedOptimizer.state_dict()), got {keys}"
-            )
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()  # shallow, as torch: hooks may edit it
+        for pre_hook in tuple(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        inner, transform, meta = self._split_state_dict(state_dict)
         sizes = [len(g) for g in self._params()]
-        saved = state_dict["gradchain"].get("group_sizes")
+        saved = meta.get("group_sizes")
         if saved != sizes:
             raise ValueError(
                 "ChainedOptimizer.load_state_dict: the saved parameter groups have sizes "
                 f"{saved}, this optimizer's have {sizes}"
             )
         # torch.optim loads per-parameter state of any shape, so check shapes here.
-        saved_shapes = state_dict["gradchain"].get("shapes")
+        saved_shapes = meta.get("shapes")
         if saved_shapes is not None:
             for i, (group, saved_group) in enumerate(zip(self._params(), saved_shapes)):
                 for j, (p, shape) in enumerate(zip(group, saved_group)):
@@ -778,6 +852,36 @@ class ChainedOptimizer(torch.optim.Optimizer):
                             f"[{i}]['params'][{j}] was saved with shape {tuple(shape)}, "
                             f"this optimizer's has shape {tuple(p.shape)}"
                         )
-        new_tx_state = from_state_dict(self.tx_state, state_dict["transform"])
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        new_tx_state = from_state_dict(self.tx_state, transform)
+        self.optimizer.load_state_dict(inner)
         self.tx_state = new_tx_state
+        self._placeholder = bool(meta.get("placeholder", False))
+        for post_hook in tuple(self._optimizer_load_state_dict_post_hooks.values()):
+            post_hook(self)
+
+    @staticmethod
+    def _split_state_dict(state_dict: Any) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+        """``(wrapped optimizer's state dict, transformation state, meta)`` from either form
+        of :meth:`state_dict`'s output."""
+        if isinstance(state_dict, dict) and {"optimizer", "transform", "gradchain"} <= set(
+            state_dict
+        ):
+            return state_dict["optimizer"], state_dict["transform"], state_dict["gradchain"]
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if (
+            isinstance(groups, list)
+            and groups
+            and isinstance(groups[0], dict)
+            and isinstance(groups[0].get(_GROUP_KEY), dict)
+            and "state" in state_dict
+        ):
+            meta = dict(groups[0][_GROUP_KEY])
+            transform = meta.pop("transform")
+            first = {k: v for k, v in groups[0].items() if k != _GROUP_KEY}
+            inner = {"state": state_dict["state"], "param_groups": [first, *groups[1:]]}
+            return inner, transform, meta
+        keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+        raise ValueError(
+            "ChainedOptimizer.load_state_dict: expected a dict with keys 'optimizer', "
+            f"'transform' and 'gradchain' (from ChainedOptimizer.state_dict()), got {keys}"
+        )
