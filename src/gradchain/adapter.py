@@ -578,7 +578,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         Transactional, every ``.grad`` handed to the wrapped step is first copied into
         ``_grad_backup`` (restored if the step raises)."""
         backup = self._grad_backup
-        kept: set[int] | None = None  # storages of the new state, computed on demand
+        kept: set[int | None] | None = None  # storages of the new state, on demand
         with torch.no_grad():
             for group, ugroup in zip(self._params(), updates):
                 for p, u in zip(group, ugroup):
@@ -662,8 +662,8 @@ class ChainedOptimizer(torch.optim.Optimizer):
         except BaseException as err:
             if snapshot:
                 snapshot[0].restore()
-            for g, value in reversed(self._grad_backup):
-                g.copy_(value)
+            for written, before in reversed(self._grad_backup):
+                written.copy_(before)
             self.tx_state, self._before_seed, self._last_applied = saved
             self._placeholder = placeholder
             if isinstance(err, _NonfiniteNormError) and saved[1] is not None:
