@@ -506,9 +506,10 @@ class ChainedOptimizer(torch.optim.Optimizer):
     def _param_tree(self) -> list[list[torch.Tensor]]:
         return [[p.detach() for p in group] for group in self._params()]
 
-    def _run_transform(self, state: Any, **extra: Any) -> tuple[list[list[Any]], Any]:
-        params = self._params()
-        grads = [[p.grad for p in group] for group in params]
+    def _run_transform(
+        self, state: Any, groups: list[list[torch.Tensor]], **extra: Any
+    ) -> tuple[list[list[Any]], Any]:
+        grads = [[p.grad for p in group] for group in groups]
         for i, group in enumerate(grads):
             for j, g in enumerate(group):
                 if g is not None and g.layout is not torch.strided:
@@ -525,10 +526,10 @@ class ChainedOptimizer(torch.optim.Optimizer):
         if not self.transactional:
             # The transformation's state is never donated: a refused step keeps the old one.
             extra["donate"] = "updates"
+        # The parameters go in as they are (no per-step detach): update runs without grad
+        # and never writes them.
         with torch.no_grad():
-            updates, new_state = self.transform.update(
-                grads, state, self._param_tree(), **extra
-            )
+            updates, new_state = self.transform.update(grads, state, groups, **extra)
         return updates, new_state
 
     @staticmethod
@@ -568,7 +569,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
             )
         return bool(values[0]) if isinstance(flag, torch.Tensor) else bool(flag)
 
-    def _write_grads(self, updates: list[list[Any]], new_state: Any) -> None:
+    def _write_grads(
+        self, groups: list[list[torch.Tensor]], updates: list[list[Any]], new_state: Any
+    ) -> None:
         """Write the processed gradients into the existing ``.grad`` tensors, in place, so
         the tensor objects survive the step as with the bare optimizer (references held
         elsewhere, CUDA graphs). A ``.grad`` is replaced instead only where it cannot take
@@ -577,17 +580,17 @@ class ChainedOptimizer(torch.optim.Optimizer):
 
         Transactional, every ``.grad`` handed to the wrapped step is first copied into
         ``_grad_backup`` (restored if the step raises)."""
-        backup = self._grad_backup
+        backup = self._grad_backup if self.transactional else None
         kept: set[int | None] | None = None  # storages of the new state, on demand
         with torch.no_grad():
-            for group, ugroup in zip(self._params(), updates):
+            for group, ugroup in zip(groups, updates):
                 for p, u in zip(group, ugroup):
                     if u is None:
                         continue
                     g = p.grad
-                    if g is not None and self.transactional:
+                    if backup is not None and g is not None:
                         backup.append((g, g.clone()))
-                    if u is g:
+                    if u is g:  # donated and processed in place (or passed through)
                         continue
                     if g is not None and g.shape == u.shape and g.layout is torch.strided:
                         if kept is None:
@@ -612,7 +615,13 @@ class ChainedOptimizer(torch.optim.Optimizer):
             return opt.step() if closure is None else opt.step(closure)
         args: tuple[Any, ...] = (opt,) if closure is None else (opt, closure)
         kwargs: dict[str, Any] = {}
-        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(opt).__name__}.step"):
+        profiling = torch.autograd._profiler_enabled()
+        scope = (
+            torch.autograd.profiler.record_function(f"Optimizer.step#{type(opt).__name__}.step")
+            if profiling
+            else contextlib.nullcontext()
+        )
+        with scope:
             for pre_hook in tuple(opt._optimizer_step_pre_hooks.values()):
                 result = pre_hook(opt, args, kwargs)
                 if result is not None:
@@ -636,12 +645,12 @@ class ChainedOptimizer(torch.optim.Optimizer):
 
         If anything raises, everything is restored to what it was before the call (see
         *Transactional* above) and the exception propagates."""
-        params = [p for group in self._params() for p in group]
+        groups = self._params()
+        params = [p for group in groups for p in group]
         grads = [p.grad for p in params]
-        versions = [None if g is None else g._version for g in grads]
         # A closure may zero or accumulate into existing gradients in place: keep values.
         grad_values = (
-            [None if g is None else g.clone() for g in grads]
+            [None if g is None else (g._version, g.clone()) for g in grads]
             if closure is not None and self.transactional
             else None
         )
@@ -657,8 +666,8 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self._grad_backup.clear()
         try:
             if self._reevaluates:
-                return self._step_reevaluating(closure, snapshot, **extra)
-            return self._step(closure, snapshot, **extra)
+                return self._step_reevaluating(closure, groups, snapshot, **extra)
+            return self._step(closure, groups, snapshot, **extra)
         except BaseException as err:
             if snapshot:
                 snapshot[0].restore()
@@ -670,12 +679,10 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 # A refusal: move the window back into the accumulator (see no_sync), so
                 # that it is not lost with the gradients the caller will discard.
                 self.tx_state, self._before_seed = saved[1], None
-            for p, g, v, value in zip(
-                params, grads, versions, grad_values or [None] * len(params)
-            ):
+            for p, g, kept in zip(params, grads, grad_values or [None] * len(params)):
                 p.grad = g
-                if g is not None and value is not None and g._version != v:
-                    g.copy_(value)
+                if g is not None and kept is not None and g._version != kept[0]:
+                    g.copy_(kept[1])
             raise
         finally:
             self._grad_backup.clear()
@@ -706,7 +713,11 @@ class ChainedOptimizer(torch.optim.Optimizer):
             self._placeholder = False
 
     def _step(
-        self, closure: Callable[[], Any] | None, snapshot: list[_Snapshot], **extra: Any
+        self,
+        closure: Callable[[], Any] | None,
+        groups: list[list[torch.Tensor]],
+        snapshot: list[_Snapshot],
+        **extra: Any,
     ) -> Any:
         loss = None
         if closure is not None:
@@ -715,7 +726,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         # A refused call restores the state as it was before no_sync moved the window into
         # .grad, so that the window is not lost with the discarded gradients.
         before_seed, self._before_seed = self._before_seed, None
-        updates, new_state = self._run_transform(self.tx_state, **extra)
+        updates, new_state = self._run_transform(self.tx_state, groups, **extra)
         applies = self._decide(new_state, self.tx_state)
         if not applies:
             self.tx_state = new_state
@@ -723,7 +734,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
             # The chain consumed these gradients (into its accumulator, or dropped them as
             # non-finite): clear them, so a loop that skips zero_grad() on held-back steps
             # does not count them twice.
-            for group in self._params():
+            for group in groups:
                 for p in group:
                     p.grad = None
             return loss
@@ -732,7 +743,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 self.tx_state = before_seed
             self._last_applied = False
             return loss
-        self._write_grads(updates, new_state)
+        self._write_grads(groups, updates, new_state)
         if self.transactional:
             snapshot.append(_Snapshot(self.optimizer, self._snapshot_buffers))
         self._drop_placeholder()
@@ -742,7 +753,11 @@ class ChainedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _step_reevaluating(
-        self, closure: Callable[[], Any] | None, snapshot: list[_Snapshot], **extra: Any
+        self,
+        closure: Callable[[], Any] | None,
+        groups: list[list[torch.Tensor]],
+        snapshot: list[_Snapshot],
+        **extra: Any,
     ) -> Any:
         if closure is None:
             raise ValueError(
@@ -757,9 +772,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
             old = box["state"]
-            updates, box["state"] = self._run_transform(old, **extra)
+            updates, box["state"] = self._run_transform(old, groups, **extra)
             self._decide(box["state"], old)
-            self._write_grads(updates, box["state"])
+            self._write_grads(groups, updates, box["state"])
             return loss
 
         if self.transactional:
