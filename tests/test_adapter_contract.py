@@ -13,7 +13,9 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optree
@@ -25,6 +27,9 @@ from torch.optim.optimizer import (
 )
 
 import gradchain as gc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from speed import peak_extra_bytes  # noqa: E402  (the benchmark's "peak MB" measure)
 
 DT = torch.float64
 
@@ -479,3 +484,49 @@ def test_by_default_failures_and_refusals_before_the_wrapped_step_change_nothing
         assert torch.equal(a, b)
     assert_same(gc.to_state_dict(opt.tx_state), gc.to_state_dict(ref.tx_state))
     assert_same(opt.optimizer.state_dict(), ref.optimizer.state_dict())
+
+
+# ============================================================================ memory
+MEM_SHAPES = ((256, 512), (512,), (128, 256), (64, 1024))  # 1 MiB of float32 gradients
+SLACK = 64 * 1024
+
+
+@pytest.mark.parametrize(
+    "make",
+    [gc.identity, lambda: gc.clip_by_norm(1.0),
+     lambda: gc.chain(gc.loss_scale(init_scale=4.0), gc.clip_by_norm(1.0)),
+     lambda: gc.chain(gc.skip_if_nonfinite(), gc.clip_by_norm(1.0))],
+    ids=["identity", "clip", "loss_scale+clip", "skip+clip"],
+)
+def test_the_default_step_allocates_and_keeps_nothing_gradient_sized(make: Callable) -> None:
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in MEM_SHAPES]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    adapter = gc.ChainedOptimizer(torch.optim.AdamW(ours, lr=1e-3, fused=True), make())
+    torch_opt = torch.optim.AdamW(theirs, lr=1e-3, fused=True)
+
+    def grads() -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(1)
+        return [torch.randn(s, generator=g) * 4.0 for s in MEM_SHAPES]
+
+    def ours_step() -> None:
+        for p, g in zip(ours, grads()):
+            p.grad = g
+        adapter.step()
+
+    def torch_step() -> None:
+        for p, g in zip(theirs, grads()):
+            p.grad = g
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0, foreach=True)
+        torch_opt.step()
+
+    for _ in range(2):  # the optimizer state exists from the first step on
+        ours_step()
+        torch_step()
+    ours_peak, torch_peak = peak_extra_bytes(ours_step), peak_extra_bytes(torch_step)
+    assert ours_peak <= torch_peak + SLACK, (ours_peak, torch_peak)
+    # Nothing gradient-sized is kept between steps: the chain state is scalars only.
+    kept = sum(t.untyped_storage().nbytes() for t in optree.tree_leaves(adapter.tx_state)
+               if isinstance(t, torch.Tensor))
+    assert kept <= SLACK, kept
+    assert not adapter._snapshot_buffers and not adapter._grad_buffers

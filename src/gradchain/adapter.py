@@ -41,7 +41,7 @@ _HOOK_TABLES = (
 # self-reference, the snapshot's scratch buffers, the profiler name, and an instance
 # ``step`` patched by an LR scheduler (it refers to the original object).
 _NOT_COPIED = (*_HOOK_TABLES, "_self_ref", "_snapshot_buffers", "_zero_grad_profile_name",
-               "step", "_grad_backup")
+               "step", "_grad_backup", "_grad_buffers")
 
 
 def _describe(transform: GradientTransformation) -> str:
@@ -321,6 +321,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self._snapshot_buffers: list[torch.Tensor] = []  # see _Snapshot
         # (.grad tensor, its value before this step wrote into it), transactional only
         self._grad_backup: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._grad_buffers: list[torch.Tensor] = []  # kept CPU buffers for _grad_backup
         self._self_ref = weakref.ref(self)
         self._patch_step_function()
 
@@ -589,7 +590,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
                         continue
                     g = p.grad
                     if backup is not None and g is not None:
-                        backup.append((g, g.clone()))
+                        backup.append((g, self._backup_buffer(len(backup), g).copy_(g)))
                     if u is g:  # donated and processed in place (or passed through)
                         continue
                     if g is not None and g.shape == u.shape and g.layout is torch.strided:
@@ -600,6 +601,22 @@ class ChainedOptimizer(torch.optim.Optimizer):
                             g.copy_(u)
                             continue
                     p.grad = u.to(p.dtype) if u.dtype != p.dtype else u
+
+    def _backup_buffer(self, i: int, g: torch.Tensor) -> torch.Tensor:
+        """The ``i``-th buffer for a copy of ``g``: on CPU kept from step to step (a fresh
+        large CPU allocation page-faults, see ``_Snapshot``), elsewhere a new one."""
+        if g.device.type != "cpu" or type(g) is not torch.Tensor:
+            return torch.empty_like(g)
+        bufs = self._grad_buffers
+        if i < len(bufs):
+            buf = bufs[i]
+            if buf.shape == g.shape and buf.dtype == g.dtype and buf.stride() == g.stride():
+                return buf
+            bufs[i] = buf = torch.empty_like(g)
+            return buf
+        buf = torch.empty_like(g)
+        bufs.append(buf)
+        return buf
 
     def _wrapped_step(self, closure: Callable[[], Any] | None = None) -> Any:
         """The wrapped optimizer's ``step``, with its own (local) step hooks and profiler
