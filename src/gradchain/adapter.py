@@ -216,38 +216,53 @@ class ChainedOptimizer(torch.optim.Optimizer):
       non-finite), so they cannot be counted twice.
     * Optimizers that re-evaluate the closure (``torch.optim.LBFGS``) get the transformation
       applied at every evaluation; a transformation with gates is refused for them.
-    * **Transactional.** If anything raises during ``step()`` (the closure, the
-      transformation, ``should_commit``, the wrapped optimizer's step, even
-      ``KeyboardInterrupt``), the parameters, their ``.grad``, the transformation state and
-      the wrapped optimizer's state and ``param_groups`` are restored to what they were
-      before the call, and the exception propagates; ``step()`` can then be retried. The
-      wrapped step updates the parameters and its state in place, so, to undo it, applied
-      steps first copy the parameters and the optimizer's state tensors, one pass over that
-      memory (held-back steps copy nothing): on one CPU thread +28% on a foreach Adam step,
-      +56% on an SGD-with-momentum step and about +100% on a fused AdamW step (42M
-      parameters; see the Performance page). On accelerators the copy is
-      transient; on CPU it goes into buffers kept between steps (a fresh large CPU
-      allocation page-faults, which cost more than the copy). With a closure, gradients
-      that already exist are copied too (a closure may zero or accumulate into them in
-      place). ``transactional=False`` skips these copies and is the fast path:
-      a failure inside the wrapped step may then leave the parameters and its state
-      partly updated, as with ``torch.optim`` itself, and the gradients are donated to the
-      transformation (``donate="updates"``, see :func:`~gradchain.donation`), which then
-      clips or unscales them in place as ``clip_grad_norm_`` and ``GradScaler.unscale_``
-      do: after a step that raises or is refused, ``.grad`` holds unspecified values
-      (call ``zero_grad()``). Parameters, wrapped state and transformation state are still
-      unchanged by failures and refusals before the wrapped step.
-      ``clip_by_norm(error_if_nonfinite=True)``'s ``RuntimeError`` is a refusal, like
-      ``should_commit``: inside :meth:`no_sync` it also moves the window back into the
-      accumulator, so that ``zero_grad()`` and the next micro-batch carry on.
+    * **Failures and refusals change nothing** (design.md §3). Everything that can refuse
+      or fail is decided before the wrapped step starts: the closure, the transformation
+      (run purely; its new state is kept aside), the gate and clip-error flags, and
+      ``should_commit``. If one raises (even ``KeyboardInterrupt``) or refuses, the
+      parameters, the wrapped optimizer's state and ``param_groups`` and the
+      transformation state stay exactly as before the call, and the step can be retried;
+      nothing is copied for this. The gradients are donated to the transformation
+      (``donate="updates"``, see :func:`~gradchain.donation`), which clips or unscales
+      them in place as ``clip_grad_norm_`` and ``GradScaler.unscale_`` do, so after a
+      refusal ``.grad`` may hold processed values (call ``zero_grad()``).
+      ``clip_by_norm(error_if_nonfinite=True)``'s ``RuntimeError`` is such a refusal:
+      inside :meth:`no_sync` it also moves the window back into the accumulator, so that
+      ``zero_grad()`` and the next micro-batch carry on.
+    * **transactional=True** (opt-in) also undoes a wrapped step that fails halfway (a
+      failure inside ``torch.optim`` leaves it half done otherwise, as without the
+      adapter): applied steps first copy the parameters, the optimizer's state tensors
+      and the gradients, and restore all of them, ``.grad`` included, if anything raises.
+      That is one copy of the optimizer's memory per applied step (held-back steps copy
+      nothing; on accelerators the copies are transient, on CPU they go into buffers kept
+      between steps, since a fresh large CPU allocation page-faults). With a closure,
+      gradients that already exist are copied too. See the Reliability page for figures.
+    * **A drop-in torch.optim.Optimizer.** The processed gradients are written into the
+      existing ``.grad`` tensors in place (the objects survive a step, as with the bare
+      optimizer); ``copy.deepcopy``, ``pickle`` and ``torch.save`` round-trip it, chain
+      included (pickling stores the transformation's closures by value and needs
+      ``cloudpickle``; copies start without hooks, as torch's do); the four state-dict
+      hook kinds run in torch's order; torch's global step hooks and this adapter's
+      step hooks run once per ``step()`` (the wrapped optimizer's own step hooks run
+      when it steps; the global ones are not run a second time for it).
+    * **torch.distributed.checkpoint.** :meth:`state_dict` also has torch's keys
+      (``"state"``, ``"param_groups"``, with the chain state in the first group), so
+      ``get_optimizer_state_dict(model, opt)`` / ``set_optimizer_state_dict`` work with
+      the adapter itself. Their initialisation step (wrapped state empty, every lr 0,
+      every gradient zero) makes the wrapped optimizer's state without touching the
+      chain, and that placeholder state is dropped at the first real step, so a
+      checkpoint taken at any point, the first accumulation window included, leaves the
+      run bit-identical.
 
     Args:
         optimizer: the ``torch.optim.Optimizer`` to wrap.
         transform: a gradchain transformation whose output is written into ``.grad``
             (gradient processing: clip, accumulate, scale, skip; not an update rule).
         should_commit: optional callable returning a bool, asked before each wrapped step.
-        transactional: undo a ``step()`` that raises (see above); ``False`` saves a copy of
-            the parameters and optimizer state per applied step.
+        transactional: also undo a wrapped step that raises halfway (see above), at the
+            cost of a copy of the parameters, optimizer state and gradients per applied
+            step. Default ``False``: failures and refusals before the wrapped step still
+            change nothing.
 
     Example:
         >>> import torch, gradchain as gc
@@ -660,8 +675,10 @@ class ChainedOptimizer(torch.optim.Optimizer):
         gradients, and call the wrapped ``step()`` if the step applies. Extra keyword
         arguments (e.g. ``flush=True``) reach the transformation. Returns the loss.
 
-        If anything raises, everything is restored to what it was before the call (see
-        *Transactional* above) and the exception propagates."""
+        If anything raises before the wrapped step, the parameters and both states are as
+        before the call (``.grad`` may hold processed values); with ``transactional=True``
+        a failure inside the wrapped step is undone too, ``.grad`` included. The exception
+        propagates."""
         groups = self._params()
         params = [p for group in groups for p in group]
         grads = [p.grad for p in params]
