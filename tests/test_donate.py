@@ -250,3 +250,15 @@ def test_donated_loss_scale_one_pass_unscale_matches_the_pure_call(init_scale: f
         don_u, don_s = tx.update(_clone(grads), don_s, donate=True)
         assert _same(pure_u, don_u) and _same(pure_s, don_s)
         assert all(bool(torch.isfinite(u).all()) for u in don_u.values())
+
+
+def test_pure_chain_leaves_callers_empty_gradients_alone() -> None:
+    """Empty tensors all have data pointer 0: ownership is decided by storage identity,
+    so a pass-through empty gradient is never taken for memory the chain owns."""
+    tx = gc.chain(gc.skip_if_nonfinite(), gc.clip_by_norm(1.0), gc.scale(2.0))
+    params = {"e": torch.zeros(2, 0), "w": torch.ones(3)}
+    grads = {"e": torch.zeros(2, 0), "w": torch.full((3,), 4.0)}
+    versions = {k: g._version for k, g in grads.items()}
+    out, _ = tx.update(grads, tx.init(params), params)
+    assert {k: g._version for k, g in grads.items()} == versions
+    assert torch.allclose(out["w"], torch.full((3,), 2.0 / 3**0.5))

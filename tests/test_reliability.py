@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradchain as gc
-from gradchain.base import is_gate
+from gradchain.gating import is_gate
 from gradchain.testing import strategies as gst
 from gradchain.tree import Leaves, flatten
 

@@ -3,24 +3,21 @@
 The public API is re-exported here; see the modules for the details.
 """
 
-from gradchain import checkpoint
+# The former module paths load first: a submodule loaded later would set its name on this
+# package and hide the function of the same name (``gradchain.partition``).
+from gradchain import checkpoint, fused, optimizers, tree  # noqa: F401  (re-export modules)
+from gradchain import partition as _partition_module  # noqa: F401
 from gradchain.adapter import ChainedOptimizer
-from gradchain.base import (
-    EmptyState,
-    GradientTransformation,
-    applied,
-    apply_updates,
-    apply_updates_,
+from gradchain.base import EmptyState, GradientTransformation, donation, identity, is_transformation
+from gradchain.clipping import ClipByNormState, clip_by_norm, clip_by_value
+from gradchain.combine import (
+    MaskedState,
+    PartitionState,
     chain,
     chain_members,
-    donation,
-    gate_state,
-    identity,
-    is_gate,
-    mark_gate,
+    masked,
+    partition,
 )
-from gradchain.clipping import ClipByNormState, clip_by_norm, clip_by_value
-from gradchain.fused import update_and_apply_
 from gradchain.gates import (
     AccumulateState,
     LossScaleState,
@@ -30,20 +27,16 @@ from gradchain.gates import (
     scale_loss,
     skip_if_nonfinite,
 )
-from gradchain.optimizers import (
+from gradchain.gating import applied, gate_state, is_gate, mark_gate
+from gradchain.optim import (
     ScaleByAdamState,
-    ScaleByScheduleState,
     TraceState,
     adam,
     adamw,
-    add_decayed_weights,
-    scale,
     scale_by_adam,
-    scale_by_learning_rate,
     sgd,
     trace,
 )
-from gradchain.partition import MaskedState, PartitionState, masked, partition
 from gradchain.schedules import (
     constant_schedule,
     cosine_decay_schedule,
@@ -53,7 +46,14 @@ from gradchain.schedules import (
     step_decay,
     warmup_cosine_decay_schedule,
 )
-from gradchain.tree import from_state_dict, to_state_dict, tree_get
+from gradchain.state import from_state_dict, to_state_dict, tree_get
+from gradchain.transforms import (
+    ScaleByScheduleState,
+    add_decayed_weights,
+    scale,
+    scale_by_learning_rate,
+)
+from gradchain.update import apply_updates, apply_updates_, update_and_apply_
 
 __version__ = "0.1.0"
 
@@ -87,6 +87,7 @@ __all__ = [
     "partition",
     "identity",
     "is_gate",
+    "is_transformation",
     "to_state_dict",
     "tree_get",
     "ScaleByAdamState",

@@ -49,8 +49,9 @@ def local_parts(
     partial sum is not the sum of the local norms; ``exact=False`` keeps them (a
     non-finite partial value makes the sum non-finite).
     """
-    from torch.distributed.tensor import DTensor, Replicate
-
+    # Only reached when has_dtensor said yes, so torch.distributed.tensor is imported.
+    dt = sys.modules["torch.distributed.tensor"]
+    DTensor, Replicate = dt.DTensor, dt.Replicate
     plain: list[torch.Tensor] = []
     groups: dict[tuple[Any, tuple[int, ...]], list[torch.Tensor]] = {}
     for t in tensors:
@@ -72,8 +73,8 @@ def all_reduce(value: torch.Tensor, mesh: Any, dims: tuple[int, ...], op: str) -
     DTensor. Returns a plain tensor, the same on every rank of the group."""
     if not dims:
         return value
-    from torch.distributed.tensor import DTensor, Partial, Replicate
-
+    dt = sys.modules["torch.distributed.tensor"]
+    DTensor, Partial, Replicate = dt.DTensor, dt.Partial, dt.Replicate
     placements = [Partial(op) if i in dims else Replicate() for i in range(mesh.ndim)]
     out = DTensor.from_local(value, mesh, placements, run_check=False).full_tensor()
     # full_tensor may hand back a wrapper that waits lazily; give callers a plain tensor.

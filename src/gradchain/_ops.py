@@ -9,16 +9,67 @@ grad-requiring tensors take the per-leaf path (which ``torch.compile`` fuses any
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from gradchain import _dist
-from gradchain.tree import _known_bool, _use_foreach, group_by_device_dtype
+from gradchain._tree import flatten, group_by_device_dtype, unflatten
 
 Scalar = float | torch.Tensor
 _HAS_AMP_CHECK = hasattr(torch, "_amp_foreach_non_finite_check_and_unscale_")
 TList = list[torch.Tensor]
+
+
+def known_bool(flag: torch.Tensor) -> bool | None:
+    """The value of a 0-dim bool flag if it can be read without a host-device sync and
+    without breaking a trace; ``None`` when it must stay a tensor.
+
+    Host (CPU) tensors are readable for free in eager mode: there is no device to wait
+    for, so reading one is not a host-device sync. Under ``torch.compile`` or
+    ``torch.func`` transforms (vmap, grad) flags are symbolic or batched, and stay tensors;
+    on an accelerator they stay tensors too. Code that uses the value must give exactly
+    the result the tensor path gives; it only skips work (a select, a discarded tail).
+    """
+    if flag.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(flag):
+        return None
+    if isinstance(flag, torch._subclasses.FakeTensor):
+        return None
+    return bool(flag)
+
+
+def use_foreach(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether ``torch._foreach_*`` kernels can serve these tensors: plain eager tensors.
+
+    Foreach ops have no vmap batching rule and no functorch autograd, so tensors that
+    are batched, wrapped by ``torch.func``, or that require grad go leaf by leaf.
+    """
+    if not tensors:
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    t = tensors[0]
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return False
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return False
+    return type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter)
+
+
+def known_int(t: torch.Tensor) -> int | None:
+    """The value of a 0-dim int64 counter where :func:`known_bool` could read a flag for
+    free (an eager CPU tensor); ``None`` otherwise."""
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return None
+    if isinstance(t, torch._subclasses.FakeTensor):
+        return None
+    return int(t)
 
 
 def _fe(*lists: list[torch.Tensor], scalar: object = None) -> bool:
@@ -28,7 +79,7 @@ def _fe(*lists: list[torch.Tensor], scalar: object = None) -> bool:
         scalar.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(scalar)
     ):
         return False
-    return all(_use_foreach(x) for x in lists)
+    return all(use_foreach(x) for x in lists)
 
 
 def _mul1(x: torch.Tensor, y: Scalar) -> torch.Tensor:
@@ -63,13 +114,6 @@ def add(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: float = 1.0) -> T
     return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys)]
 
 
-def add_scaled(xs: list[torch.Tensor], ys: list[torch.Tensor], s: Scalar) -> TList:
-    """``x + s * y`` with ``s`` a float or a 0-dim tensor."""
-    if isinstance(s, torch.Tensor):
-        return add(xs, mul(ys, s))
-    return add(xs, ys, alpha=s)
-
-
 def div(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     if _fe(xs, ys):
         return list(torch._foreach_div(xs, ys))
@@ -80,12 +124,6 @@ def div_scalar(xs: list[torch.Tensor], s: Scalar) -> TList:
     if _fe(xs, scalar=s):
         return list(torch._foreach_div(xs, s))
     return [x / s for x in xs]
-
-
-def add_scalar(xs: list[torch.Tensor], s: Scalar) -> TList:
-    if _fe(xs, scalar=s) and not isinstance(s, torch.Tensor):
-        return list(torch._foreach_add(xs, s))
-    return [x + s for x in xs]
 
 
 def lerp(xs: list[torch.Tensor], ys: list[torch.Tensor], weight: float) -> TList:
@@ -117,12 +155,6 @@ def maximum(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     return [torch.maximum(x, y) for x, y in zip(xs, ys)]
 
 
-def neg(xs: list[torch.Tensor]) -> TList:
-    if _fe(xs):
-        return list(torch._foreach_neg(xs))
-    return [-x for x in xs]
-
-
 def clamp(xs: list[torch.Tensor], lo: float, hi: float) -> TList:
     if _fe(xs):
         return list(torch._foreach_clamp_max(torch._foreach_clamp_min(xs, lo), hi))
@@ -139,7 +171,7 @@ def where(flag: torch.Tensor, xs: list[torch.Tensor], ys: list[torch.Tensor]) ->
     A flag known on the host (eager, CPU) picks a list without computing a select; the
     result may then alias ``xs`` or ``ys``, so never update it in place.
     """
-    known = _known_bool(flag)
+    known = known_bool(flag)
     if known is not None:
         return list(xs) if known else list(ys)
     return [torch.where(flag.to(x.device), x, y) for x, y in zip(xs, ys)]
@@ -282,13 +314,6 @@ def add_(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: float = 1.0) -> 
     return add(xs, ys, alpha=alpha)
 
 
-def div_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
-    if _fe(xs, ys):
-        torch._foreach_div_(xs, ys)
-        return xs
-    return [x / y for x, y in zip(xs, ys)]
-
-
 def div_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
     if _fe(xs, scalar=s):
         torch._foreach_div_(xs, s)
@@ -375,7 +400,7 @@ def where_zeros(flag: torch.Tensor, xs: list[torch.Tensor], donated: bool = Fals
     alias ``xs``), and a tensor flag selects against a 0-dim zero. With ``donated`` (the
     caller owns ``xs``) a known-false flag zeroes ``xs`` in place.
     """
-    known = _known_bool(flag)
+    known = known_bool(flag)
     if known is True:
         return list(xs)
     if known is False:
@@ -399,3 +424,186 @@ def inplace_ok(xs: list[torch.Tensor], *others: list[torch.Tensor]) -> bool:
         if any(o[i].dtype != x.dtype for o in others):
             return False
     return True
+
+
+# --------------------------------------------------------------------------- norms
+def norm_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """float32 at least, float64 if any tensor is float64."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def global_norm(tensors: Sequence[torch.Tensor | None], norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of the concatenation of ``tensors`` (``None`` entries are skipped).
+
+    Computed in float32 at least (float64 when any tensor is float64), so float16 or
+    bfloat16 gradients whose norm exceeds their range still get a finite norm. Matches
+    ``torch.nn.utils.get_total_norm`` for ``norm_type`` 1, 2, any p > 0 and ``inf``.
+    Empty input gives ``0.``.
+
+    DTensor leaves (FSDP2 ``fully_shard``, tensor parallel) count with all their shards:
+    the result is a plain tensor, the same on every rank, from one all-reduce per group of
+    leaves sharded alike (one for FSDP2). So every rank must call it. Plain tensors mixed
+    in are taken as replicated (counted once).
+
+    Example:
+        >>> import torch
+        >>> from gradchain.tree import global_norm
+        >>> global_norm([torch.tensor([3.0]), None, torch.tensor([4.0])])
+        tensor(5.)
+        >>> global_norm([torch.full((4,), 60000.0, dtype=torch.float16)])
+        tensor(120000.)
+    """
+    ts = [t for t in tensors if t is not None]
+    if not ts:
+        return torch.tensor(0.0)
+    dtype = norm_dtype(ts)
+    device = ts[0].device
+    # Empty tensors add nothing to a p-norm, and the inf-norm of one raises (no identity).
+    ts = [t for t in ts if t.numel() > 0]
+    if not ts:
+        return torch.zeros((), dtype=dtype, device=device)
+    p = float(norm_type)
+    if _dist.has_dtensor(ts):
+        return _sharded_global_norm(ts, p, dtype, device)
+    stacked = torch.stack(_leaf_norms(ts, p, dtype, device))
+    return torch.linalg.vector_norm(stacked, p)
+
+
+def _leaf_norms(
+    ts: Sequence[torch.Tensor], p: float, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """The ``p``-norm of each (non-empty) tensor, in ``dtype`` on ``device``."""
+    norms: list[torch.Tensor] = []
+    for (group,) in group_by_device_dtype([(t,) for t in ts]):
+        if use_foreach(group):
+            norms.extend(torch._foreach_norm(group, p, dtype=dtype))
+        else:
+            norms.extend(torch.linalg.vector_norm(t, p, dtype=dtype) for t in group)
+    return [n.to(device) for n in norms]
+
+
+def _sharded_global_norm(
+    ts: Sequence[torch.Tensor], p: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """:func:`global_norm` when some leaves are DTensors: a plain tensor, equal on all ranks.
+
+    Each rank takes the norms of its local shards; per group of leaves sharded alike
+    (see :mod:`gradchain._dist`) the sum of their ``p``-th powers (the max for ``inf``) is
+    all-reduced once. For ``inf`` a nan flag travels in the same all-reduce, since a max
+    reduction may drop a nan.
+    """
+    plain, groups = _dist.local_parts(ts, exact=True)
+    inf = math.isinf(p)
+
+    def part(norms: list[torch.Tensor], on: torch.device) -> torch.Tensor:
+        # This rank's share: max (inf) or sum of p-th powers of ``norms``; 0 for none.
+        if not norms:
+            return torch.zeros((), dtype=dtype, device=on)
+        stacked = torch.stack(norms)
+        return stacked.max() if inf else stacked.pow(p).sum()
+
+    parts: list[torch.Tensor] = []
+    if plain:  # replicated by the user's contract: counted once, not reduced
+        parts.append(part(_leaf_norms(plain, p, dtype, device), device))
+    for mesh, dims, locals_ in groups:
+        on = locals_[0].device
+        local = part(_leaf_norms([x for x in locals_ if x.numel() > 0], p, dtype, on), on)
+        if inf:
+            isnan = torch.isnan(local)
+            packed = torch.stack([torch.where(isnan, 0.0, local), isnan.to(dtype)])
+            packed = _dist.all_reduce(packed, mesh, dims, "max")
+            local = torch.where(packed[1] > 0, torch.nan, packed[0])
+        else:
+            local = _dist.all_reduce(local, mesh, dims, "sum")
+        parts.append(local.to(device))
+    total = torch.stack(parts)
+    return total.max() if inf else total.sum().pow(1.0 / p)
+
+
+# --------------------------------------------------------------------------- counters, dtypes, groups
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def safe_increment(count: torch.Tensor) -> torch.Tensor:
+    """``count + 1`` for an int64 counter, saturating at the int64 maximum instead of
+    wrapping to a negative count (two tiny ops on a 0-dim tensor; no sync).
+
+    Example:
+        >>> import torch
+        >>> from gradchain._ops import safe_increment
+        >>> safe_increment(torch.tensor(3)), safe_increment(torch.tensor(2**63 - 1))
+        (tensor(4), tensor(9223372036854775807))
+    """
+    return torch.clamp(count, max=_INT64_MAX - 1) + 1
+
+
+def first_device(params: Any) -> torch.device:
+    """The device of the first tensor leaf of ``params`` (CPU when there is none)."""
+    for p in flatten(params)[0]:
+        if isinstance(p, torch.Tensor):
+            return p.device
+    return torch.device("cpu")
+
+
+def zero_count(params: Any) -> torch.Tensor:
+    """A fresh int64 0-dim counter on the device of the first parameter."""
+    return torch.zeros((), dtype=torch.int64, device=first_device(params))
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype state and accumulators keep for leaves of ``dtype``: float32 for
+    float16/bfloat16, the leaf's own dtype otherwise."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def buffers_like(params: Any, dtype: torch.dtype | None = None) -> Any:
+    """Zeros shaped like ``params`` (``None`` stays ``None``) in ``dtype``, by default
+    each leaf's accumulator dtype (:func:`acc_dtype`)."""
+    leaves, spec = flatten(params)
+    out = [
+        None
+        if p is None
+        else torch.zeros_like(
+            p, dtype=dtype or acc_dtype(p.dtype), memory_format=torch.preserve_format
+        )
+        for p in leaves
+    ]
+    return unflatten(spec, out)
+
+
+def scalar_dtype(device: torch.device) -> torch.dtype:
+    """The dtype for scalar maths on ``device`` (bias corrections, schedules): float64, as
+    torch.optim computes them on the host, except on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def groups(xs: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``xs`` grouped by (device, dtype); one group for a uniform tree."""
+    found: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, x in enumerate(xs):
+        found.setdefault((x.device, x.dtype), []).append(i)
+    return list(found.values())
+
+
+def pick(xs: Sequence[Any], idx: list[int]) -> list[Any]:
+    """``xs`` at ``idx`` (the list itself, copied, when ``idx`` covers it)."""
+    if len(idx) == len(xs):
+        return list(xs)
+    return [xs[i] for i in idx]
+
+
+def scatter(out: list[Any], idx: list[int], values: Sequence[Any]) -> None:
+    """Write ``values`` into ``out`` at ``idx``."""
+    for i, v in zip(idx, values):
+        out[i] = v
+
+
+def scalar_for(s: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """``s`` as a scalar for a kernel on tensors like ``like``: a float stays a float, a
+    tensor is cast to their device and dtype (what torch does with a Python scalar)."""
+    if isinstance(s, torch.Tensor):
+        return s.to(device=like.device, dtype=like.dtype)
+    return s

@@ -12,10 +12,11 @@ from typing import Any
 import optree
 import torch
 
-from gradchain.base import GradientTransformation, _and, _fold_flags, chain_members, is_gate
-from gradchain.clipping import ClipByNormState
-from gradchain.gates import AccumulateState, scale_loss
-from gradchain.tree import _named_nodes, from_state_dict, to_state_dict
+from gradchain import gating
+from gradchain.base import GradientTransformation
+from gradchain.combine import chain_members
+from gradchain.gates import scale_loss
+from gradchain.state import from_state_dict, to_state_dict
 
 try:  # pickling a transformation (closures) by value; deepcopy does not need it
     import cloudpickle as _cloudpickle
@@ -102,19 +103,6 @@ def _merge_states(old: Any, new: Any) -> Any:
         ) or (prev is None and leaf is None)
         out.append(prev if same else leaf)
     return optree.tree_unflatten(spec, out)
-
-
-def _leading_accumulator(state: Any) -> AccumulateState | None:
-    """The state of ``accumulate_every`` when it is the first member of the (nested) chain."""
-    while type(state) is tuple and state:
-        state = state[0]
-    return state if isinstance(state, AccumulateState) else None
-
-
-def _replace_leading(state: Any, new: AccumulateState) -> Any:
-    if isinstance(state, AccumulateState):
-        return new
-    return (_replace_leading(state[0], new), *state[1:])
 
 
 class _NonfiniteNormError(RuntimeError):
@@ -309,7 +297,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 f"ChainedOptimizer: transactional must be a bool, got {type(transactional).__name__}"
             )
         self._reevaluates = isinstance(optimizer, torch.optim.LBFGS)
-        if self._reevaluates and is_gate(transform):
+        if self._reevaluates and gating.is_gate(transform):
             raise ValueError(
                 f"ChainedOptimizer: {type(optimizer).__name__} re-evaluates the closure several "
                 "times per step, so gates (accumulate_every, skip_if_nonfinite, loss_scale) "
@@ -456,13 +444,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         """Whether the next ``step()`` can apply, as far as accumulation windows tell (known on
         the host, no sync). Finiteness is not known before the step, so this is ``True`` for
         a chain without ``accumulate_every``."""
-        if flush:
-            return True
-        for _, node in _named_nodes(self.tx_state):
-            if isinstance(node, AccumulateState):
-                if int(node.mini_step) + 1 < int(node.every):  # host tensors: no sync
-                    return False
-        return True
+        return flush or gating.next_call_closes(self.tx_state)  # host counters: no sync
 
     @contextlib.contextmanager
     def no_sync(self, model: torch.nn.Module, *, flush: bool = False) -> Iterator[None]:
@@ -480,8 +462,8 @@ class ChainedOptimizer(torch.optim.Optimizer):
         """
         real = self._real()
         ddp = hasattr(model, "no_sync")
-        if ddp and _leading_accumulator(real.tx_state) is None and any(
-            isinstance(node, AccumulateState) for _, node in _named_nodes(real.tx_state)
+        if ddp and gating.leading_window(real.tx_state) is None and gating.has_window(
+            real.tx_state
         ):
             raise ValueError(
                 "ChainedOptimizer.no_sync: accumulate_every must be the first transformation "
@@ -499,21 +481,27 @@ class ChainedOptimizer(torch.optim.Optimizer):
 
     def _seed_window(self) -> None:
         """Move the leading accumulator's sums into ``.grad`` (see :meth:`no_sync`)."""
-        acc = _leading_accumulator(self.tx_state)
-        if acc is None or int(acc.mini_step) == 0:  # host tensor: no sync
+        found = gating.leading_window(self.tx_state)
+        if found is None:
             return
+        acc, window = found
+        if gating.known_int(getattr(acc, window.position)) == 0:  # host counter: no sync
+            return
+        window_sums = getattr(acc, window.sums)
         with torch.no_grad():
-            for group, sums in zip(self._params(), acc.sums):
+            for group, sums in zip(self._params(), window_sums):
                 for p, s in zip(group, sums):
                     if s is not None:
                         s = s.to(p.dtype, copy=True)
                         p.grad = s if p.grad is None else p.grad + s
         zeros = optree.tree_map(
-            lambda s: None if s is None else torch.zeros_like(s), acc.sums, none_is_leaf=True
+            lambda s: None if s is None else torch.zeros_like(s), window_sums, none_is_leaf=True
         )
         if self._before_seed is None:  # entered twice before one step: keep the first
             self._before_seed = self.tx_state
-        self.tx_state = _replace_leading(self.tx_state, acc._replace(sums=zeros))
+        self.tx_state = gating.replace_leading(
+            self.tx_state, acc._replace(**{window.sums: zeros})
+        )
 
     # ------------------------------------------------------------------ step
     def _params(self) -> list[list[torch.Tensor]]:
@@ -558,21 +546,8 @@ class ChainedOptimizer(torch.optim.Optimizer):
         stacked on the device and copied to the host in one transfer. A step with nothing
         to read on the device (an accumulation micro-step) does not sync at all.
         """
-        host, data = _fold_flags(True, True, state)
-        flag = host if host is False else _and(host, data)  # a bool where known on the host
-        # A stored error flag is always false (a true one raises before it is stored), so
-        # flags carried over unchanged from ``old_state`` need not be read.
-        old = [
-            n.nonfinite_error
-            for _, n in _named_nodes(old_state)
-            if isinstance(n, ClipByNormState)
-        ]
-        errors = [
-            node.nonfinite_error
-            for _, node in _named_nodes(state)
-            if isinstance(node, ClipByNormState)
-            and not any(node.nonfinite_error is o for o in old)
-        ]
+        flag = gating.step_flag(state)  # a bool where known on the host
+        errors = gating.new_errors(state, old_state)
         pending = ([flag] if isinstance(flag, torch.Tensor) else []) + errors
         if not pending:
             return bool(flag)

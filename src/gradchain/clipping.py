@@ -7,13 +7,16 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gradchain import _ops
-from gradchain.base import EmptyState, GradientTransformation, _expect_state, donation
-from gradchain.tree import Leaves, _norm_dtype, flatten, global_norm
+from gradchain import _checks, _ops
+from gradchain._ops import global_norm, norm_dtype
+from gradchain._tree import Leaves, flatten
+from gradchain.base import EmptyState, GradientTransformation, donation, expect_state
+from gradchain.gating import error_flags
 
 __all__ = ["ClipByNormState", "clip_by_norm", "clip_by_value"]
 
 
+@error_flags("nonfinite_error")
 class ClipByNormState(NamedTuple):
     """State of :func:`clip_by_norm`.
 
@@ -43,12 +46,7 @@ def _check_norm_type(norm_type: float | str) -> float:
                 f"clip_by_norm: norm_type must be a positive float or 'inf', got {norm_type!r}"
             )
         return math.inf
-    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)):
-        raise TypeError(
-            f"clip_by_norm: norm_type must be a positive float or inf, "
-            f"got {type(norm_type).__name__}"
-        )
-    p = float(norm_type)
+    p = _checks.as_float(norm_type, "norm_type", "clip_by_norm", "a positive float or inf")
     if not p > 0:
         raise ValueError(
             f"clip_by_norm: norm_type must be > 0 (1, 2, 3.5, inf, ...), got {norm_type!r}"
@@ -57,9 +55,7 @@ def _check_norm_type(norm_type: float | str) -> float:
 
 
 def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"clip_by_norm: {name} must be a positive float, got {type(value).__name__}")
-    v = float(value)
+    v = _checks.as_float(value, name, "clip_by_norm", "a positive float")
     if not (v > 0 and math.isfinite(v)):
         raise ValueError(f"clip_by_norm: {name} must be a positive finite number, got {value!r}")
     return v
@@ -114,16 +110,12 @@ def clip_by_norm(
     """
     max_norm = _check_positive("max_norm", max_norm)
     p = _check_norm_type(norm_type)
-    if not isinstance(error_if_nonfinite, bool):
-        raise TypeError(
-            f"clip_by_norm: error_if_nonfinite must be a bool, "
-            f"got {type(error_if_nonfinite).__name__}"
-        )
+    _checks.as_bool(error_if_nonfinite, "error_if_nonfinite", "clip_by_norm")
 
     def init(params: Any) -> ClipByNormState:
         leaves, _ = flatten(params)
         ts = [x for x in leaves if isinstance(x, torch.Tensor)]
-        dtype = _norm_dtype(ts)
+        dtype = norm_dtype(ts)
         device = ts[0].device if ts else torch.device("cpu")
         return ClipByNormState(
             norm=torch.zeros((), dtype=dtype, device=device),
@@ -134,7 +126,7 @@ def clip_by_norm(
         updates: Any, state: ClipByNormState, params: Any = None, **extra: Any
     ) -> tuple[Any, ClipByNormState]:
         del params
-        _expect_state(state, ClipByNormState, "clip_by_norm")
+        expect_state(state, ClipByNormState, "clip_by_norm")
         donated, _ = donation(extra, "clip_by_norm")
         view = Leaves(updates)
         gs = view.values
@@ -196,7 +188,7 @@ def clip_by_value(max_value: float, min_value: float | None = None) -> GradientT
     for name, v in (("max_value", max_value), ("min_value", min_value)):
         if v is None and name == "min_value":
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(float(v)):
+        if not (isinstance(v, (int, float)) and _checks.is_number(v)) or math.isnan(float(v)):
             raise TypeError(f"clip_by_value: {name} must be a float (not nan), got {v!r}")
     hi = float(max_value)
     lo = -hi if min_value is None else float(min_value)

@@ -15,17 +15,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gradchain import _ops
-from gradchain.base import (
-    GradientTransformation,
-    _expect_state,
-    _known_bool,
-    _select_tree,
-    donation,
-    gate_state,
-    mark_gate,
-)
-from gradchain.tree import Leaves, config_fields, flatten, unflatten
+from gradchain import _checks, _ops
+from gradchain._ops import LOW_PRECISION, first_device, known_bool, known_int, safe_increment
+from gradchain._tree import Leaves, named_nodes
+from gradchain.base import GradientTransformation, donation, expect_state
+from gradchain.gating import Window, gate_state, keep_where_closed, mark_gate, select_tree
+from gradchain.state import config_fields
 
 __all__ = [
     "AccumulateState",
@@ -37,45 +32,18 @@ __all__ = [
     "scale_loss",
 ]
 
-_INT64_MAX = torch.iinfo(torch.int64).max
 _F32_MAX = float(torch.finfo(torch.float32).max)
 _F32_TINY = float(torch.finfo(torch.float32).tiny)
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _first_device(params: Any) -> torch.device:
-    leaves, _ = flatten(params)
-    for p in leaves:
-        if isinstance(p, torch.Tensor):
-            return p.device
-    return torch.device("cpu")
-
-
-def _saturating_increment(count: torch.Tensor, by: torch.Tensor | int = 1) -> torch.Tensor:
-    """``count + by`` for int64 counters, stopping at the int64 maximum instead of wrapping."""
-    room = _INT64_MAX - count
-    if isinstance(by, torch.Tensor):
-        by = by.to(count.dtype)
-        return torch.where(room >= by, count + by, torch.full_like(count, _INT64_MAX))
-    return torch.where(room >= by, count + by, torch.full_like(count, _INT64_MAX))
-
-
-def _keep_where_closed(gate_open: torch.Tensor | None, new: Any, old: Any) -> Any:
-    """A gate's own state: the new one where the earlier gates were open, else the old one."""
-    return new if gate_open is None else _select_tree(gate_open, new, old)
-
-
-def _known_int(t: torch.Tensor) -> int | None:
-    if t.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
-    if torch._C._functorch.is_functorch_wrapped_tensor(t):
-        return None
-    return int(t)
 
 
 # --------------------------------------------------------------------------- accumulate_every
 @config_fields("every")
-@gate_state(flags=("is_open", "nonempty"), host_flags=("is_open",), absorbs_upstream=True)
+@gate_state(
+    flags=("is_open", "nonempty"),
+    host_flags=("is_open",),
+    absorbs_upstream=True,
+    window=Window(position="mini_step", length="every", sums="sums"),
+)
 class AccumulateState(NamedTuple):
     """State of :func:`accumulate_every`.
 
@@ -164,12 +132,10 @@ def accumulate_every(
         >>> out["w"], bool(gc.applied(state))
         (tensor([2.]), True)
     """
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"accumulate_every: n must be an int >= 1, got {type(n).__name__}")
+    _checks.as_int(n, "n", "accumulate_every", "an int >= 1")
     if n < 1:
         raise ValueError(f"accumulate_every: n must be >= 1, got {n}")
-    if not isinstance(mean, bool):
-        raise TypeError(f"accumulate_every: mean must be a bool, got {type(mean).__name__}")
+    _checks.as_bool(mean, "mean", "accumulate_every")
     if accumulator_dtype is not None and not (
         isinstance(accumulator_dtype, torch.dtype) and accumulator_dtype.is_floating_point
     ):
@@ -178,17 +144,9 @@ def accumulate_every(
             f"got {accumulator_dtype!r}"
         )
 
-    def acc_dtype(p: torch.Tensor) -> torch.dtype:
-        if accumulator_dtype is not None:
-            return accumulator_dtype
-        return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
-
     def init(params: Any) -> AccumulateState:
-        leaves, spec = flatten(params)
-        sums = unflatten(
-            spec, [None if p is None else torch.zeros_like(p, dtype=acc_dtype(p)) for p in leaves]
-        )
-        device = _first_device(params)
+        sums = _ops.buffers_like(params, accumulator_dtype)
+        device = first_device(params)
         return AccumulateState(
             mini_step=torch.zeros((), dtype=torch.int64),
             accumulated=torch.zeros((), dtype=torch.int64, device=device),
@@ -208,7 +166,7 @@ def accumulate_every(
         **extra: Any,
     ) -> tuple[Any, AccumulateState]:
         del params
-        _expect_state(state, AccumulateState, "accumulate_every")
+        expect_state(state, AccumulateState, "accumulate_every")
         donated_u, donated_s = donation(extra, "accumulate_every")
         view = Leaves(updates)
         gs = view.values
@@ -225,8 +183,8 @@ def accumulate_every(
             1 if gate_open is None else gate_open.to(state.accumulated.device).long()
         )
 
-        known_step = _known_int(state.mini_step)
-        known_flush = flush if isinstance(flush, bool) else _known_bool(flush)
+        known_step = known_int(state.mini_step)
+        known_flush = flush if isinstance(flush, bool) else known_bool(flush)
         if known_step is not None and known_flush is not None:
             closing: bool | torch.Tensor = known_flush or known_step + 1 >= n
         else:
@@ -297,7 +255,7 @@ def accumulate_every(
         view = Leaves(out)
         return (
             view.put(_ops.where_zeros(host_open, view.values)),
-            _select_tree(host_open, new_state, state),
+            select_tree(host_open, new_state, state),
         )
 
     return GradientTransformation(init, mark_gate(gated_update))
@@ -352,7 +310,7 @@ def skip_if_nonfinite() -> GradientTransformation:
     """
 
     def init(params: Any) -> SkipIfNonfiniteState:
-        device = _first_device(params)
+        device = first_device(params)
         zero = torch.zeros((), dtype=torch.int64, device=device)
         return SkipIfNonfiniteState(
             is_open=torch.ones((), dtype=torch.bool, device=device),
@@ -369,7 +327,7 @@ def skip_if_nonfinite() -> GradientTransformation:
         **extra: Any,
     ) -> tuple[Any, SkipIfNonfiniteState]:
         del params
-        _expect_state(state, SkipIfNonfiniteState, "skip_if_nonfinite")
+        expect_state(state, SkipIfNonfiniteState, "skip_if_nonfinite")
         donated, _ = donation(extra, "skip_if_nonfinite")
         view = Leaves(updates)
         gs = view.values
@@ -377,14 +335,14 @@ def skip_if_nonfinite() -> GradientTransformation:
         skipped = torch.logical_not(finite)
         counters = (
             torch.where(finite, torch.zeros_like(state.consecutive_skips),
-                        _saturating_increment(state.consecutive_skips)),
-            torch.where(skipped, _saturating_increment(state.total_skips), state.total_skips),
+                        safe_increment(state.consecutive_skips)),
+            torch.where(skipped, safe_increment(state.total_skips), state.total_skips),
         )
-        counters = _keep_where_closed(gate_open, counters, (state.consecutive_skips,
+        counters = keep_where_closed(gate_open, counters, (state.consecutive_skips,
                                                              state.total_skips))
         out = _ops.where_zeros(finite, gs, donated)
         # On a step an earlier gate closed, the flag stays too (as when the chain skips us).
-        is_open = _keep_where_closed(gate_open, finite, state.is_open)
+        is_open = keep_where_closed(gate_open, finite, state.is_open)
         return view.put(out), SkipIfNonfiniteState(is_open, *counters)
 
     return GradientTransformation(init, mark_gate(update))
@@ -413,12 +371,6 @@ class LossScaleState(NamedTuple):
     scale: torch.Tensor
     growth_tracker: torch.Tensor
     is_open: torch.Tensor
-
-
-def _check_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"loss_scale: {name} must be a float, got {type(value).__name__}")
-    return float(value)
 
 
 def loss_scale(
@@ -482,9 +434,9 @@ def loss_scale(
         >>> out["w"], float(state.scale)
         (tensor([0.]), 512.0)
     """
-    init_scale = _check_float("init_scale", init_scale)
-    growth_factor = _check_float("growth_factor", growth_factor)
-    backoff_factor = _check_float("backoff_factor", backoff_factor)
+    init_scale = _checks.as_float(init_scale, "init_scale", "loss_scale")
+    growth_factor = _checks.as_float(growth_factor, "growth_factor", "loss_scale")
+    backoff_factor = _checks.as_float(backoff_factor, "backoff_factor", "loss_scale")
     if not _F32_TINY <= init_scale <= _F32_MAX:
         raise ValueError(
             "loss_scale: init_scale must be a positive float within float32's normal range "
@@ -494,24 +446,20 @@ def loss_scale(
         raise ValueError(f"loss_scale: growth_factor must be > 1 and finite, got {growth_factor}")
     if not 0.0 < backoff_factor < 1.0:
         raise ValueError(f"loss_scale: backoff_factor must be in (0, 1), got {backoff_factor}")
-    if isinstance(growth_interval, bool) or not isinstance(growth_interval, int):
-        raise TypeError(
-            f"loss_scale: growth_interval must be an int >= 1, got {type(growth_interval).__name__}"
-        )
+    _checks.as_int(growth_interval, "growth_interval", "loss_scale", "an int >= 1")
     if growth_interval < 1:
         raise ValueError(f"loss_scale: growth_interval must be >= 1, got {growth_interval}")
     if min_scale is not None:
-        min_scale = _check_float("min_scale", min_scale)
+        min_scale = _checks.as_float(min_scale, "min_scale", "loss_scale")
         if not 0.0 < min_scale <= init_scale:
             raise ValueError(
                 f"loss_scale: min_scale must be in (0, init_scale={init_scale}], got {min_scale}"
             )
-    if not isinstance(dynamic, bool):
-        raise TypeError(f"loss_scale: dynamic must be a bool, got {type(dynamic).__name__}")
+    _checks.as_bool(dynamic, "dynamic", "loss_scale")
     floor = _F32_TINY if min_scale is None else max(min_scale, _F32_TINY)
 
     def init(params: Any) -> LossScaleState:
-        device = _first_device(params)
+        device = first_device(params)
         return LossScaleState(
             scale=torch.full((), init_scale, dtype=torch.float32, device=device),
             growth_tracker=torch.zeros((), dtype=torch.int64, device=device),
@@ -527,7 +475,7 @@ def loss_scale(
         **extra: Any,
     ) -> tuple[Any, LossScaleState]:
         del params
-        _expect_state(state, LossScaleState, "loss_scale")
+        expect_state(state, LossScaleState, "loss_scale")
         donated, _ = donation(extra, "loss_scale")
         view = Leaves(updates)
         gs = view.values
@@ -541,7 +489,7 @@ def loss_scale(
             unscaled = _unscale(gs, inv, donated)
             finite = _ops.all_finite(unscaled).to(scale.device)
         if dynamic:
-            successful = _saturating_increment(state.growth_tracker)
+            successful = safe_increment(state.growth_tracker)
             grow = torch.logical_and(finite, successful >= growth_interval)
             grown = scale * growth_factor
             # Never below the floor: min_scale, else the smallest normal float32, so the
@@ -557,14 +505,14 @@ def loss_scale(
                 torch.zeros_like(successful),
                 successful,
             )
-            new_scale, new_tracker = _keep_where_closed(
+            new_scale, new_tracker = keep_where_closed(
                 gate_open, (new_scale, new_tracker), (scale, state.growth_tracker)
             )
         else:
             new_scale, new_tracker = scale, state.growth_tracker
         out = _ops.where_zeros(finite, unscaled, donated)
         # On a step an earlier gate closed, the flag stays too (as when the chain skips us).
-        is_open = _keep_where_closed(gate_open, finite, state.is_open)
+        is_open = keep_where_closed(gate_open, finite, state.is_open)
         return view.put(out), LossScaleState(new_scale, new_tracker, is_open)
 
     return GradientTransformation(init, mark_gate(update))
@@ -573,13 +521,13 @@ def loss_scale(
 def _unscale(gs: list[torch.Tensor], inv: torch.Tensor, donated: bool = False) -> list[torch.Tensor]:
     """Multiply by the float32 inverse scale; float16/bfloat16 in float32, cast back.
     Donated float32/float64 leaves are unscaled in place (as ``GradScaler.unscale_``)."""
-    if all(g.dtype not in _LOW_PRECISION for g in gs):
+    if all(g.dtype not in LOW_PRECISION for g in gs):
         if donated and all(g.dtype == torch.float32 for g in gs):
             return _ops.mul_(gs, inv)
         return _ops.mul(gs, inv)
     # Only the low-precision leaves go through float32: a float64 leaf keeps its precision.
     return [
-        (g.float() * inv.to(g.device)).to(g.dtype) if g.dtype in _LOW_PRECISION
+        (g.float() * inv.to(g.device)).to(g.dtype) if g.dtype in LOW_PRECISION
         else g * inv.to(g.device)
         for g in gs
     ]
@@ -599,9 +547,7 @@ def scale_loss(loss: torch.Tensor, state: Any) -> torch.Tensor:
         >>> gc.scale_loss(torch.tensor(0.5), gc.sgd(lr=0.1).init({"w": torch.zeros(1)}))
         tensor(0.5000)
     """
-    from gradchain.tree import _named_nodes
-
-    found = [node for _, node in _named_nodes(state) if isinstance(node, LossScaleState)]
+    found = [node for _, node in named_nodes(state) if isinstance(node, LossScaleState)]
     if not found:
         return loss
     if len(found) > 1:

@@ -114,7 +114,8 @@ def norms(mesh: Any, tmp: str) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
     import gradchain as gc
-    from gradchain.tree import _use_foreach, global_norm
+    from gradchain._ops import use_foreach as _use_foreach
+    from gradchain.tree import global_norm
 
     model, grads, ref_grads = fsdp_grads(mesh)
     shapes = {k: tuple(g.to_local().shape) for k, g in grads.items()}

@@ -17,6 +17,7 @@ from typing import Any
 import hypothesis
 import optree
 import torch
+import torch._dynamo
 from hypothesis import HealthCheck, Phase, given
 from hypothesis import strategies as st
 from hypothesis.errors import Flaky
@@ -890,6 +891,18 @@ def _compile_examples(
 
 
 # --------------------------------------------------------------------------- examples
+def _edge_params(dtypes: Sequence[torch.dtype]) -> dict[str, torch.Tensor]:
+    """An empty tensor, a 0-dim tensor (of another dtype when ``dtypes`` allows: mixed
+    dtypes) and a leaf whose gradient is ``None``: the edge leaves every default example
+    carries."""
+    first, last = dtypes[0], dtypes[-1]
+    return {
+        "empty": torch.zeros((2, 0), dtype=first),
+        "scalar": torch.tensor(0.5, dtype=last),
+        "no_grad": torch.full((2,), 0.5, dtype=first),
+    }
+
+
 @st.composite
 def _examples(
     draw: st.DrawFn,
@@ -904,7 +917,9 @@ def _examples(
 ) -> Example:
     drawn_tx = draw(tx) if isinstance(tx, st.SearchStrategy) else None
     if params is None:
-        p = draw(gst.params(dtypes=dtypes))
+        # The drawn tree, and beside it the leaves that break transformations most often,
+        # in every example (random draws alone miss them on some seeds).
+        p = (draw(gst.params(dtypes=dtypes)), _edge_params(dtypes))
     elif isinstance(params, st.SearchStrategy):
         p = draw(params)
     else:
@@ -913,6 +928,9 @@ def _examples(
         draw(gst.gradients(p, none=none, extremes=extremes, nonfinite=nonfinite))
         for _ in range(steps)
     )
+    if params is None and none:
+        for g in grads:
+            g[1]["no_grad"] = None
     pair = None
     position = 0
     if partners is not None:
@@ -996,7 +1014,9 @@ def check_transformation(
     failing example otherwise.
 
     Each example is a params tree (nested dicts, lists, tuples and NamedTuples of 0-dim,
-    empty and small tensors in float32, float64, float16 and bfloat16) and ``steps``
+    empty and small tensors in float32, float64, float16 and bfloat16; by default paired,
+    in a tuple, with fixed edge leaves: an empty tensor, a 0-dim tensor of another dtype
+    and a leaf whose gradient is always ``None``, so every run checks them) and ``steps``
     gradient trees shaped like it (with ``None`` leaves, and huge, subnormal, zero,
     ``nan`` and ``inf`` values). ``tx`` is run through ``init`` and ``steps`` updates
     (always with ``params``), and the laws switched on are checked at every step:
@@ -1159,8 +1179,6 @@ def _run_compile_law(
     backend: str,
     parent: hypothesis.settings | None,
 ) -> None:
-    import torch._dynamo
-
     compiled_cache: dict[int, tuple[Any, Callable[..., Any]]] = {}
 
     def compiled_for(t: GradientTransformation) -> Callable[..., Any]:

@@ -1,0 +1,98 @@
+"""Argument validation for the factories: one idiom, one ``who`` (the public function's
+name, which every message starts with).
+
+A ``bool`` is never a number here (``True`` is an ``int`` to Python, and ``lr=True`` is a
+bug), and a tensor hyperparameter is never read (that would be a host-device sync).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def is_number(value: object) -> bool:
+    """Whether ``value`` is a Python int or float (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def as_float(value: Any, name: str, who: str, kind: str = "a float") -> float:
+    """``value`` as a float; ``TypeError`` unless it is an int or float (not a bool)."""
+    if not is_number(value):
+        raise TypeError(f"{who}: {name} must be {kind}, got {type(value).__name__}")
+    return float(value)
+
+
+def as_int(value: Any, name: str, who: str, kind: str = "an int") -> int:
+    """``value`` as an int; ``TypeError`` unless it is an int (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{who}: {name} must be {kind}, got {type(value).__name__}")
+    return value
+
+
+def as_bool(value: Any, name: str, who: str) -> bool:
+    """``value`` itself; ``TypeError`` unless it is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{who}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def finite(value: float | torch.Tensor, name: str, who: str) -> None:
+    """A float must be finite (a tensor is not read: that would sync)."""
+    if not isinstance(value, torch.Tensor) and not math.isfinite(value):
+        raise ValueError(f"{who}: {name} must be finite, got {value}")
+
+
+def is_schedule(value: object) -> bool:
+    """Whether ``value`` is a schedule (a callable that is not a tensor)."""
+    return callable(value) and not isinstance(value, torch.Tensor)
+
+
+def as_scalar(value: float | torch.Tensor, name: str, who: str) -> float | torch.Tensor:
+    """A float or a 1-element floating tensor hyperparameter; tensors become 0-dim."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{who}: Tensor {name} must be 1-element, got shape {tuple(value.shape)}"
+            )
+        if not value.is_floating_point():
+            raise TypeError(f"{who}: Tensor {name} must be floating point, got {value.dtype}")
+        return value.reshape(())
+    return as_float(value, name, who, "a float or a 1-element tensor")
+
+
+def check_lr(lr: Any, who: str) -> Any:
+    """A learning rate: a schedule, a 1-element tensor, or a float >= 0."""
+    if is_schedule(lr):
+        return lr
+    value = as_scalar(lr, "lr", who)
+    if not 0.0 <= value:
+        raise ValueError(f"{who}: invalid learning rate lr={float(value)}; expected lr >= 0")
+    return value
+
+
+def nonneg(value: Any, name: str, what: str, who: str) -> float:
+    """A float >= 0 (``what`` names it in the message, e.g. ``"momentum value"``)."""
+    value = as_scalar(value, name, who)
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{who}: {name} must be a float, got a tensor")
+    if not 0.0 <= value:
+        raise ValueError(f"{who}: invalid {what} {name}={value}; expected {name} >= 0")
+    return value
+
+
+def beta(value: Any, name: str, who: str) -> float:
+    """A decay rate in ``[0, 1)``."""
+    value = as_float(value, name, who)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{who}: invalid beta parameter {name}={value}; expected 0 <= {name} < 1")
+    return value
+
+
+def betas(pair: Any, who: str) -> tuple[float, float]:
+    """A pair ``(beta1, beta2)`` of decay rates."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ValueError(f"{who}: betas must be a pair (beta1, beta2), got {pair!r}")
+    return beta(pair[0], "betas[0]", who), beta(pair[1], "betas[1]", who)

@@ -1,0 +1,354 @@
+"""Pytrees: flattening, paths, structural diffs, leaf grouping, and the ``Leaves`` view.
+
+Every tree in gradchain is an optree pytree flattened with ``none_is_leaf=True``, so a
+``None`` gradient keeps its place and lines up with the parameter and state it belongs to.
+Users writing their own transformations reach these through :mod:`gradchain.tree`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+
+def flatten(tree: Any) -> tuple[list[Any], optree.PyTreeSpec]:
+    """Flatten ``tree`` into its leaves (``None`` counts as a leaf) and a spec.
+
+    Example:
+        >>> import torch
+        >>> from gradchain.tree import flatten
+        >>> leaves, spec = flatten({"b": None, "a": torch.zeros(1)})
+        >>> len(leaves), leaves[1] is None
+        (2, True)
+    """
+    return optree.tree_flatten(tree, none_is_leaf=True)
+
+
+def unflatten(spec: optree.PyTreeSpec, leaves: Iterable[Any]) -> Any:
+    """Inverse of :func:`flatten`.
+
+    Example:
+        >>> from gradchain.tree import flatten, unflatten
+        >>> leaves, spec = flatten({"a": 1, "b": [2, 3]})
+        >>> unflatten(spec, [x * 10 for x in leaves])
+        {'a': 10, 'b': [20, 30]}
+    """
+    return optree.tree_unflatten(spec, list(leaves))
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """``['layer.weight'][0]`` for the key path ``('layer.weight', 0)``."""
+    out = ""
+    for key in path:
+        out += f"[{key!r}]" if not isinstance(key, int) else f"[{key}]"
+    return out
+
+
+def leaf_paths(tree: Any) -> list[str]:
+    """Readable paths (``['layer.weight']``, ``[0][1]``) of the leaves of ``tree``.
+
+    Example:
+        >>> from gradchain.tree import leaf_paths
+        >>> leaf_paths({"w": 1, "b": (2, 3)})
+        ["['b'][0]", "['b'][1]", "['w']"]
+    """
+    paths, _, _ = optree.tree_flatten_with_path(tree, none_is_leaf=True)
+    return [path_str(p) for p in paths]
+
+
+def flatten_like(spec: optree.PyTreeSpec, tree: Any, name: str, like: str) -> list[Any]:
+    """Leaves of ``tree`` in the order of ``spec``; a clear error when the structure differs.
+
+    Example:
+        >>> import torch
+        >>> from gradchain.tree import flatten, flatten_like
+        >>> _, spec = flatten({"w": torch.zeros(1)})
+        >>> flatten_like(spec, {"v": torch.zeros(1)}, "updates", "params")
+        Traceback (most recent call last):
+        ...
+        ValueError: updates does not have the structure of params: ...
+    """
+    try:
+        leaves = spec.flatten_up_to(tree)
+    except (ValueError, TypeError) as err:
+        ref = optree.tree_unflatten(spec, [0] * spec.num_leaves)
+        diff = first_difference(ref, tree)
+        why = str(err) if diff is None else _structure_message(diff, name, like)
+        raise ValueError(f"{name} does not have the structure of {like}: {why}") from None
+    return leaves
+
+
+class Difference(NamedTuple):
+    """Where a tree first departs from a reference structure (see :func:`first_difference`).
+
+    ``kind`` is ``"type"`` (another node type, or a leaf where a node was expected),
+    ``"missing"`` / ``"extra"`` (a key the reference has / does not have) or ``"order"``;
+    ``where`` is the path of the node, ``key`` the path of the missing or extra entry.
+    """
+
+    kind: str
+    where: str
+    key: str = ""
+    expected: str = ""
+    got: str = ""
+
+
+def first_difference(ref: Any, got: Any, path: tuple[Any, ...] = ()) -> Difference | None:
+    """Where ``got`` first departs from the structure of ``ref`` (whose leaves may be
+    anything in ``got``); ``None`` when it fits. Callers word the message."""
+    if optree.tree_is_leaf(ref, none_is_leaf=True):
+        return None
+    where = path_str(path)
+    if optree.tree_is_leaf(got, none_is_leaf=True) or type(got) is not type(ref):
+        return Difference("type", where, expected=type(ref).__name__, got=type(got).__name__)
+    r = optree.tree_flatten_one_level(ref, none_is_leaf=True)
+    g = optree.tree_flatten_one_level(got, none_is_leaf=True)
+    r_keys, g_keys = list(r.entries), list(g.entries)
+    if r_keys != g_keys:
+        missing = [k for k in r_keys if k not in g_keys]
+        extra = [k for k in g_keys if k not in r_keys]
+        if missing:
+            return Difference("missing", where, key=path_str((*path, missing[0])))
+        if extra:
+            return Difference("extra", where, key=path_str((*path, extra[0])))
+        return Difference("order", where)
+    for key, rc, gc in zip(r_keys, r.children, g.children):
+        found = first_difference(rc, gc, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+def _structure_message(diff: Difference, name: str, like: str) -> str:
+    if diff.kind == "type":
+        return (
+            f"{like} have a {diff.expected} at {diff.where or 'the root'}, "
+            f"{name} has a {diff.got}"
+        )
+    if diff.kind == "missing":
+        return f"{name} has no {diff.key}, which {like} have"
+    if diff.kind == "extra":
+        return f"{name}{diff.key} is not in {like}"
+    return f"the entries of {name}{diff.where} are in another order than in {like}"
+
+
+def group_by_device_dtype(
+    rows: Sequence[tuple[Any, ...]],
+) -> list[tuple[list[Any], ...]]:
+    """Group rows of tensors by the (device, dtype) of their first tensor.
+
+    Returns, per group, one list per column, so each group feeds ``torch._foreach_*``.
+
+    Example:
+        >>> import torch
+        >>> from gradchain.tree import group_by_device_dtype
+        >>> rows = [(torch.zeros(1), 1), (torch.zeros(1, dtype=torch.float64), 2), (torch.ones(1), 3)]
+        >>> [cols[1] for cols in group_by_device_dtype(rows)]
+        [[1, 3], [2]]
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[Any, ...]]] = {}
+    for row in rows:
+        t = row[0]
+        groups.setdefault((t.device, t.dtype), []).append(row)
+    return [tuple(list(col) for col in zip(*g)) for g in groups.values()]
+
+
+
+def zeros_like_tree(params: Any, dtype: torch.dtype | None = None) -> Any:
+    """A tree of zeros shaped like ``params`` (``None`` leaves stay ``None``), e.g. a moment.
+
+    ``dtype`` overrides the leaves' dtype (e.g. float32 accumulators for float16 params).
+
+    Example:
+        >>> import torch
+        >>> from gradchain.tree import zeros_like_tree
+        >>> zeros_like_tree({"w": torch.ones(2, dtype=torch.float16), "b": None}, torch.float32)
+        {'w': tensor([0., 0.]), 'b': None}
+    """
+    leaves, spec = flatten(params)
+    out: list[torch.Tensor | None] = []
+    for i, p in enumerate(leaves):
+        if p is None:
+            out.append(None)
+        elif isinstance(p, torch.Tensor):
+            out.append(torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format))
+        else:
+            raise TypeError(
+                f"params{leaf_paths(params)[i]}: expected a torch.Tensor or None, "
+                f"got {type(p).__name__}"
+            )
+    return unflatten(spec, out)
+
+
+def named_nodes(state: Any, path: str = "state") -> Iterable[tuple[str, Any]]:
+    """Yield ``(path, node)`` for every NamedTuple node in ``state``, depth first."""
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        yield path, state
+        for f in state._fields:
+            yield from named_nodes(getattr(state, f), f"{path}.{f}")
+    elif isinstance(state, (tuple, list)):
+        for i, child in enumerate(state):
+            yield from named_nodes(child, f"{path}[{i}]")
+    elif isinstance(state, dict):
+        for k, child in state.items():
+            yield from named_nodes(child, f"{path}[{k!r}]")
+
+
+# --------------------------------------------------------------------------- leaf views
+class Leaves:
+    """The present (non-``None``) leaves of an updates tree, and the way back.
+
+    Transformations read the gradients as a flat list with :attr:`values`, read
+    per-parameter state trees aligned to them with :meth:`take`, and rebuild trees with
+    :meth:`put` (the updates; ``None`` leaves stay ``None``) and :meth:`put_into` (a state
+    tree; leaves whose gradient was ``None`` keep their old value, so their state does not
+    advance).
+
+    Example:
+        >>> import torch
+        >>> from gradchain.tree import Leaves
+        >>> view = Leaves({"a": torch.ones(1), "b": None})
+        >>> view.put([g * 3 for g in view.values])
+        {'a': tensor([3.]), 'b': None}
+        >>> view.put_into({"a": torch.zeros(1), "b": torch.zeros(1)}, [torch.ones(1)])
+        {'a': tensor([1.]), 'b': tensor([0.])}
+    """
+
+    __slots__ = ("spec", "leaves", "index", "values")
+
+    def __init__(self, updates: Any) -> None:
+        self.leaves, self.spec = flatten(updates)
+        self.index = [i for i, g in enumerate(self.leaves) if g is not None]
+        self.values: list[torch.Tensor] = [self.leaves[i] for i in self.index]
+        # Metadata only (no device read, traceable). Whole-list checks first (cheap); the
+        # leaf-by-leaf loop only runs to name the first bad leaf.
+        values = self.values
+        if not (
+            {type(g) for g in values} <= PLAIN
+            and all(map(torch.is_floating_point, values))
+            and {g.layout for g in values} <= _STRIDED_ONLY
+        ):
+            for i, g in zip(self.index, values):
+                if not (
+                    isinstance(g, torch.Tensor) and g.is_floating_point() and g.layout is _STRIDED
+                ):
+                    raise bad_update(self.spec, i, g)
+
+    def take(
+        self, tree: Any, name: str = "state", *, check: bool = True, dtype: bool = True
+    ) -> list[Any]:
+        """Leaves of ``tree`` (same structure as the updates) at the present positions.
+
+        With ``check`` (default) every taken leaf must be a tensor of its gradient's shape
+        and device and, with ``dtype`` (default), of its gradient's dtype or a wider one
+        (float32 moments for bfloat16 gradients are fine, float32 state for float64
+        gradients is not: it would round them silently); a ``ValueError`` names the first
+        leaf that is not. These are metadata checks: no device read, and they trace under
+        ``torch.compile`` and ``vmap``. Pass ``check=False`` for state shaped or typed
+        differently on purpose (factored moments, offloaded or quantized state), and
+        ``dtype=False`` for trees that are not state (e.g. the params).
+        """
+        leaves = flatten_like(self.spec, tree, name, "the updates")
+        taken = [leaves[i] for i in self.index]
+        if check and not self._fits(taken, dtype):
+            for k, (g, s) in enumerate(zip(self.values, taken)):
+                if not (
+                    isinstance(s, torch.Tensor)
+                    and s.shape == g.shape
+                    and (s.dtype is g.dtype or not dtype or _holds(s.dtype, g.dtype))
+                    and s.device == g.device
+                ):
+                    raise misfit(self.spec, self.index[k], g, s, name)
+        return taken
+
+    def _fits(self, taken: list[Any], dtype: bool) -> bool:
+        """The common case of :meth:`take`'s check, by whole-list comparisons: plain
+        tensors of the gradients' shapes, devices and (with ``dtype``) exact dtypes."""
+        values = self.values
+        return (
+            {type(s) for s in taken} <= PLAIN
+            and [s.shape for s in taken] == [g.shape for g in values]
+            and (not dtype or [s.dtype for s in taken] == [g.dtype for g in values])
+            and [s.device for s in taken] == [g.device for g in values]
+        )
+
+    def take_all(self, tree: Any, name: str = "params") -> list[Any]:
+        """All leaves of ``tree`` (same structure as the updates), ``None`` included."""
+        return flatten_like(self.spec, tree, name, "the updates")
+
+    def put(self, values: Sequence[Any]) -> Any:
+        out = list(self.leaves)
+        for i, v in zip(self.index, values):
+            out[i] = v
+        return unflatten(self.spec, out)
+
+    def put_into(self, tree: Any, values: Sequence[Any]) -> Any:
+        out = list(flatten_like(self.spec, tree, "state", "the updates"))
+        for i, v in zip(self.index, values):
+            out[i] = v
+        return unflatten(self.spec, out)
+
+
+_STRIDED = torch.strided
+_STRIDED_ONLY = frozenset({torch.strided})
+PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
+_HOLDS: dict[tuple[torch.dtype, torch.dtype], bool] = {}
+
+
+def _holds(state: torch.dtype, grad: torch.dtype) -> bool:
+    """Whether a ``state`` dtype holds ``grad`` values without rounding (cached)."""
+    key = (state, grad)
+    ok = _HOLDS.get(key)
+    if ok is None:
+        ok = _HOLDS[key] = state.is_floating_point and torch.promote_types(state, grad) == state
+    return ok
+
+
+def leaf_path(spec: optree.PyTreeSpec, i: int) -> str:
+    return path_str(spec.paths()[i])
+
+
+def bad_update(spec: optree.PyTreeSpec, i: int, g: Any) -> TypeError:
+    """The error for an update leaf that is not a dense floating tensor."""
+    where = f"updates{leaf_path(spec, i)}"
+    if not isinstance(g, torch.Tensor):
+        return TypeError(f"{where}: expected a torch.Tensor or None, got {type(g).__name__}")
+    if g.layout is not _STRIDED:
+        return TypeError(
+            f"{where} is a sparse tensor ({g.layout}); gradchain transformations need dense "
+            "gradients: convert with .to_dense(), or make the layer produce dense ones "
+            "(e.g. nn.Embedding(..., sparse=False))"
+        )
+    kind = "complex" if g.is_complex() else "integer" if g.dtype != torch.bool else "boolean"
+    return TypeError(
+        f"{where} has dtype {g.dtype}; gradients must be floating point "
+        f"(float16, bfloat16, float32 or float64), not {kind}"
+        + (": view complex parameters as real ones (torch.view_as_real)" if kind == "complex" else "")
+    )
+
+
+def misfit(spec: optree.PyTreeSpec, i: int, g: torch.Tensor, s: Any, name: str) -> ValueError:
+    """The error for a state (or params) leaf that does not fit its gradient."""
+    path = leaf_path(spec, i)
+    if name.split(".")[0].startswith("params"):
+        hint = "the gradients must have the structure and shapes of the params"
+    else:
+        hint = (
+            "the state was made for other params (call init on the params these gradients "
+            "belong to, or move/cast the state with them)"
+        )
+    if not isinstance(s, torch.Tensor):
+        what = "is None" if s is None else f"is a {type(s).__name__}"
+        return ValueError(f"updates{path} is a tensor but {name}{path} {what}; {hint}")
+    if s.shape != g.shape:
+        diff = f"has shape {tuple(g.shape)} but {name}{path} has shape {tuple(s.shape)}"
+    elif s.device != g.device:
+        diff = f"is on {g.device} but {name}{path} is on {s.device}"
+    else:
+        diff = (
+            f"has dtype {g.dtype} but {name}{path} has dtype {s.dtype}, which would round it"
+        )
+    return ValueError(f"updates{path} {diff}; {hint}")

@@ -1,0 +1,592 @@
+"""Composing transformations: ``chain``, ``chain_members``, ``masked`` and ``partition``.
+
+Orchestration only: the gate policy (which member runs, which state survives a closed
+step) is :class:`gradchain.gating.GateWalk`'s, driven from here.
+
+``masked`` and ``partition`` work on the leaf *positions* of the updates tree. A member
+transformation sees the whole tree with the leaves that are not its own replaced by
+``None``, the library's "no gradient here" value: ``None`` passes through, its state does
+not advance, and ``init`` of a ``None`` leaf gives ``None`` state. So a member keeps state
+only for its own leaves, and running it inside ``partition`` is the same as running it by
+hand on the subset.
+
+Masks and labels are decided from the *structure* of the tree (names, shapes, dtypes),
+never from tensor values: they are Python values, so choosing a member costs no
+host-device sync and traces under ``torch.compile`` and ``torch.func``.
+
+Because member states hold ``None`` at the leaves that are not theirs, batching states
+with ``torch.func.vmap`` needs ``in_dims``/``out_dims`` trees with ``None`` at those
+positions (``vmap`` refuses ``in_dims=0`` for a ``None`` input or output), e.g. built with
+``gradchain.tree.flatten``: ``0`` for each tensor leaf, ``None`` for each ``None``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, NamedTuple
+
+import optree
+
+from gradchain import _tree
+from gradchain.base import (
+    DONATE_MODE,
+    GradientTransformation,
+    Ownership,
+    Params,
+    State,
+    Updates,
+    donation,
+    is_transformation,
+)
+from gradchain.gating import GateWalk, is_gate, mark_gate
+
+__all__ = ["chain", "chain_members", "MaskedState", "masked", "PartitionState", "partition"]
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply ``transforms`` in order; the state is the tuple of their states.
+
+    Extra keyword arguments given to ``update`` reach every member. ``donate=True``
+    (see :func:`donation`) lets members reuse the incoming updates' and their old state's
+    memory; a member whose old state must survive a gate's select gets only the updates.
+
+    **Gates.** A gate governs everything after it. When a gate closes a step, later
+    members keep their state and the chain emits zeros. The chain finds out whether a
+    gate is open from the gate's ``is_open`` flag:
+
+    * a flag that is known without reading the device (``accumulate_every`` keeps its
+      window position on the host) is read in eager mode, and on closed micro-steps the
+      rest of the chain is not run at all: an adam behind ``accumulate_every(8)`` does its
+      maths once per window;
+    * a flag that is data on the device (finiteness in ``skip_if_nonfinite`` and
+      ``loss_scale``) is never read: the rest of the chain runs and its new state is
+      selected with ``torch.where``, so there is no host-device sync, and the cost of a
+      skipped step is that of an applied one.
+
+    Under ``torch.compile`` and ``torch.func`` transforms every flag is treated as data,
+    so the same chain traces with ``fullgraph=True`` and batches under ``vmap``.
+
+    Later gates receive the combined flag of the gates before them as the extra keyword
+    ``gate_open`` and keep their own state on steps an earlier gate closed.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.chain(gc.clip_by_norm(1.0), gc.sgd(lr=0.5))
+        >>> params = {"w": torch.zeros(2)}
+        >>> updates, state = tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init(params), params)
+        >>> updates["w"]
+        tensor([-0.3000, -0.4000])
+    """
+    transforms = tuple(transforms)
+    for i, t in enumerate(transforms):
+        if not is_transformation(t):
+            raise TypeError(
+                f"chain: argument {i} must be a GradientTransformation (init, update), "
+                f"got {type(t).__name__}"
+            )
+    gates = tuple(is_gate(t) for t in transforms)
+
+    def init(params: Params) -> tuple[State, ...]:
+        return tuple(t.init(params) for t in transforms)
+
+    def update(
+        updates: Updates, state: tuple[State, ...], params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, tuple[State, ...]]:
+        if not isinstance(state, tuple) or len(state) != len(transforms):
+            got = f"a tuple of {len(state)}" if type(state) is tuple else type(state).__name__
+            raise ValueError(
+                f"chain.update: state must be a tuple of {len(transforms)} member states "
+                f"(from this chain's init), got {got}"
+            )
+        walk = GateWalk.from_extra(extra)  # the gates of enclosing chains, when nested
+        # Donation as the caller gave it; members after the first get the updates donated
+        # only if what they receive is checked to be memory the chain alone holds (a
+        # user's transformation may return memory it keeps in its state): see Ownership.
+        give_updates, give_state = donation(extra, "chain")
+        owner = Ownership(None if give_updates else updates, None if give_state else state, params)
+        owned = give_updates
+        new_states: list[State] = []
+        for i, (t, s) in enumerate(zip(transforms, state)):
+            if walk.skips(gates[i]):
+                new_states.append(s)
+                continue
+            mode = DONATE_MODE[(owned, give_state and walk.state_survives(gates[i]))]
+            updates, new_s = walk.call(t, gates[i], updates, s, params, {**extra, "donate": mode})
+            new_states.append(new_s)
+            owned = i + 1 < len(transforms) and owner.owns(updates, new_states)
+            if gates[i]:
+                walk.fold(new_s)
+                if walk.closed_on_host:
+                    # A window is closed, known without reading the device: the rest of
+                    # the chain is not run. A closed gate emits zeros: this chain's output.
+                    new_states.extend(state[i + 1 :])
+                    return updates, tuple(new_states)
+        return walk.finish(updates, owned), tuple(new_states)
+
+    if any(gates):
+        mark_gate(update)
+    _CHAIN_MEMBERS[update] = transforms
+    return GradientTransformation(init, update)
+
+
+_CHAIN_MEMBERS: weakref.WeakKeyDictionary[Callable[..., Any], tuple[GradientTransformation, ...]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def chain_members(tx: GradientTransformation) -> tuple[GradientTransformation, ...] | None:
+    """The members of ``tx`` if it was made by :func:`chain`, else ``None``.
+
+    Example:
+        >>> import gradchain as gc
+        >>> clip, sgd = gc.clip_by_norm(1.0), gc.sgd(0.1)
+        >>> gc.chain_members(gc.chain(clip, sgd)) == (clip, sgd)
+        True
+        >>> gc.chain_members(clip) is None
+        True
+    """
+    return _CHAIN_MEMBERS.get(tx.update)
+
+
+# --------------------------------------------------------------------------- helpers
+def _is_node(x: Any) -> bool:
+    return not optree.tree_is_leaf(x, none_is_leaf=True)
+
+
+def _difference_message(diff: _tree.Difference, ref_name: str) -> str:
+    if diff.kind == "type":
+        return f"at {diff.where or 'the root'} expected a {diff.expected}, got a {diff.got}"
+    if diff.kind == "missing":
+        return f"{diff.key} is missing"
+    if diff.kind == "extra":
+        return f"{diff.key} is not in the {ref_name}"
+    return f"at {diff.where or 'the root'} the entries are in a different order"
+
+
+def _leaves_at(
+    spec: optree.PyTreeSpec, ref: Any, ref_name: str, tree: Any, name: str, who: str
+) -> list[Any]:
+    """The entries of ``tree`` at the leaf positions of ``spec`` (the structure of ``ref``)."""
+    try:
+        return spec.flatten_up_to(tree)
+    except (ValueError, TypeError) as err:
+        diff = _tree.first_difference(ref, tree)
+        why = str(err) if diff is None else _difference_message(diff, ref_name)
+        raise ValueError(
+            f"{who}: {name} must have the structure of the {ref_name} (one entry per leaf): {why}"
+        ) from None
+
+
+def _hashable_in(x: Any, keys: Mapping[Any, Any]) -> bool:
+    try:
+        return x in keys
+    except TypeError:  # unhashable
+        return False
+
+
+def _not_a_leaf(who: str, name: str, path: str, leaf: Any) -> ValueError:
+    return ValueError(
+        f"{who}: {name} must have the structure of the params (one entry per leaf): "
+        f"{name}{path} is a {type(leaf).__name__} where the params have a leaf"
+    )
+
+
+def _check_mask_leaves(leaves: list[Any], paths: Callable[[], list[str]], who: str) -> None:
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, bool):
+            if _is_node(leaf):
+                raise _not_a_leaf(who, "mask", paths()[i], leaf)
+            raise TypeError(
+                f"{who}: mask{paths()[i]} must be a Python bool, got {type(leaf).__name__}; "
+                "masks are decided from the tree's structure (names, shapes), not from "
+                "tensor values"
+            )
+
+
+def _check_label_leaves(
+    leaves: list[Any], paths: Callable[[], list[str]], known: Mapping[Any, Any], who: str
+) -> None:
+    for i, leaf in enumerate(leaves):
+        if not _hashable_in(leaf, known):
+            if _is_node(leaf) and not isinstance(leaf, tuple):
+                raise _not_a_leaf(who, "labels", paths()[i], leaf)
+            raise ValueError(
+                f"{who}: labels{paths()[i]} is {leaf!r}, which is not a label of transforms; "
+                f"known labels: {list(known)}"
+            )
+
+
+# --------------------------------------------------------------------------- the core
+class _Members:
+    """Runs a dict of member transformations on the subsets of leaves given by a label
+    per leaf; leaves whose label is not a member pass through unchanged.
+
+    Members run under a :class:`~gradchain.gating.GateWalk`: the gate member first, then
+    the plain members, which keep their state where its flag is closed.
+
+    At most one member may hold gates: gates in two parallel members have no order, so
+    neither "a gate governs what follows it" nor the order-dependent folding of gate flags
+    in ``applied`` would be well defined for them.
+    """
+
+    def __init__(
+        self,
+        who: str,
+        members: Mapping[Hashable, GradientTransformation],
+        labels_of: Callable[[Any, optree.PyTreeSpec, Any, str], list[Any]],
+    ) -> None:
+        self.who = who
+        self.members = dict(members)
+        gates = [k for k, t in self.members.items() if is_gate(t)]
+        if len(gates) > 1:
+            raise ValueError(
+                f"{who}: at most one member may be or contain a gate, got gates in "
+                f"{gates}; a gate shared by all subsets goes in a chain before {who}, e.g. "
+                f"chain(accumulate_every(4), {who}(...))"
+            )
+        self.gate_label: Hashable | None = gates[0] if gates else None
+        self.gated = self.gate_label is not None
+        self.labels_of = labels_of
+
+    def _groups(self, labels: list[Any]) -> dict[Hashable, list[int]]:
+        groups: dict[Hashable, list[int]] = {k: [] for k in self.members}
+        for i, label in enumerate(labels):
+            if _hashable_in(label, groups):
+                groups[label].append(i)
+        return groups
+
+    @staticmethod
+    def _subtree(spec: optree.PyTreeSpec, leaves: list[Any], index: list[int]) -> Any:
+        sub: list[Any] = [None] * len(leaves)
+        for i in index:
+            sub[i] = leaves[i]
+        return _tree.unflatten(spec, sub)
+
+    def init(self, params: Params) -> dict[Hashable, State]:
+        leaves, spec = _tree.flatten(params)
+        groups = self._groups(self.labels_of(params, spec, params, "params"))
+        return {k: t.init(self._subtree(spec, leaves, groups[k])) for k, t in self.members.items()}
+
+    def update(
+        self,
+        updates: Updates,
+        states: Mapping[Hashable, State],
+        params: Params | None,
+        extra: dict[str, Any],
+    ) -> tuple[Updates, dict[Hashable, State]]:
+        if not isinstance(states, Mapping) or set(states) != set(self.members):
+            got = list(states) if isinstance(states, Mapping) else type(states).__name__
+            raise ValueError(
+                f"{self.who}.update: the state must hold one state per member "
+                f"{list(self.members)} (from this transformation's init), got {got}"
+            )
+        walk = GateWalk.from_extra(extra)
+        if not self.gated:
+            # The enclosing chain keeps this whole state on steps an earlier gate closes.
+            walk = GateWalk()
+        p_leaves: list[Any] | None
+        if params is None:
+            u_leaves, spec = _tree.flatten(updates)
+            p_leaves, source, source_name = None, updates, "updates"
+        else:
+            p_leaves, spec = _tree.flatten(params)
+            u_leaves = _tree.flatten_like(spec, updates, "updates", "params")
+            source, source_name = params, "params"
+        groups = self._groups(self.labels_of(source, spec, source, source_name))
+
+        out = list(u_leaves)
+        new_states = dict(states)
+
+        def run(k: Hashable) -> None:
+            index = groups[k]
+            sub_u = self._subtree(spec, u_leaves, index)
+            sub_p = None if p_leaves is None else self._subtree(spec, p_leaves, index)
+            new_u, new_states[k] = walk.call(
+                self.members[k], k == self.gate_label, sub_u, states[k], sub_p, extra
+            )
+            new_leaves = _tree.flatten_like(spec, new_u, f"{self.who}[{k!r}] output", "updates")
+            for i in index:
+                out[i] = new_leaves[i]
+
+        # The gate member first: its flags decide whether the plain members run at all.
+        if self.gate_label is not None:
+            run(self.gate_label)
+            walk.fold(new_states[self.gate_label])
+        if walk.open() is False:
+            # Closed, known without reading the device: plain members keep their state.
+            return walk.finish(updates), new_states
+        for k in self.members:
+            if k != self.gate_label:
+                run(k)
+        return walk.finish(_tree.unflatten(spec, out)), new_states
+
+
+# --------------------------------------------------------------------------- masked
+class MaskedState(NamedTuple):
+    """State of :func:`masked`.
+
+    Attributes:
+        inner_state: the wrapped transformation's state, built from the params with the
+            masked-out leaves replaced by ``None`` (so it holds ``None`` there).
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.masked(gc.trace(0.9), {"w": True, "b": False})
+        >>> tx.init({"w": torch.zeros(1), "b": torch.zeros(1)}).inner_state.trace
+        {'w': tensor([0.]), 'b': None}
+    """
+
+    inner_state: State
+
+
+def masked(
+    transform: GradientTransformation, mask: Any | Callable[[Params], Any]
+) -> GradientTransformation:
+    """Apply ``transform`` only to the leaves where ``mask`` is ``True``; the other leaves
+    pass through unchanged.
+
+    ``transform`` sees the updates and params with the masked-out leaves replaced by
+    ``None``, so it keeps no state for them and anything it computes over all leaves (the
+    global norm of ``clip_by_norm``, say) covers the masked-in leaves only. The result is
+    the same as running ``transform`` by hand on the subset.
+
+    ``mask`` is a tree of Python bools with the structure of the params (one entry per
+    leaf), or a callable ``params -> mask``. ``init`` calls it with the params; ``update``
+    calls it with ``params`` when given, else with the updates (whose leaves may be
+    ``None`` where no gradient arrived), so a mask function that looks at names or shapes
+    is the safe kind. Extra keyword arguments reach ``transform`` unchanged.
+
+    **Gates inside.** When ``transform`` is (or contains) a gate (``accumulate_every``,
+    ``skip_if_nonfinite``, ``loss_scale``), ``masked`` is itself a gate, and a closed gate
+    closes the whole step, not just the masked-in leaves: the output is zeros for every leaf
+    (the masked-out ones too), and in an enclosing chain the tail after ``masked`` is held
+    back, exactly as for a gate placed in the chain itself. ``applied(state)`` sees the
+    inner gate's flag (it is inside :class:`MaskedState`). Gates before ``masked`` in an
+    enclosing chain govern ``transform`` as they would govern it in the chain.
+
+    Args:
+        transform: the transformation to apply to the masked-in leaves.
+        mask: a tree of bools shaped like the params, or a callable giving one.
+
+    Returns:
+        A :class:`GradientTransformation` with state :class:`MaskedState`.
+
+    Raises:
+        TypeError: ``transform`` is not a transformation, or a mask entry is not a bool.
+        ValueError: the mask does not have the structure of the params (the message names
+            the first differing path).
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> params = {"w": torch.ones(2), "b": torch.ones(2)}
+        >>> tx = gc.masked(gc.clip_by_value(0.5), {"w": True, "b": False})
+        >>> out, state = tx.update({"w": torch.full((2,), 3.0), "b": torch.full((2,), 3.0)},
+        ...                        tx.init(params), params)
+        >>> out
+        {'w': tensor([0.5000, 0.5000]), 'b': tensor([3., 3.])}
+
+        Weight decay on matrices only, with a mask function:
+
+        >>> def matrices(params):
+        ...     return {k: v.ndim > 1 for k, v in params.items()}
+        >>> decay = gc.masked(gc.add_decayed_weights(0.1), matrices)
+        >>> params = {"w": torch.ones(2, 2), "b": torch.ones(2)}
+        >>> grads = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
+        >>> out, _ = decay.update(grads, decay.init(params), params)
+        >>> out["w"], out["b"]
+        (tensor([[0.1000, 0.1000],
+                [0.1000, 0.1000]]), tensor([0., 0.]))
+    """
+    who = "masked"
+    if not is_transformation(transform):
+        raise TypeError(
+            f"{who}: transform must be a GradientTransformation (init, update), "
+            f"got {type(transform).__name__}"
+        )
+    if not callable(mask):
+        leaves, _ = _tree.flatten(mask)
+        _check_mask_leaves(leaves, lambda: _tree.leaf_paths(mask), who)
+
+    def labels_of(source: Any, spec: optree.PyTreeSpec, ref: Any, ref_name: str) -> list[Any]:
+        tree = mask(source) if callable(mask) else mask
+        name = "mask(...)" if callable(mask) else "mask"
+        leaves = _leaves_at(spec, ref, ref_name, tree, name, who)
+        _check_mask_leaves(leaves, lambda: _tree.leaf_paths(ref), who)
+        return leaves
+
+    core = _Members(who, {True: transform}, labels_of)
+
+    def init(params: Params) -> MaskedState:
+        return MaskedState(core.init(params)[True])
+
+    def update(
+        updates: Updates, state: MaskedState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, MaskedState]:
+        if not isinstance(state, MaskedState):
+            raise ValueError(
+                f"{who}.update: state must be a MaskedState (from this transformation's "
+                f"init), got {type(state).__name__}"
+            )
+        new_updates, states = core.update(updates, {True: state.inner_state}, params, extra)
+        return new_updates, MaskedState(states[True])
+
+    if core.gated:
+        mark_gate(update)
+    return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- partition
+class PartitionState(NamedTuple):
+    """State of :func:`partition`.
+
+    Attributes:
+        inner_states: a dict ``label -> state`` of the members' states, in the order of
+            ``transforms``. Each was built from the params with the other labels' leaves
+            replaced by ``None``.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.partition({"a": gc.sgd(lr=0.1), "b": gc.adam()}, {"w": "a", "v": "b"})
+        >>> list(tx.init({"w": torch.zeros(1), "v": torch.zeros(1)}).inner_states)
+        ['a', 'b']
+    """
+
+    inner_states: dict[Hashable, State]
+
+
+def partition(
+    transforms: Mapping[Hashable, GradientTransformation],
+    labels: Any | Callable[[Params], Any],
+) -> GradientTransformation:
+    """Process each leaf with exactly the transformation of its label.
+
+    The torch.optim counterpart is a list of param groups: one chain per group, each with
+    its own hyperparameters and its own state. Member ``transforms[label]`` sees the
+    updates and params with the leaves of other labels replaced by ``None``, so it keeps
+    state only for its own leaves and anything it computes over all leaves (a global norm)
+    covers its subset only. The result equals running each member by hand on its subset.
+
+    ``labels`` is a tree with the structure of the params holding one label per leaf, or a
+    callable ``params -> labels``. ``init`` calls it with the params; ``update`` calls it
+    with ``params`` when given, else with the updates (whose leaves may be ``None`` where
+    no gradient arrived), so a label function that looks at names or shapes is the safe
+    kind. Every leaf's label must be a key of ``transforms``; a key that labels no leaf is
+    allowed (its member runs on an empty subset). Extra keyword arguments reach every
+    member unchanged.
+
+    **Gates inside.** One member may be or contain a gate (``accumulate_every``,
+    ``skip_if_nonfinite``, ``loss_scale``); ``partition`` is then itself a gate, and that
+    gate closes the whole step, not just its subset:
+
+    * on a step it closes, the output is zeros for *every* leaf and the other members keep
+      their state; in an enclosing chain the whole tail after ``partition`` is held back,
+      exactly as for a gate placed in the chain itself. On a step it opens, the other
+      members run on their subsets as usual (so with ``accumulate_every(4)`` in one
+      member, the other members step once every 4 calls, on unaccumulated gradients);
+    * ``applied(state)`` sees the gate's flags (they are inside this state);
+    * where the gate's flag is known on the host (an accumulation window in eager mode)
+      the other members are not run on closed steps; otherwise they run and their new
+      state is selected with ``torch.where``, with no host-device sync;
+    * gates before ``partition`` in an enclosing chain govern every member.
+
+    Gates in two members raise ``ValueError``: parallel gates have no order, so which
+    gate governs what would be ambiguous. A gate meant for every subset goes in the chain
+    before ``partition``: ``chain(accumulate_every(4), partition(...))``.
+
+    Args:
+        transforms: a dict ``label -> GradientTransformation``.
+        labels: a tree of labels shaped like the params, or a callable giving one.
+
+    Returns:
+        A :class:`GradientTransformation` with state :class:`PartitionState`.
+
+    Raises:
+        TypeError: ``transforms`` is not a dict of transformations.
+        ValueError: ``transforms`` is empty, a leaf's label is not a key of ``transforms``
+            (the message names the leaf and the known labels), or the labels do not have
+            the structure of the params (the message names the first differing path).
+
+    Example:
+        No weight decay on biases and norms, as two AdamW param groups would do:
+
+        >>> import torch, gradchain as gc
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+        >>> params = {k: p.detach() for k, p in model.named_parameters()}
+        >>> def labels_fn(params):
+        ...     return {k: "no_decay" if k.endswith("bias") or k.startswith("1.") else "decay"
+        ...             for k in params}
+        >>> tx = gc.partition(
+        ...     {"decay": gc.adamw(1e-3, weight_decay=0.1),
+        ...      "no_decay": gc.adamw(1e-3, weight_decay=0.0)},
+        ...     labels_fn,
+        ... )
+        >>> state = tx.init(params)
+        >>> grads = {k: torch.ones_like(p) for k, p in params.items()}
+        >>> updates, state = tx.update(grads, state, params)
+        >>> params = gc.apply_updates(params, updates)
+        >>> sorted(state.inner_states)
+        ['decay', 'no_decay']
+
+        A GAN's generator and discriminator, each with its own chain, in one functional
+        step:
+
+        >>> params = {"gen": {"w": torch.zeros(2)}, "disc": {"w": torch.zeros(2)}}
+        >>> tx = gc.partition(
+        ...     {"gen": gc.adam(lr=1e-3, betas=(0.5, 0.999)),
+        ...      "disc": gc.chain(gc.clip_by_norm(1.0), gc.sgd(lr=0.1))},
+        ...     {"gen": {"w": "gen"}, "disc": {"w": "disc"}},
+        ... )
+        >>> grads = {"gen": {"w": torch.ones(2)}, "disc": {"w": torch.tensor([3.0, 4.0])}}
+        >>> updates, state = tx.update(grads, tx.init(params), params)
+        >>> updates["disc"]["w"]
+        tensor([-0.0600, -0.0800])
+    """
+    who = "partition"
+    if not isinstance(transforms, Mapping):
+        raise TypeError(
+            f"{who}: transforms must be a dict label -> GradientTransformation, "
+            f"got {type(transforms).__name__}"
+        )
+    if not transforms:
+        raise ValueError(f"{who}: transforms must hold at least one labelled transformation")
+    for k, t in transforms.items():
+        if not is_transformation(t):
+            raise TypeError(
+                f"{who}: transforms[{k!r}] must be a GradientTransformation (init, update), "
+                f"got {type(t).__name__}"
+            )
+    members = dict(transforms)
+    if not callable(labels):
+        # Labels that are keys of ``transforms`` are leaves even if they are tuples.
+        paths, leaves, _ = optree.tree_flatten_with_path(
+            labels, is_leaf=lambda x: _hashable_in(x, members), none_is_leaf=True
+        )
+        _check_label_leaves(leaves, lambda: [_tree.path_str(p) for p in paths], members, who)
+
+    def labels_of(source: Any, spec: optree.PyTreeSpec, ref: Any, ref_name: str) -> list[Any]:
+        tree = labels(source) if callable(labels) else labels
+        name = "labels(...)" if callable(labels) else "labels"
+        leaves = _leaves_at(spec, ref, ref_name, tree, name, who)
+        _check_label_leaves(leaves, lambda: _tree.leaf_paths(ref), members, who)
+        return leaves
+
+    core = _Members(who, members, labels_of)
+
+    def init(params: Params) -> PartitionState:
+        return PartitionState(core.init(params))
+
+    def update(
+        updates: Updates, state: PartitionState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, PartitionState]:
+        if not isinstance(state, PartitionState):
+            raise ValueError(
+                f"{who}.update: state must be a PartitionState (from this transformation's "
+                f"init), got {type(state).__name__}"
+            )
+        new_updates, states = core.update(updates, state.inner_states, params, extra)
+        return new_updates, PartitionState(states)
+
+    if core.gated:
+        mark_gate(update)
+    return GradientTransformation(init, update)

@@ -1,0 +1,470 @@
+"""The gate protocol, and the one walker over a chain's members that reads it.
+
+A *gate* (``accumulate_every``, ``skip_if_nonfinite``, ``loss_scale``, or a combinator
+holding one) holds some steps back: in ``chain(a, gate, b, c)``, on a step the gate
+closes, ``b`` and ``c`` keep their state and the chain emits zeros. A gate declares
+itself in two places:
+
+* its ``update`` function is marked with :func:`mark_gate`, so combinators know, before
+  calling it, that it handles the ``gate_open``/``host_open`` keywords itself;
+* its state class is declared with :func:`gate_state`: which 0-dim bool fields are its
+  flags, which of them are decided on the host from counts alone (an accumulation
+  window), and whether it replaces the flags of the gates before it.
+
+Transformations that can *refuse* a step outright (``clip_by_norm(error_if_nonfinite=
+True)``) declare their error flags with :func:`error_flags`; drivers that can raise
+(``ChainedOptimizer``) read them with :func:`new_errors`.
+
+:class:`GateWalk` is the single piece of code that folds these flags while members run:
+:func:`~gradchain.chain`, :func:`~gradchain.masked` / :func:`~gradchain.partition`,
+:func:`~gradchain.update_and_apply_` and :class:`~gradchain.ChainedOptimizer` all drive it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+
+from gradchain import _ops
+from gradchain._ops import known_bool, known_int
+from gradchain._tree import Leaves, flatten, named_nodes, unflatten
+from gradchain.base import GradientTransformation, State, Updates
+
+Flag = torch.Tensor | bool  # a gate decision: a Python bool when known on the host
+
+__all__ = [
+    "Flag",
+    "GateWalk",
+    "Window",
+    "applied",
+    "error_flags",
+    "gate_state",
+    "is_gate",
+    "known_bool",
+    "known_int",
+    "mark_gate",
+    "new_errors",
+    "step_flag",
+]
+
+_GATE_ATTR = "_gradchain_gate"
+
+
+def is_gate(transform: GradientTransformation) -> bool:
+    """Whether ``transform`` is a gate (or a chain that contains one).
+
+    Example:
+        >>> import gradchain as gc
+        >>> gc.is_gate(gc.accumulate_every(2)), gc.is_gate(gc.clip_by_norm(1.0))
+        (True, False)
+        >>> gc.is_gate(gc.chain(gc.clip_by_norm(1.0), gc.skip_if_nonfinite()))
+        True
+    """
+    return bool(getattr(transform.update, _GATE_ATTR, False))
+
+
+def mark_gate(update: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark an ``update`` function as a gate's (see :func:`gate_state`); returns it.
+
+    Example:
+        >>> import gradchain as gc
+        >>> def init(params):
+        ...     return gc.EmptyState()
+        >>> def update(updates, state, params=None, gate_open=None, **extra):
+        ...     return updates, state
+        >>> gc.is_gate(gc.GradientTransformation(init, gc.mark_gate(update)))
+        True
+    """
+    setattr(update, _GATE_ATTR, True)
+    return update
+
+
+class Window(NamedTuple):
+    """Where a windowed gate (``accumulate_every``) keeps its host-known window: the field
+    names of its position, its length and its running sums."""
+
+    position: str
+    length: str
+    sums: str
+
+
+class _GateSpec(NamedTuple):
+    flags: tuple[str, ...]
+    host_flags: tuple[str, ...]
+    absorbs_upstream: bool
+    window: Window | None
+
+
+_GATE_STATES: dict[type, _GateSpec] = {}
+_ERROR_FIELDS: dict[type, tuple[str, ...]] = {}
+
+_S = TypeVar("_S", bound=type)
+
+
+def gate_state(
+    flags: tuple[str, ...] = ("is_open",),
+    host_flags: tuple[str, ...] = (),
+    absorbs_upstream: bool = False,
+    window: Window | None = None,
+) -> Callable[[_S], _S]:
+    """Class decorator that declares a NamedTuple as the state of a gate.
+
+    Args:
+        flags: names of its 0-dim bool fields; the step is open when all are true.
+        host_flags: those of ``flags`` decided on the host from counts alone (never from
+            device data); a chain reads them in eager mode and, when one is false, skips
+            the rest of the chain without computing it.
+        absorbs_upstream: the gate's flags replace, rather than join, the flags of the
+            gates before it (``accumulate_every`` drops micro-steps an earlier gate
+            closed and opens on its own schedule).
+        window: for a gate that closes on a host-known count, where its window is kept
+            (see :class:`Window`); drivers use it to know ahead whether the next call can
+            apply, without a sync.
+
+    A gate's ``update`` must be marked with :func:`mark_gate`, accept the extra keyword
+    ``gate_open`` (the combined flag of earlier gates, or ``None`` when they are known
+    open), keep its own state on steps ``gate_open`` is false, and emit zeros when closed.
+
+    Example:
+        >>> from typing import NamedTuple
+        >>> import torch, gradchain as gc
+        >>> @gc.gate_state()
+        ... class EveryOtherState(NamedTuple):
+        ...     is_open: torch.Tensor
+        >>> bool(gc.applied((EveryOtherState(torch.tensor(False)),)))
+        False
+    """
+
+    def register(cls: _S) -> _S:
+        fields = getattr(cls, "_fields", ())
+        named = list(flags) + (list(window) if window is not None else [])
+        missing = [f for f in named if f not in fields]
+        if missing:
+            raise TypeError(f"gate_state: {cls.__name__} has no field(s) {missing}")
+        _GATE_STATES[cls] = _GateSpec(tuple(flags), tuple(host_flags), bool(absorbs_upstream),
+                                      window)
+        return cls
+
+    return register
+
+
+def error_flags(*names: str) -> Callable[[_S], _S]:
+    """Class decorator: these 0-dim bool fields of a state say that the last ``update``
+    refused the step (e.g. ``clip_by_norm(error_if_nonfinite=True)`` met a nan norm).
+
+    A pure chain only records the flag; a driver that can raise reads the flags that
+    changed in a step with :func:`new_errors` (``ChainedOptimizer`` raises and changes
+    nothing).
+
+    Example:
+        >>> from typing import NamedTuple
+        >>> import torch
+        >>> from gradchain.gating import error_flags, new_errors
+        >>> @error_flags("failed")
+        ... class CheckState(NamedTuple):
+        ...     failed: torch.Tensor
+        >>> old = (CheckState(torch.tensor(False)),)
+        >>> new_errors((CheckState(torch.tensor(True)),), old)
+        [tensor(True)]
+    """
+
+    def register(cls: _S) -> _S:
+        missing = [f for f in names if f not in getattr(cls, "_fields", ())]
+        if missing:
+            raise TypeError(f"error_flags: {cls.__name__} has no field(s) {missing}")
+        _ERROR_FIELDS[cls] = tuple(names)
+        return cls
+
+    return register
+
+
+# --------------------------------------------------------------------------- flags
+def _state_nodes(state: State) -> list[Any]:
+    """The gate states inside ``state``, in order (depth first)."""
+    found: list[Any] = []
+
+    def visit(node: Any) -> None:
+        if type(node) in _GATE_STATES:
+            found.append(node)
+            return
+        if isinstance(node, (tuple, list)):
+            for child in node:
+                visit(child)
+        elif isinstance(node, dict):
+            for child in node.values():
+                visit(child)
+
+    visit(state)
+    return found
+
+
+def and_flags(a: Flag, b: Flag) -> Flag:
+    """Both flags: a Python bool where either settles it, else a tensor (no sync)."""
+    if a is False or b is False:
+        return False
+    if a is True:
+        return b
+    if b is True:
+        return a
+    assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    # Move the host flag to the accelerator, never the other way (that would sync).
+    if a.device.type == "cpu" and b.device.type != "cpu":
+        a, b = b, a
+    return torch.logical_and(a, b.to(a.device))
+
+
+def as_tensor(flag: Flag) -> torch.Tensor:
+    return flag if isinstance(flag, torch.Tensor) else torch.tensor(flag)
+
+
+def _read(flag: Flag) -> Flag:
+    """``flag`` as a Python bool where that is free (see :func:`known_bool`)."""
+    if isinstance(flag, torch.Tensor):
+        known = known_bool(flag)
+        if known is not None:
+            return known
+    return flag
+
+
+def fold_flags(host: Flag, data: Flag, state: State, read_host: bool = True) -> tuple[Flag, Flag]:
+    """Whether a step is applied after the gates in ``state``, as ``(host, data)`` parts,
+    given the parts before them.
+
+    The *host* part holds flags decided from counts alone (a closed accumulation window):
+    a member behind a closed host flag behaves as if it was not called at all. The *data*
+    part holds flags decided from values (finiteness): members behind it are called and
+    keep their state, and an absorbing gate (``accumulate_every``) replaces it with its
+    own. Python bools where known without touching the device, tensors otherwise.
+    """
+    for node in _state_nodes(state):
+        spec = _GATE_STATES[type(node)]
+        for k, name in enumerate(spec.flags):
+            flag = getattr(node, name)
+            if spec.absorbs_upstream and k == 0:
+                data = True
+            if name in spec.host_flags:
+                host = and_flags(host, _read(flag) if read_host else flag)
+            else:
+                data = and_flags(data, flag)
+    return host, data
+
+
+def applied(state: State) -> torch.Tensor:
+    """Whether the last ``update`` that produced ``state`` was applied: every gate open.
+
+    Returns a 0-dim bool tensor (``True`` for a chain without gates). Reading its value
+    (``bool(...)``) is the one host-device sync a training loop needs per step.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.chain(gc.accumulate_every(2), gc.sgd(lr=0.1))
+        >>> params = {"w": torch.zeros(2)}
+        >>> state = tx.init(params)
+        >>> _, state = tx.update({"w": torch.ones(2)}, state, params)
+        >>> bool(gc.applied(state))
+        False
+        >>> _, state = tx.update({"w": torch.ones(2)}, state, params)
+        >>> bool(gc.applied(state))
+        True
+    """
+    return as_tensor(and_flags(*fold_flags(True, True, state, read_host=False)))
+
+
+def step_flag(state: State) -> Flag:
+    """Whether the last ``update`` was applied, as a Python bool where that is known on
+    the host (a closed window, an eager CPU flag) and as a 0-dim bool tensor otherwise:
+    what a driver reads (at most once per step) to decide whether to step.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> from gradchain.gating import step_flag
+        >>> tx = gc.accumulate_every(2)
+        >>> _, state = tx.update({"w": torch.ones(1)}, tx.init({"w": torch.zeros(1)}))
+        >>> step_flag(state)
+        False
+    """
+    host, data = fold_flags(True, True, state)
+    return host if host is False else and_flags(host, data)
+
+
+def new_errors(state: State, old_state: State) -> list[torch.Tensor]:
+    """The error flags (see :func:`error_flags`) in ``state`` that the last step set: those
+    not carried over unchanged from ``old_state`` (a stored error flag is always false,
+    since a true one refuses the step before it is stored). Not read: no sync."""
+
+    def flags(tree: State) -> list[torch.Tensor]:
+        return [
+            getattr(node, name)
+            for _, node in named_nodes(tree)
+            for name in _ERROR_FIELDS.get(type(node), ())
+        ]
+
+    old = flags(old_state)
+    return [f for f in flags(state) if not any(f is o for o in old)]
+
+
+# --------------------------------------------------------------------------- windows
+def _window_nodes(state: State) -> list[tuple[Any, Window]]:
+    out = []
+    for node in _state_nodes(state):
+        window = _GATE_STATES[type(node)].window
+        if window is not None:
+            out.append((node, window))
+    return out
+
+
+def has_window(state: State) -> bool:
+    """Whether ``state`` holds a windowed gate (``accumulate_every``)."""
+    return bool(_window_nodes(state))
+
+
+def next_call_closes(state: State) -> bool:
+    """Whether the next call can apply as far as windows tell: every window reaches its
+    length on it (host counters, read without a sync). ``True`` without windows."""
+    for node, window in _window_nodes(state):
+        position = known_int(getattr(node, window.position))
+        length = known_int(getattr(node, window.length))
+        if position is not None and length is not None and position + 1 < length:
+            return False
+    return True
+
+
+def _leading(state: State) -> State:
+    while type(state) is tuple and state:
+        state = state[0]
+    return state
+
+
+def leading_window(state: State) -> tuple[Any, Window] | None:
+    """The windowed gate state that comes first in a (nested) chain, and its window, or
+    ``None`` when the chain does not start with one."""
+    node = _leading(state)
+    spec = _GATE_STATES.get(type(node))
+    if spec is None or spec.window is None:
+        return None
+    return node, spec.window
+
+
+def replace_leading(state: State, node: Any) -> State:
+    """``state`` with its leading gate state (see :func:`leading_window`) replaced."""
+    if type(state) is not tuple or not state:
+        return node
+    return (replace_leading(state[0], node), *state[1:])
+
+
+# --------------------------------------------------------------------------- selects
+def select_tree(flag: torch.Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``flag`` else ``old``, leafwise over two trees of the same shape."""
+    known = known_bool(flag)
+    if known is not None:
+        # A host flag in eager mode: pick without computing a select (same result).
+        return new if known else old
+    new_leaves, spec = flatten(new)
+    old_leaves = spec.flatten_up_to(old) if new_leaves else []
+    out = []
+    for n, o in zip(new_leaves, old_leaves):
+        if isinstance(n, torch.Tensor) and isinstance(o, torch.Tensor):
+            out.append(torch.where(flag.to(n.device), n, o))
+        else:
+            out.append(n)
+    return unflatten(spec, out)
+
+
+def keep_where_closed(gate_open: torch.Tensor | None, new: Any, old: Any) -> Any:
+    """A gate's own state: the new one where the earlier gates were open, else the old one."""
+    return new if gate_open is None else select_tree(gate_open, new, old)
+
+
+def zeros_where_closed(flag: Flag, updates: Updates, donated: bool = False) -> Updates:
+    """``updates`` where ``flag``, else zeros; no gradient-sized zeros are made: a closed
+    host flag gives broadcast views of a 0-dim zero, a tensor flag selects against one."""
+    if flag is True:
+        return updates
+    view = Leaves(updates)
+    if flag is False:
+        return view.put(_ops.zeros_view(view.values, donated))
+    return view.put(_ops.where_zeros(flag, view.values))
+
+
+# --------------------------------------------------------------------------- the walker
+class GateWalk:
+    """The gate flags along a sequence of members, folded as the members run.
+
+    ``host`` is the part decided from counts alone (a member behind a closed host flag
+    behaves as if not called), ``data`` the part decided from values (members behind it
+    run and keep their state where it is closed). Both are Python bools where known on the
+    host and 0-dim bool tensors otherwise (compiled, vmapped, on an accelerator), so a
+    walk never syncs. Usage, for members ``txs`` with gate marks ``gates``::
+
+        walk = GateWalk.from_extra(extra)       # the flags of enclosing gates
+        for tx, is_gate, s in zip(txs, gates, states):
+            if walk.skips(is_gate):             # closed, known on the host: keep s
+                continue
+            updates, s = walk.call(tx, is_gate, updates, s, params, extra)
+            if is_gate:
+                walk.fold(s)
+        updates = walk.finish(updates)          # zeros where closed
+    """
+
+    __slots__ = ("host", "data")
+
+    def __init__(self, gate_open: Flag | None = None, host_open: Flag | None = None) -> None:
+        self.host: Flag = True if host_open is None else host_open
+        self.data: Flag = True if gate_open is None else gate_open
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> GateWalk:
+        """The walk below an enclosing one: takes ``gate_open``/``host_open`` out of the
+        extra keywords a combinator received."""
+        return cls(extra.pop("gate_open", None), extra.pop("host_open", None))
+
+    def open(self) -> Flag:
+        """Whether the step is open so far: ``True``/``False`` where known, else a tensor."""
+        self.data = _read(self.data)
+        return and_flags(self.host, self.data)
+
+    @property
+    def closed_on_host(self) -> bool:
+        """A window is closed, known without reading the device: the rest is not run."""
+        return self.host is False
+
+    def skips(self, is_gate: bool) -> bool:
+        """Whether a member is skipped (keeps its state, not called): a plain member behind
+        a flag known closed. Gates are still called: they keep their own state."""
+        return not is_gate and self.open() is False
+
+    def keywords(self) -> dict[str, torch.Tensor | None]:
+        """The ``gate_open``/``host_open`` keywords for a member (``None`` where open)."""
+        both = self.open()
+        return {
+            "gate_open": None if both is True else as_tensor(both),
+            "host_open": None if self.host is True else as_tensor(self.host),
+        }
+
+    def call(
+        self, tx: GradientTransformation, is_gate: bool, updates: Updates, state: State,
+        params: Any, extra: dict[str, Any],
+    ) -> tuple[Updates, State]:
+        """Run one member under the walk; a plain member behind an undecided flag keeps its
+        old state where the flag is closed (selected, no sync)."""
+        keywords = self.keywords()
+        new_u, new_s = tx.update(updates, state, params, **keywords, **extra)
+        flag = keywords["gate_open"]
+        if flag is not None and not is_gate:
+            new_s = select_tree(flag, new_s, state)
+        return new_u, new_s
+
+    def state_survives(self, is_gate: bool) -> bool:
+        """Whether a member's old state may be given up (donated) to it: not when the walk
+        may select it back (a plain member behind an undecided flag)."""
+        return is_gate or self.open() is True
+
+    def fold(self, gate_states: State) -> None:
+        """Take in the flags of the gate states a member just produced."""
+        self.host, self.data = fold_flags(self.host, self.data, gate_states)
+
+    def finish(self, updates: Updates, donated: bool = False) -> Updates:
+        """The output: ``updates`` where the step is open, zeros where closed."""
+        return zeros_where_closed(self.open(), updates, donated)

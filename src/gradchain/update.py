@@ -1,0 +1,263 @@
+"""Applying updates: ``apply_updates``, ``apply_updates_`` and ``update_and_apply_``.
+
+:func:`update_and_apply_` is the in-place training step: ``tx.update(grads, state, params,
+donate=True)`` followed by :func:`apply_updates_`. When the chain ends in an update rule
+bound to a torch kernel (see :mod:`gradchain.optim._fused`), that last rule and the
+application to the params run as that kernel (the one ``torch.optim.AdamW(fused=True)``
+runs), instead of a dozen ``torch._foreach_*`` passes. Everything before it (clipping,
+gates, your own transformations) runs as usual, under the chain's gate walk.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from gradchain import _ops, _tree
+from gradchain.base import GradientTransformation, Params, Updates
+from gradchain.combine import chain, chain_members
+from gradchain.gating import GateWalk, as_tensor
+from gradchain.optim._fused import FusedStep, fused_plan_of
+
+__all__ = ["apply_updates", "apply_updates_", "update_and_apply_"]
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """Return ``params + updates`` leafwise, each result cast to its param's dtype.
+
+    A ``None`` update leaves its parameter unchanged. Nothing is modified in place.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> gc.apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})
+        {'w': tensor([1.5000, 0.0000])}
+    """
+    p_leaves, spec = _tree.flatten(params)
+    u_leaves = _tree.flatten_like(spec, updates, "updates", "params")
+    _check_updates_fit(spec, p_leaves, u_leaves, "apply_updates")
+    out = list(p_leaves)
+    rows = []
+    for i, (p, u) in enumerate(zip(p_leaves, u_leaves)):
+        if u is None or p is None:
+            continue
+        if p.dtype == u.dtype and _ops.use_foreach([p, u]):
+            rows.append((p, u, i))
+        else:
+            out[i] = (p + u).to(p.dtype)
+    # Same dtypes: one foreach add per (device, dtype) group, the same sums as leaf by leaf.
+    for ps, us, idx in _tree.group_by_device_dtype(rows):
+        for i, x in zip(idx, torch._foreach_add(ps, us)):
+            out[i] = x
+    return _tree.unflatten(spec, out)
+
+
+def _check_updates_fit(spec: Any, p_leaves: list[Any], u_leaves: list[Any], who: str) -> None:
+    """Each update is ``None`` or a tensor of its param's shape: metadata checks, done before
+    anything is changed (a broadcast would silently change the param's shape, and an
+    in-place update could fail half-way)."""
+    for i, (p, u) in enumerate(zip(p_leaves, u_leaves)):
+        if u is None or p is None:
+            continue
+        if not (isinstance(u, torch.Tensor) and isinstance(p, torch.Tensor)):
+            bad, what = ("updates", u) if not isinstance(u, torch.Tensor) else ("params", p)
+            raise TypeError(
+                f"{who}: {bad}{_tree.leaf_path(spec, i)} must be a torch.Tensor or None, "
+                f"got {type(what).__name__}"
+            )
+        if u.shape != p.shape:
+            path = _tree.leaf_path(spec, i)
+            raise ValueError(
+                f"{who}: updates{path} has shape {tuple(u.shape)} but params{path} has shape "
+                f"{tuple(p.shape)}"
+            )
+
+
+def apply_updates_(params: Params, updates: Updates) -> Params:
+    """In-place ``params += updates`` for live tensors (e.g. ``nn.Parameter``); returns ``params``.
+
+    Runs under ``torch.no_grad()`` with ``torch._foreach_add_`` per (device, dtype) group.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> model = torch.nn.Linear(2, 1)
+        >>> params = dict(model.named_parameters())
+        >>> before = model.bias.detach().clone()
+        >>> _ = gc.apply_updates_(params, {"weight": None, "bias": torch.ones(1)})
+        >>> bool(torch.equal(model.bias.detach(), before + 1))
+        True
+    """
+    p_leaves, spec = _tree.flatten(params)
+    u_leaves = _tree.flatten_like(spec, updates, "updates", "params")
+    _check_updates_fit(spec, p_leaves, u_leaves, "apply_updates_")
+    pairs = [(p, u) for p, u in zip(p_leaves, u_leaves) if p is not None and u is not None]
+    with torch.no_grad():
+        for ps, us in _tree.group_by_device_dtype(pairs):
+            # No cast of the updates first: the add runs in the promoted dtype and rounds
+            # once into the param's, exactly as ``apply_updates`` does.
+            torch._foreach_add_(ps, us)
+    return params
+
+
+_HEADS: weakref.WeakKeyDictionary[Callable[..., Any], GradientTransformation] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _head(update: Callable[..., Any], members: tuple[GradientTransformation, ...]) -> Any:
+    """``chain(*members[:-1])``, built once per chain."""
+    head = _HEADS.get(update)
+    if head is None:
+        head = _HEADS[update] = chain(*members[:-1])
+    return head
+
+
+def _fused_step(
+    tx: GradientTransformation, state: Any, spec: Any, p_leaves: list[Any], g_leaves: list[Any]
+) -> tuple[list[tuple[GradientTransformation, Any]], FusedStep] | None:
+    """The chain levels down to an update rule bound to a torch kernel, and the kernel's
+    step for this call; ``None`` when there is none or it does not fit (the caller then
+    takes the generic path, which also raises the precise errors for malformed input).
+    Reads metadata only; touches nothing."""
+    if torch.compiler.is_compiling() or not isinstance(tx, tuple) or len(tx) != 2:
+        return None
+    levels: list[tuple[GradientTransformation, Any]] = []
+    while True:
+        plan = fused_plan_of(tx)
+        if plan is not None:
+            break
+        members = chain_members(tx)
+        if not members or not isinstance(state, tuple) or len(state) != len(members):
+            return None
+        levels.append((tx, state))
+        tx, state = members[-1], state[-1]
+    step = plan(state, p_leaves, g_leaves, spec)
+    return None if step is None else (levels, step)
+
+
+def _write_back(old: Any, new: Any) -> Any:
+    """Copy ``new``'s tensors into ``old``'s (same structure) where they fit; ``new``'s
+    tree with ``old``'s tensors in those places."""
+    old_leaves, spec = _tree.flatten(old)
+    new_leaves = spec.flatten_up_to(new)
+    out = []
+    for o, n in zip(old_leaves, new_leaves):
+        if (
+            isinstance(o, torch.Tensor) and isinstance(n, torch.Tensor) and o is not n
+            and o.shape == n.shape and o.dtype == n.dtype and o.device == n.device
+        ):
+            o.copy_(n)
+            out.append(o)
+        else:
+            out.append(n)
+    return _tree.unflatten(spec, out)
+
+
+@torch.no_grad()
+def update_and_apply_(
+    tx: GradientTransformation, grads: Any, state: Any, params: Any, **extra: Any
+) -> Any:
+    """One in-place training step: update with ``tx`` and add the updates to ``params``.
+
+    Equivalent to::
+
+        updates, state = tx.update(grads, state, params, donate=True, **extra)
+        gc.apply_updates_(params, updates)
+
+    and returns the new state. ``grads`` and ``state`` are given up (as with
+    ``donate=True``: their memory may be reused, use only the returned state), and
+    ``params`` (live tensors, e.g. ``dict(model.named_parameters())``) are updated in place.
+    It runs under ``torch.no_grad()`` (an optimizer step, not recorded by autograd).
+
+    **Fused.** When ``tx`` is an update rule of :mod:`gradchain.optim` bound to a torch
+    kernel (:func:`~gradchain.sgd`, :func:`~gradchain.adam`, :func:`~gradchain.adamw`: ``torch._fused_sgd_`` / ``_fused_adam_`` /
+    ``_fused_adamw_``, what ``torch.optim.SGD/Adam/AdamW(fused=True)`` runs), or a chain
+    ending in one, that rule and the application run as torch's kernel: one pass over
+    params, gradients and optimizer state instead of a dozen. Its results are those of the torch optimizer with
+    ``fused=True`` on the same inputs (bit for bit; they differ from the unfused gradchain
+    path by rounding only, within the float32 parity tolerance). Gates before the rule keep their meaning: a step a gate closes leaves the
+    params and the rule's state as they were (a closed window skips the kernel; a
+    data-dependent flag on an accelerator is passed to the kernel as ``found_inf``, no
+    sync). The kernel is used when every leaf's param, gradient and moments are plain
+    tensors of one floating dtype on a device torch has the fused kernels for (CPU, CUDA,
+    …) (and, for ``sgd`` with ``dampening``, where its first step is known without a sync:
+    CPU state); otherwise, and under ``torch.compile``, the call takes the unfused path
+    above, with the same meaning.
+
+    Args:
+        tx: the transformation (usually a chain).
+        grads: gradients, a tree shaped like ``params`` (``None`` leaves are skipped).
+        state: ``tx``'s state; given up.
+        params: the live parameters, updated in place.
+        **extra: passed to every member's ``update`` (e.g. ``flush=True``); ``donate``
+            is implied and may not be given.
+
+    Returns:
+        The new state.
+
+    Raises:
+        ValueError: when ``donate`` is given, or ``grads`` does not fit ``params`` (shape
+            or structure, naming the path), before anything is changed.
+        TypeError: when a leaf is neither a tensor nor ``None``.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> model = torch.nn.Linear(3, 1)
+        >>> params = dict(model.named_parameters())
+        >>> tx = gc.chain(gc.clip_by_norm(1.0), gc.adamw(1e-3))
+        >>> state = tx.init(params)
+        >>> model(torch.ones(1, 3)).sum().backward()
+        >>> grads = {k: p.grad for k, p in params.items()}
+        >>> state = gc.update_and_apply_(tx, grads, state, params)
+        >>> int(gc.tree_get(state, gc.ScaleByAdamState).count)
+        1
+    """
+    fn = "update_and_apply_"
+    if "donate" in extra:
+        raise ValueError(
+            f"{fn}: donate is implied (grads and state are given up); do not pass it"
+        )
+    p_leaves, spec = _tree.flatten(params)
+    g_leaves = _tree.flatten_like(spec, grads, "grads", "params")
+    _check_updates_fit(spec, p_leaves, g_leaves, fn)
+    found = _fused_step(tx, state, spec, p_leaves, g_leaves)
+    if found is None:
+        updates, new_state = tx.update(grads, state, params, donate=True, **extra)
+        apply_updates_(params, updates)
+        if torch.compiler.is_compiling():
+            # Traced, donation is ignored and the new state is fresh tensors. Written back
+            # into the given-up state, inductor computes it in place (as for the params):
+            # no gradient-sized allocations per step.
+            return _write_back(state, new_state)
+        return new_state
+    levels, step = found
+    walk = GateWalk()
+    updates = grads
+    heads: list[tuple[Any, ...]] = []
+    for level_tx, level_state in levels:
+        members = chain_members(level_tx)
+        assert members is not None
+        head_states: tuple[Any, ...] = ()
+        if len(members) > 1:
+            updates, head_states = _head(level_tx.update, members).update(
+                updates, level_state[:-1], params, donate=True, **walk.keywords(), **extra
+            )
+            walk.fold(head_states)
+        heads.append(head_states)
+        if walk.open() is False:
+            # Closed (a window still open, a skipped step): the rest keeps its state and
+            # the params stay as they are.
+            new: Any = level_state[-1]
+            break
+    else:
+        flag = walk.open()
+        new = step(
+            _tree.flatten_like(spec, updates, "updates", "params"),
+            None if flag is True else as_tensor(flag),
+        )
+    # Rebuild the nested chain states from the inside out (down to the level that closed).
+    for head_states in reversed(heads):
+        new = (*head_states, new)
+    return new
