@@ -9,11 +9,14 @@ torchft's own ``OptimizerWrapper`` (and ``clip_grad_norm_`` in the loop).
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import optree
@@ -155,3 +158,14 @@ def test_the_run_equals_torchfts_optimizer_wrapper(runs: dict[str, Any]) -> None
     assert [e[:3] for e in our_log if e[0] == 0] == [e[:3] for e in their_log if e[0] == 0]
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
+
+
+def test_the_recipe_runs() -> None:
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, str(root / "chains" / "torchft_lighthouse.py"), "--steps", "5",
+         "--kill-at", "2"],
+        capture_output=True, text=True, timeout=180, check=True,
+    ).stdout
+    assert "group0 step 2 loss" in out and "refused, unchanged=True" in out, out
+    assert "survivor: 5 committed steps, 1 refused step(s) that changed nothing" in out, out
