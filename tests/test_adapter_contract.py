@@ -14,6 +14,7 @@ import copy
 import io
 import pickle
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -530,3 +531,69 @@ def test_the_default_step_allocates_and_keeps_nothing_gradient_sized(make: Calla
                if isinstance(t, torch.Tensor))
     assert kept <= SLACK, kept
     assert not adapter._snapshot_buffers and not adapter._grad_buffers
+
+
+# ============================================================================ misuse
+def test_an_optimizer_class_instead_of_an_instance_is_refused_with_the_fix() -> None:
+    with pytest.raises(TypeError, match=r"optimizer is the class AdamW, not an optimizer; "
+                                        r"pass an instance, e\.g\. AdamW\(model\.parameters"):
+        gc.ChainedOptimizer(torch.optim.AdamW, gc.clip_by_norm(1.0))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda opt: gc.scale_loss(torch.tensor(1.0), opt),
+     r"scale_loss: got the optimizer ChainedOptimizer, not a chain state; call "
+     r"opt\.scale_loss\(loss\)"),
+    (lambda opt: gc.applied(opt),
+     r"applied: got the optimizer ChainedOptimizer, not a chain state; use "
+     r"opt\.last_step_applied"),
+    (lambda opt: gc.applied(opt.transform),
+     r"applied: got a GradientTransformation, not its state"),
+    (lambda opt: gc.scale_loss(torch.tensor(1.0), opt.transform),
+     r"scale_loss: got a GradientTransformation, not its state"),
+], ids=["scale_loss(adapter)", "applied(adapter)", "applied(tx)", "scale_loss(tx)"])
+def test_the_adapter_or_the_transformation_where_a_state_is_expected(call: Any,
+                                                                      match: str) -> None:
+    opt = gc.ChainedOptimizer(torch.optim.SGD(make_params(), lr=0.1),
+                              gc.chain(gc.loss_scale(init_scale=8.0), gc.clip_by_norm(1.0)))
+    with pytest.raises(TypeError, match=match):
+        call(opt)  # (silently 1x the loss, or a wrong flag, before)
+
+
+def test_step_without_any_gradient_warns_and_does_not_advance_the_window() -> None:
+    params = make_params()
+    opt = chained(params)
+    set_grads(params, 0)
+    opt.step()  # micro-step 1 of 3; consumes the gradients
+    before = _everything(opt)
+    with pytest.warns(UserWarning, match="no parameter has a gradient .* the chain state did "
+                                         "not advance"):
+        assert opt.step() is None
+    assert_same(_everything(opt), {**before, "applied": False})
+    assert int(gc.tree_get(opt.tx_state, "mini_step")) == 1
+
+
+def test_step_twice_without_a_backward_warns() -> None:
+    params = make_params()
+    opt = gc.ChainedOptimizer(torch.optim.SGD(params, lr=0.1), gc.clip_by_norm(1.0))
+    set_grads(params, 0)
+    opt.step()
+    with pytest.warns(UserWarning, match="called again with the gradients of the last applied "
+                                         "step"):
+        opt.step()
+
+
+def test_an_ordinary_loop_raises_no_warning() -> None:
+    """No false alarm: backward (fresh or accumulated into kept .grad), zero_grad either way,
+    closures, held-back steps."""
+    params = make_params()
+    opt = chained(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(7):
+            opt.zero_grad(set_to_none=bool(i % 2))
+            loss = sum(((p - i) ** 2).sum() for p in params)
+            loss.backward()
+            opt.step()
+        opt.step(_loss_closure(params, opt, 9))
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -42,7 +43,7 @@ _HOOK_TABLES = (
 # self-reference, the snapshot's scratch buffers, the profiler name, and an instance
 # ``step`` patched by an LR scheduler (it refers to the original object).
 _NOT_COPIED = (*_HOOK_TABLES, "_self_ref", "_snapshot_buffers", "_zero_grad_profile_name",
-               "step", "_grad_backup", "_grad_buffers")
+               "step", "_grad_backup", "_grad_buffers", "_applied_grads")
 
 
 def _describe(transform: GradientTransformation) -> str:
@@ -68,6 +69,29 @@ def _storages(tree: Any) -> set[int | None]:
     return {
         _ptr(x) for x in optree.tree_leaves(tree, none_is_leaf=True) if isinstance(x, torch.Tensor)
     }
+
+
+def _grad_marks(groups: list[list[torch.Tensor]]) -> list[tuple[Any, int] | None]:
+    """A weak reference and the version counter of every ``.grad`` (weak: a freed gradient
+    must not be kept alive, nor mistaken for a new one at the same address)."""
+    return [
+        None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+        for group in groups
+        for p in group
+    ]
+
+
+def _untouched(marks: list[tuple[Any, int] | None], grads: list[torch.Tensor | None]) -> bool:
+    """Whether ``grads`` are the very tensors of ``marks``, not written since."""
+    if len(marks) != len(grads):
+        return False
+    for mark, g in zip(marks, grads):
+        if mark is None or g is None:
+            if mark is not g:
+                return False
+        elif mark[0]() is not g or g._version != mark[1]:
+            return False
+    return True
 
 
 class _ByValue:
@@ -278,6 +302,12 @@ class ChainedOptimizer(torch.optim.Optimizer):
         should_commit: Callable[[], bool] | None = None,
         transactional: bool = False,
     ) -> None:
+        if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"ChainedOptimizer: optimizer is the class {optimizer.__name__}, not an "
+                f"optimizer; pass an instance, e.g. {optimizer.__name__}(model.parameters(), "
+                "lr=...)"
+            )
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"ChainedOptimizer: optimizer must be a torch.optim.Optimizer, "
@@ -326,6 +356,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self._grad_backup: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._grad_buffers: list[torch.Tensor] = []  # kept CPU buffers for _grad_backup
         self._self_ref = weakref.ref(self)
+        # (weak reference, version) of each .grad after the last applied step: a step()
+        # that finds them untouched was called twice without a backward in between
+        self._applied_grads: list[tuple[Any, int] | None] | None = None
         self._patch_step_function()
 
     # ------------------------------------------------------------------ copies
@@ -663,6 +696,27 @@ class ChainedOptimizer(torch.optim.Optimizer):
             if closure is not None and self.transactional
             else None
         )
+        if closure is None and all(g is None for g in grads):
+            # torch.optim skips parameters without gradients; a chain would still count the
+            # call (an accumulation window would advance on nothing): do nothing, loudly.
+            warnings.warn(
+                "ChainedOptimizer.step: no parameter has a gradient (call loss.backward() "
+                "before step()); nothing was done and the chain state did not advance",
+                UserWarning,
+                stacklevel=3,
+            )
+            self._last_applied = False
+            return None
+        if closure is None and self._applied_grads is not None and _untouched(
+            self._applied_grads, grads
+        ):
+            warnings.warn(
+                "ChainedOptimizer.step: called again with the gradients of the last applied "
+                "step, untouched since (no zero_grad() and backward() in between); they are "
+                "applied a second time",
+                UserWarning,
+                stacklevel=3,
+            )
         if self._is_initialisation_step(closure, extra):
             # DCP's _init_optim_state: make the wrapped optimizer's state (zero gradients, lr
             # 0) without touching the chain; the first real step starts from scratch.
@@ -759,6 +813,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self._wrapped_step()
         self.tx_state = new_state
         self._last_applied = True
+        self._applied_grads = _grad_marks(groups)
         return loss
 
     def _step_reevaluating(
