@@ -12,6 +12,8 @@ Usage::
     python benchmarks/speed.py                    # both sets, all rows
     python benchmarks/speed.py --sets small --rounds 30
     python benchmarks/speed.py --smoke            # tiny set, one round: checks it runs (CI)
+    python benchmarks/speed.py --sets small --only-rules   # rows 7: the other torch.optim rules
+    python benchmarks/speed.py --rows 4           # only the rows whose name starts with "4"
 """
 
 from __future__ import annotations
@@ -286,20 +288,20 @@ def build_rows(params: dict[str, torch.Tensor], compile_row3: bool) -> list[Row]
         torch_fused_step()
 
     rows.append(Row("4 ChainedOptimizer", adapter_step, torch_fused_step_regrad,
-                    "transactional=True (default)"))
+                    "default (transactional=False; donates .grad)"))
 
     b_params = [torch.nn.Parameter(p.clone()) for p in params.values()]
     b_grads = [g.clone() for g in grads.values()]
-    fast_chained = gc.ChainedOptimizer(torch.optim.AdamW(b_params, lr=1e-3, fused=True),
-                                       gc.clip_by_norm(1.0), transactional=False)
+    safe_chained = gc.ChainedOptimizer(torch.optim.AdamW(b_params, lr=1e-3, fused=True),
+                                       gc.clip_by_norm(1.0), transactional=True)
 
-    def fast_adapter_step() -> None:
+    def safe_adapter_step() -> None:
         for p, g in zip(b_params, b_grads):
             p.grad = g
-        fast_chained.step()
+        safe_chained.step()
 
-    rows.append(Row("4' ChainedOptimizer", fast_adapter_step, torch_fused_step_regrad,
-                    "transactional=False (donates .grad)"))
+    rows.append(Row("4' ChainedOptimizer", safe_adapter_step, torch_fused_step_regrad,
+                    "transactional=True (snapshot per step)"))
 
     # 5. accumulate_every(4) micro-step that does not close vs one _foreach_add_
     acc = gc.accumulate_every(4)
@@ -371,6 +373,46 @@ def build_rows(params: dict[str, torch.Tensor], compile_row3: bool) -> list[Row]
     return rows
 
 
+# 7. every other torch.optim algorithm: update_and_apply_ (torch's own kernel through the
+# binding) vs the torch optimizer with the fastest flags it offers here.
+RULES = [
+    ("adagrad", "Adagrad", {"fused": True}),
+    ("adadelta", "Adadelta", {"foreach": True}),
+    ("adamax", "Adamax", {"foreach": True}),
+    ("nadam", "NAdam", {"foreach": True}),
+    ("radam", "RAdam", {"foreach": True}),
+    ("rmsprop", "RMSprop", {"foreach": True}),
+    ("rprop", "Rprop", {"foreach": True}),
+    ("asgd", "ASGD", {"foreach": True}),
+    ("adafactor", "Adafactor", {"foreach": True}),
+    ("muon", "Muon", {}),
+]
+
+
+def rule_rows(params: dict[str, torch.Tensor]) -> list[Row]:
+    rows: list[Row] = []
+    grads = fresh_grads(params, 1e-2)
+    for name, cls_name, flags in RULES:
+        # Muon takes the 2-D parameters only (the others go to another rule).
+        ps = {k: v for k, v in params.items() if name != "muon" or v.dim() == 2}
+        gs = {k: grads[k] for k in ps}
+        tx = getattr(gc, name)(lr=1e-3)
+        live = {k: p.clone() for k, p in ps.items()}
+        box = {"state": tx.init(live)}
+
+        def ours(tx: gc.GradientTransformation = tx, gs: dict = gs, live: dict = live,
+                 box: dict = box) -> None:
+            box["state"] = gc.update_and_apply_(tx, gs, box["state"], live)
+
+        t_params = [torch.nn.Parameter(p.clone()) for p in ps.values()]
+        for p, g in zip(t_params, gs.values()):
+            p.grad = g.clone()
+        opt = getattr(torch.optim, cls_name)(t_params, lr=1e-3, **flags)
+        flag = ", ".join(f"{k}=True" for k in flags) or "its only implementation"
+        rows.append(Row(f"7 {name}", ours, opt.step, f"update_and_apply_ vs {cls_name}({flag})"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=["small", "medium"], choices=list(SETS))
@@ -378,6 +420,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="add the compiled row 3")
     parser.add_argument("--smoke", action="store_true", help="tiny set, 1 round, no timing claims")
+    parser.add_argument("--rules", action="store_true",
+                        help="add rows 7: every other torch.optim algorithm (always in --smoke)")
+    parser.add_argument("--only-rules", action="store_true", help="rows 7 only")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="only rows whose name starts with one of these (e.g. 4 \"4'\")")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sets = ["tiny"] if args.smoke else args.sets
@@ -391,7 +438,12 @@ def main() -> None:
         params = gpt2_params(**SETS[name])
         n = sum(p.numel() for p in params.values())
         inner = 1 if args.smoke else (20 if name == "small" else 3)
-        for row in build_rows(params, compile_row3=args.compile):
+        rows = [] if args.only_rules else build_rows(params, compile_row3=args.compile)
+        if args.rules or args.only_rules or args.smoke:
+            rows += rule_rows(params)
+        for row in rows:
+            if args.rows and not any(row.name.split(" ")[0] == r for r in args.rows):
+                continue
             m = measure(row, rounds=rounds, inner=inner, warmup=0 if args.smoke else 2)
             print(f"{name:7} {row.name:28} {m['ours_ms']:12.3f} {m['torch_ms']:9.3f} "
                   f"{m['ratio']:6.2f} {m['ours_peak_mb']:8.1f} / {m['torch_peak_mb']:<8.1f}  "

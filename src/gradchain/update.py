@@ -228,6 +228,14 @@ def update_and_apply_(
     CPU state); otherwise, and under ``torch.compile``, the call takes the unfused path
     above, with the same meaning.
 
+    The other rules of :mod:`gradchain.optim` are bound the same way to torch's own code
+    for them: ``adagrad`` to ``torch._fused_adagrad_``; ``adadelta``, ``adamax``,
+    ``nadam``, ``radam``, ``rmsprop``, ``rprop``, ``asgd`` and ``adafactor`` to torch's
+    foreach implementation (equal to ``torch.optim.<Name>(foreach=True)`` bit for bit) and
+    ``muon`` to torch's Muon step, on any device. Those kernels have no ``found_inf``: a
+    gate's flag is read on the host (free on CPU, one sync on an accelerator, as
+    ``GradScaler`` does for such optimizers). See the Optimizers page of the docs.
+
     Args:
         tx: the transformation (usually a chain).
         grads: gradients, a tree shaped like ``params`` (``None`` leaves are skipped).
