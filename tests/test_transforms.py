@@ -467,6 +467,29 @@ def test_add_noise_inductor_bits_equal_eager():
     torch._dynamo.reset()
 
 
+def test_skip_large_updates_in_chained_optimizer_skips_the_wrapped_step():
+    model = torch.nn.Linear(2, 1)
+    opt = gc.ChainedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                              gc.chain(skip_large_updates(1.0)))
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    opt.step()
+    assert not opt.last_step_applied
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.1)
+    opt.step()
+    assert opt.last_step_applied
+    assert not torch.equal(model.weight.detach(), before[0])
+
+
+def test_freeze_accepts_a_0d_bool_tensor():
+    g = {"w": torch.ones(2)}
+    assert torch.equal(freeze(torch.tensor(True)).update(g, None)[0]["w"], torch.zeros(2))
+    assert freeze(torch.tensor(False)).update(g, None)[0]["w"] is g["w"]
+
+
 if __name__ == "__main__":  # print the parity figures
     import sys
 

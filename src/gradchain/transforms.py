@@ -683,8 +683,8 @@ def freeze(mask: bool | Any) -> GradientTransformation:
     frozen params exactly where they are, as optax does.
 
     Args:
-        mask: ``True`` (freeze everything), ``False`` (freeze nothing), or a tree of
-            Python bools with the params' structure (one per leaf), or a callable
+        mask: ``True`` (freeze everything), ``False`` (freeze nothing; a 0-dim bool
+            tensor is read as either), or a tree of Python bools with the params' structure (one per leaf), or a callable
             ``params -> mask`` (see :func:`gradchain.masked`).
 
     Returns:
@@ -698,6 +698,8 @@ def freeze(mask: bool | Any) -> GradientTransformation:
         >>> out
         {'w': tensor([0., 0.]), 'b': tensor([-0.1000])}
     """
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.ndim == 0:
+        mask = bool(mask)  # optax accepts a 0-d bool array; read once, at construction
     if mask is True:
         return set_to_zero()
     if mask is False:
@@ -1144,7 +1146,8 @@ def param_ema(decay: float, track: str = "next") -> GradientTransformation:
       optimizer's step and sees gradients, not steps: the average then includes the
       params up to the one before the latest step (one step behind).
 
-    Read the average with :func:`ema_params` (or ``gc.tree_get(state, "ema")``); evaluate
+    Read the average with :func:`ema_params` (``ema_params(opt.tx_state)`` for a
+    ``ChainedOptimizer``, whose average is a list of lists like its param groups); evaluate
     a model with it through ``torch.func.functional_call(model, ema_params(state), x)``.
 
     Args:
