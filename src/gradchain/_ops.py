@@ -415,21 +415,16 @@ def inplace_ok(xs: list[torch.Tensor], *others: list[torch.Tensor]) -> bool:
     """Whether donated ``xs`` can hold results computed with ``others`` bit for bit as the
     out-of-place path does: same dtypes leaf by leaf, no float16/bfloat16 (whose
     out-of-place maths may run in float32 and round once)."""
-    for lst in (xs, *others):
-        if len(lst) != len(xs):
-            return False
-    for i, x in enumerate(xs):
-        if x.dtype in (torch.float16, torch.bfloat16):
-            return False
-        if any(o[i].dtype != x.dtype for o in others):
-            return False
-    return True
+    dtypes = [x.dtype for x in xs]
+    if torch.float16 in dtypes or torch.bfloat16 in dtypes:
+        return False
+    return all(len(o) == len(xs) and [x.dtype for x in o] == dtypes for o in others)
 
 
 # --------------------------------------------------------------------------- norms
 def norm_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     """float32 at least, float64 if any tensor is float64."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.float64 if torch.float64 in {t.dtype for t in tensors} else torch.float32
 
 
 def global_norm(tensors: Sequence[torch.Tensor | None], norm_type: float = 2.0) -> torch.Tensor:
@@ -458,11 +453,13 @@ def global_norm(tensors: Sequence[torch.Tensor | None], norm_type: float = 2.0) 
         return torch.tensor(0.0)
     dtype = norm_dtype(ts)
     device = ts[0].device
-    # Empty tensors add nothing to a p-norm, and the inf-norm of one raises (no identity).
-    ts = [t for t in ts if t.numel() > 0]
-    if not ts:
-        return torch.zeros((), dtype=dtype, device=device)
     p = float(norm_type)
+    if math.isinf(p):
+        # The inf-norm of an empty tensor raises (a max has no identity); empty tensors add
+        # nothing to any norm (a p-norm of one is 0), so only this case filters them.
+        ts = [t for t in ts if t.numel() > 0]
+        if not ts:
+            return torch.zeros((), dtype=dtype, device=device)
     if _dist.has_dtensor(ts):
         return _sharded_global_norm(ts, p, dtype, device)
     stacked = torch.stack(_leaf_norms(ts, p, dtype, device))
@@ -476,10 +473,11 @@ def _leaf_norms(
     norms: list[torch.Tensor] = []
     for (group,) in group_by_device_dtype([(t,) for t in ts]):
         if use_foreach(group):
-            norms.extend(torch._foreach_norm(group, p, dtype=dtype))
+            found = list(torch._foreach_norm(group, p, dtype=dtype))
         else:
-            norms.extend(torch.linalg.vector_norm(t, p, dtype=dtype) for t in group)
-    return [n.to(device) for n in norms]
+            found = [torch.linalg.vector_norm(t, p, dtype=dtype) for t in group]
+        norms.extend(found if group[0].device == device else [n.to(device) for n in found])
+    return norms
 
 
 def _sharded_global_norm(

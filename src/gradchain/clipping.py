@@ -148,14 +148,17 @@ def clip_by_norm(
             coef = torch.where(finite, coef, torch.ones_like(coef))
         # One coefficient per (device, dtype), then one multiply over all leaves.
         coefs: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        for g in gs:
-            if (g.device, g.dtype) not in coefs:
-                # float16/bfloat16 keep the float32 coefficient (the multiply runs in float32
-                # and rounds once): cast to float16, a coefficient below ~6e-5 loses precision
-                # and one below ~3e-8 becomes 0, zeroing the gradients.
-                low = g.dtype in (torch.float16, torch.bfloat16)
-                coefs[(g.device, g.dtype)] = coef.to(g.device, coef.dtype if low else g.dtype)
-        factors = [coefs[(g.device, g.dtype)] for g in gs]
+        for device, dtype in {(g.device, g.dtype) for g in gs}:
+            # float16/bfloat16 keep the float32 coefficient (the multiply runs in float32
+            # and rounds once): cast to float16, a coefficient below ~6e-5 loses precision
+            # and one below ~3e-8 becomes 0, zeroing the gradients.
+            low = dtype in (torch.float16, torch.bfloat16)
+            coefs[(device, dtype)] = coef.to(device, coef.dtype if low else dtype)
+        factors = (
+            [next(iter(coefs.values()))] * len(gs)
+            if len(coefs) == 1
+            else [coefs[(g.device, g.dtype)] for g in gs]
+        )
         if donated and _ops.inplace_ok(gs, factors):
             clipped = _ops.mul_list_(gs, factors)
         else:

@@ -156,7 +156,8 @@ def _is_node(x: Any) -> bool:
 
 def _difference_message(diff: _tree.Difference, ref_name: str) -> str:
     if diff.kind == "type":
-        return f"at {diff.where or 'the root'} expected a {diff.expected}, got a {diff.got}"
+        expected, got = type(diff.expected).__name__, type(diff.got).__name__
+        return f"at {diff.where or 'the root'} expected a {expected}, got a {got}"
     if diff.kind == "missing":
         return f"{diff.key} is missing"
     if diff.kind == "extra":

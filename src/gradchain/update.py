@@ -58,6 +58,10 @@ def _check_updates_fit(spec: Any, p_leaves: list[Any], u_leaves: list[Any], who:
     """Each update is ``None`` or a tensor of its param's shape: metadata checks, done before
     anything is changed (a broadcast would silently change the param's shape, and an
     in-place update could fail half-way)."""
+    if {type(x) for x in p_leaves} <= _tree.PLAIN and {type(x) for x in u_leaves} <= _tree.PLAIN:
+        # Whole-list comparison first (cheap); the loop below only runs to name a bad leaf.
+        if [x.shape for x in p_leaves] == [x.shape for x in u_leaves]:
+            return
     for i, (p, u) in enumerate(zip(p_leaves, u_leaves)):
         if u is None or p is None:
             continue
