@@ -12,6 +12,7 @@ Usage::
     python benchmarks/speed.py                    # both sets, all rows
     python benchmarks/speed.py --sets small --rounds 30
     python benchmarks/speed.py --smoke            # tiny set, one round: checks it runs (CI)
+    python benchmarks/speed.py --sets small --only-rules   # rows 7: the other torch.optim rules
 """
 
 from __future__ import annotations
@@ -371,6 +372,46 @@ def build_rows(params: dict[str, torch.Tensor], compile_row3: bool) -> list[Row]
     return rows
 
 
+# 7. every other torch.optim algorithm: update_and_apply_ (torch's own kernel through the
+# binding) vs the torch optimizer with the fastest flags it offers here.
+RULES = [
+    ("adagrad", "Adagrad", {"fused": True}),
+    ("adadelta", "Adadelta", {"foreach": True}),
+    ("adamax", "Adamax", {"foreach": True}),
+    ("nadam", "NAdam", {"foreach": True}),
+    ("radam", "RAdam", {"foreach": True}),
+    ("rmsprop", "RMSprop", {"foreach": True}),
+    ("rprop", "Rprop", {"foreach": True}),
+    ("asgd", "ASGD", {"foreach": True}),
+    ("adafactor", "Adafactor", {"foreach": True}),
+    ("muon", "Muon", {}),
+]
+
+
+def rule_rows(params: dict[str, torch.Tensor]) -> list[Row]:
+    rows: list[Row] = []
+    grads = fresh_grads(params, 1e-2)
+    for name, cls_name, flags in RULES:
+        # Muon takes the 2-D parameters only (the others go to another rule).
+        ps = {k: v for k, v in params.items() if name != "muon" or v.dim() == 2}
+        gs = {k: grads[k] for k in ps}
+        tx = getattr(gc, name)(lr=1e-3)
+        live = {k: p.clone() for k, p in ps.items()}
+        box = {"state": tx.init(live)}
+
+        def ours(tx: gc.GradientTransformation = tx, gs: dict = gs, live: dict = live,
+                 box: dict = box) -> None:
+            box["state"] = gc.update_and_apply_(tx, gs, box["state"], live)
+
+        t_params = [torch.nn.Parameter(p.clone()) for p in ps.values()]
+        for p, g in zip(t_params, gs.values()):
+            p.grad = g.clone()
+        opt = getattr(torch.optim, cls_name)(t_params, lr=1e-3, **flags)
+        flag = ", ".join(f"{k}=True" for k in flags) or "its only implementation"
+        rows.append(Row(f"7 {name}", ours, opt.step, f"update_and_apply_ vs {cls_name}({flag})"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=["small", "medium"], choices=list(SETS))
@@ -378,6 +419,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="add the compiled row 3")
     parser.add_argument("--smoke", action="store_true", help="tiny set, 1 round, no timing claims")
+    parser.add_argument("--rules", action="store_true",
+                        help="add rows 7: every other torch.optim algorithm (always in --smoke)")
+    parser.add_argument("--only-rules", action="store_true", help="rows 7 only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sets = ["tiny"] if args.smoke else args.sets
@@ -391,7 +435,10 @@ def main() -> None:
         params = gpt2_params(**SETS[name])
         n = sum(p.numel() for p in params.values())
         inner = 1 if args.smoke else (20 if name == "small" else 3)
-        for row in build_rows(params, compile_row3=args.compile):
+        rows = [] if args.only_rules else build_rows(params, compile_row3=args.compile)
+        if args.rules or args.only_rules or args.smoke:
+            rows += rule_rows(params)
+        for row in rows:
             m = measure(row, rounds=rounds, inner=inner, warmup=0 if args.smoke else 2)
             print(f"{name:7} {row.name:28} {m['ours_ms']:12.3f} {m['torch_ms']:9.3f} "
                   f"{m['ratio']:6.2f} {m['ours_peak_mb']:8.1f} / {m['torch_peak_mb']:<8.1f}  "

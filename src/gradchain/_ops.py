@@ -72,6 +72,21 @@ def known_int(t: torch.Tensor) -> int | None:
     return int(t)
 
 
+def known_float(t: float | torch.Tensor) -> float | None:
+    """The value of a float hyperparameter where it can be read for free: a Python number
+    as is, a 1-element tensor where :func:`known_int` could read a counter (an eager CPU
+    tensor); ``None`` otherwise (on an accelerator, compiled, under ``torch.func``)."""
+    if not isinstance(t, torch.Tensor):
+        return float(t)
+    if t.numel() != 1 or t.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return None
+    if isinstance(t, torch._subclasses.FakeTensor):
+        return None
+    return float(t.detach())
+
+
 def _fe(*lists: list[torch.Tensor], scalar: object = None) -> bool:
     if torch.compiler.is_compiling():
         return bool(lists and lists[0])
@@ -126,6 +141,12 @@ def div_scalar(xs: list[torch.Tensor], s: Scalar) -> TList:
     return [x / s for x in xs]
 
 
+def add_scalar(xs: list[torch.Tensor], s: Scalar) -> TList:
+    if _fe(xs, scalar=s) and not isinstance(s, torch.Tensor):
+        return list(torch._foreach_add(xs, s))
+    return [x + s for x in xs]
+
+
 def lerp(xs: list[torch.Tensor], ys: list[torch.Tensor], weight: float) -> TList:
     if _fe(xs, ys):
         return list(torch._foreach_lerp(xs, ys, weight))
@@ -153,6 +174,30 @@ def maximum(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     if _fe(xs, ys):
         return list(torch._foreach_maximum(xs, ys))
     return [torch.maximum(x, y) for x, y in zip(xs, ys)]
+
+
+def abs(xs: list[torch.Tensor]) -> TList:
+    if _fe(xs):
+        return list(torch._foreach_abs(xs))
+    return [torch.abs(x) for x in xs]
+
+
+def sign(xs: list[torch.Tensor]) -> TList:
+    if _fe(xs):
+        return list(torch._foreach_sign(xs))
+    return [torch.sign(x) for x in xs]
+
+
+def rsqrt(xs: list[torch.Tensor]) -> TList:
+    if _fe(xs):
+        return list(torch._foreach_rsqrt(xs))
+    return [torch.rsqrt(x) for x in xs]
+
+
+def sub(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
+    if _fe(xs, ys):
+        return list(torch._foreach_sub(xs, ys))
+    return [x - y for x, y in zip(xs, ys)]
 
 
 def clamp(xs: list[torch.Tensor], lo: float, hi: float) -> TList:
@@ -314,11 +359,28 @@ def add_(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: float = 1.0) -> 
     return add(xs, ys, alpha=alpha)
 
 
+def div_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
+    if _fe(xs, ys):
+        torch._foreach_div_(xs, ys)
+        return xs
+    return [x / y for x, y in zip(xs, ys)]
+
+
 def div_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
     if _fe(xs, scalar=s):
         torch._foreach_div_(xs, s)
         return xs
     return [x / s for x in xs]
+
+
+def rdiv_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
+    """``s / x`` for owned ``xs``, computed as ``1 / (x / s)`` (torch's RAdam order; a zero
+    ``s`` gives zeros, not nans, wherever ``x`` is nonzero)."""
+    if _fe(xs, scalar=s):
+        torch._foreach_div_(xs, s)
+        torch._foreach_reciprocal_(xs)
+        return xs
+    return [torch.reciprocal(x / s) for x in xs]
 
 
 def add_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
@@ -576,6 +638,14 @@ def scalar_dtype(device: torch.device) -> torch.dtype:
     """The dtype for scalar maths on ``device`` (bias corrections, schedules): float64, as
     torch.optim computes them on the host, except on MPS, which has no float64."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def state_scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim gives its per-parameter scalar state (``step``, NAdam's
+    ``mu_product``, ASGD's ``eta`` and ``mu``): float64 when the default dtype is float64,
+    else float32 (``torch.optim.optimizer._get_scalar_dtype``). Rules that keep such a
+    scalar in their state use it, so that they round it exactly as torch does."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def groups(xs: Sequence[torch.Tensor]) -> list[list[int]]:

@@ -211,7 +211,7 @@ def scale_by_learning_rate(
 
 
 # --------------------------------------------------------------------------- weight decay
-def add_decayed_weights(weight_decay: float) -> GradientTransformation:
+def add_decayed_weights(weight_decay: float | torch.Tensor) -> GradientTransformation:
     """Add ``weight_decay * params`` to the updates.
 
     .. math:: u \\leftarrow u + \\lambda\\, p
@@ -221,7 +221,8 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
     :func:`scale_by_learning_rate` it is decoupled weight decay (``AdamW``).
 
     Args:
-        weight_decay: the factor :math:`\\lambda`.
+        weight_decay: the factor :math:`\\lambda`: a float or a 1-element tensor (e.g. an
+            injected hyperparameter, see :func:`~gradchain.inject_hyperparams`).
 
     Returns:
         A stateless :class:`~gradchain.GradientTransformation`. Its ``update`` needs
@@ -235,8 +236,10 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
         {'w': tensor([2., 3.])}
     """
     fn = "add_decayed_weights"
-    weight_decay = _checks.as_float(weight_decay, "weight_decay", fn)
-    _checks.finite(weight_decay, "weight_decay", fn)
+    weight_decay = _checks.as_scalar(weight_decay, "weight_decay", fn)
+    known = _ops.known_float(weight_decay)
+    if known is not None:
+        _checks.finite(known, "weight_decay", fn)
 
     def init(params: Params) -> EmptyState:
         del params
@@ -259,8 +262,15 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
             )
         ps = view.take(params, "params", dtype=False)
         add = _ops.add_ if donated and _ops.inplace_ok(gs, ps) else _ops.add
-        out = _ops.cast(add(gs, ps, alpha=weight_decay), [g.dtype for g in gs])
-        return view.put(out), state
+        if not isinstance(weight_decay, torch.Tensor):
+            return view.put(_ops.cast(add(gs, ps, alpha=weight_decay), [g.dtype for g in gs])), state
+        # A tensor factor (cast per (device, dtype) group, as a Python scalar would be).
+        out: list[Any] = [None] * len(gs)
+        for idx in _ops.groups(ps):
+            group = _ops.pick(ps, idx)
+            decay = _ops.mul(group, _ops.scalar_for(weight_decay, group[0]))
+            _ops.scatter(out, idx, add(_ops.pick(gs, idx), decay))
+        return view.put(_ops.cast(out, [g.dtype for g in gs])), state
 
     return GradientTransformation(init, update)
 

@@ -228,6 +228,14 @@ def update_and_apply_(
     CPU state); otherwise, and under ``torch.compile``, the call takes the unfused path
     above, with the same meaning.
 
+    The other rules of :mod:`gradchain.optim` are bound the same way to torch's own code
+    for them: ``adagrad`` to ``torch._fused_adagrad_``; ``adadelta``, ``adamax``,
+    ``nadam``, ``radam``, ``rmsprop``, ``rprop``, ``asgd`` and ``adafactor`` to torch's
+    foreach implementation (equal to ``torch.optim.<Name>(foreach=True)`` bit for bit) and
+    ``muon`` to torch's Muon step, on any device. Those kernels have no ``found_inf``: a
+    gate's flag is read on the host (free on CPU, one sync on an accelerator, as
+    ``GradScaler`` does for such optimizers). See the Optimizers page of the docs.
+
     Args:
         tx: the transformation (usually a chain).
         grads: gradients, a tree shaped like ``params`` (``None`` leaves are skipped).
@@ -299,7 +307,9 @@ def update_and_apply_(
             _tree.flatten_like(spec, updates, "updates", "params"),
             None if flag is True else as_tensor(flag),
         )
-    # Rebuild the nested chain states from the inside out (down to the level that closed).
-    for head_states in reversed(heads):
-        new = (*head_states, new)
+    # Rebuild the nested chain states from the inside out (down to the level that closed),
+    # each of its own type (a named_chain's state is a NamedTuple).
+    for (_, level_state), head_states in reversed(list(zip(levels, heads))):
+        items = (*head_states, new)
+        new = level_state._make(items) if hasattr(level_state, "_fields") else items
     return new

@@ -1,5 +1,7 @@
 """Update rules: the pure twin of each ``torch.optim`` algorithm, one module per algorithm
-(``sgd.py``: ``trace``, ``sgd``; ``adam.py``: ``scale_by_adam``, ``adam``, ``adamw``), each
+(``sgd.py``: ``trace``, ``sgd``; ``adam.py``: ``scale_by_adam``, ``adam``, ``adamw``;
+``adagrad.py``, ``adadelta.py``, ``adamax.py``, ``nadam.py``, ``radam.py``, ``rmsprop.py``,
+``rprop.py``, ``asgd.py``, ``adafactor.py``, ``muon.py``: ``scale_by_<name>``, ``<name>``), each
 with its building blocks, its torch-named alias (a short :func:`gradchain.chain` of
 blocks) and its binding to torch's own kernel for :func:`gradchain.update_and_apply_`
 (see :mod:`gradchain.optim._fused`).
@@ -41,10 +43,50 @@ get float32 moments (torch keeps them in the parameter dtype). A step on which e
 gradient is ``None`` still advances ``count`` (torch would advance no parameter's step).
 """
 
+from gradchain.optim.adadelta import ScaleByAdadeltaState, adadelta, scale_by_adadelta
+from gradchain.optim.adafactor import ScaleByAdafactorState, adafactor, scale_by_adafactor
+from gradchain.optim.adagrad import ScaleByAdagradState, adagrad, scale_by_adagrad
 from gradchain.optim.adam import ScaleByAdamState, adam, adamw, scale_by_adam
+from gradchain.optim.adamax import ScaleByAdamaxState, adamax, scale_by_adamax
+from gradchain.optim.asgd import ScaleByAsgdState, asgd, scale_by_asgd
+from gradchain.optim.muon import ScaleByMuonState, muon, scale_by_muon
+from gradchain.optim.nadam import ScaleByNadamState, nadam, scale_by_nadam
+from gradchain.optim.radam import ScaleByRadamState, radam, scale_by_radam
+from gradchain.optim.rmsprop import ScaleByRmspropState, rmsprop, scale_by_rmsprop
+from gradchain.optim.rprop import ScaleByRpropState, rprop, scale_by_rprop
 from gradchain.optim.sgd import TraceState, sgd, trace
 
 __all__ = [
+    "ScaleByAdadeltaState",
+    "ScaleByAdafactorState",
+    "ScaleByAdagradState",
+    "ScaleByAdamaxState",
+    "ScaleByAsgdState",
+    "ScaleByMuonState",
+    "ScaleByNadamState",
+    "ScaleByRadamState",
+    "ScaleByRmspropState",
+    "ScaleByRpropState",
+    "adadelta",
+    "adafactor",
+    "adagrad",
+    "adamax",
+    "asgd",
+    "muon",
+    "nadam",
+    "radam",
+    "rmsprop",
+    "rprop",
+    "scale_by_adadelta",
+    "scale_by_adafactor",
+    "scale_by_adagrad",
+    "scale_by_adamax",
+    "scale_by_asgd",
+    "scale_by_muon",
+    "scale_by_nadam",
+    "scale_by_radam",
+    "scale_by_rmsprop",
+    "scale_by_rprop",
     "ScaleByAdamState",
     "TraceState",
     "adam",
