@@ -454,6 +454,17 @@ def test_compile_law(name):
                          compile_examples=2, compile_backend="aot_eager")
 
 
+
+def test_compile_law_of_the_rest_in_one_chain():
+    """The transformations not compiled above trace as one graph too (one compile for all)."""
+    tx = gc.chain(zero_nans(), centralize(), gc.adaptive_grad_clip(0.1),
+                  gc.clip_by_block_rms(1.0), ema(0.9), gc.sgd(0.1), freeze(_freeze_mask),
+                  param_ema(0.9))
+    check_transformation(tx, purity=False, determinism=False, extra_kwargs=False,
+                         none_passthrough=False, update_structure=False,
+                         state_structure=False, round_trip=False, compile=True,
+                         compile_examples=2, compile_backend="aot_eager")
+
 def test_add_noise_inductor_bits_equal_eager():
     """The generator's int64 arithmetic wraps the same way in inductor's C++ as in eager."""
     torch._dynamo.reset()
