@@ -34,7 +34,7 @@ from gradchain._ops import (
     scalar_dtype,
     zero_count,
 )
-from gradchain._tree import Leaves, flatten, unflatten
+from gradchain._tree import Leaves, flatten, leaf_paths, unflatten
 from gradchain.base import (
     EmptyState,
     GradientTransformation,
@@ -43,6 +43,7 @@ from gradchain.base import (
     donation,
     expect_state,
     identity,
+    is_transformation,
 )
 from gradchain.combine import masked
 from gradchain.gating import gate_state, mark_gate, select_tree
@@ -286,7 +287,8 @@ def _copy_tree(params: Params, dtype: Callable[[torch.dtype], torch.dtype]) -> P
         elif isinstance(p, torch.Tensor):
             out.append(p.detach().to(dtype(p.dtype), copy=True))
         else:
-            raise TypeError(f"params leaf {i}: expected a torch.Tensor or None, got {type(p).__name__}")
+            raise TypeError(f"params{leaf_paths(params)[i]}: expected a torch.Tensor or None, "
+                            f"got {type(p).__name__}")
     return unflatten(spec, out)
 
 
@@ -299,7 +301,7 @@ def _check_decay(value: object, name: str, fn: str) -> float:
 
 
 def _check_transformation(value: object, name: str, fn: str) -> GradientTransformation:
-    if not (isinstance(value, tuple) and len(value) == 2 and all(map(callable, value))):
+    if not is_transformation(value):
         raise TypeError(
             f"{fn}: {name} must be a GradientTransformation (init, update), "
             f"got {type(value).__name__}"
