@@ -262,3 +262,19 @@ def test_pure_chain_leaves_callers_empty_gradients_alone() -> None:
     out, _ = tx.update(grads, tx.init(params), params)
     assert {k: g._version for k, g in grads.items()} == versions
     assert torch.allclose(out["w"], torch.full((3,), 2.0 / 3**0.5))
+
+
+def test_closed_gate_zero_views_flow_through_later_members() -> None:
+    """A gate closed on device data (here inside ``masked``) emits broadcast views of one
+    0-dim zero (no memory). Members after it read them (a finiteness check's in-place
+    kernel refuses them) and are never given them to write into."""
+    inner = gc.chain(gc.skip_if_nonfinite(), gc.sgd(0.1, momentum=0.9))
+    tx = gc.chain(gc.masked(inner, {"w": True, "v": True}), gc.identity(), gc.skip_if_nonfinite())
+    params = {"w": torch.zeros(3, 3), "v": torch.zeros(2)}
+    state = tx.init(params)
+    for bad in (False, True):
+        grads = {"w": torch.ones(3, 3), "v": torch.ones(2)}
+        if bad:
+            grads["w"][2, 2] = math.nan
+        out, state = tx.update(grads, state, params)
+    assert torch.equal(out["w"], torch.zeros(3, 3)) and not bool(gc.applied(state))

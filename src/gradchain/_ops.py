@@ -60,6 +60,13 @@ def use_foreach(tensors: Sequence[torch.Tensor]) -> bool:
     return type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter)
 
 
+def is_broadcast_view(x: torch.Tensor) -> bool:
+    """Whether elements of ``x`` share memory: a stride-0 view, such as the zeros a closed
+    gate emits (broadcast views of one 0-dim zero). In-place kernels refuse them, and
+    nothing may write into them."""
+    return 0 in x.stride() and x.numel() > 1
+
+
 def known_int(t: torch.Tensor) -> int | None:
     """The value of a 0-dim int64 counter where :func:`known_bool` could read a flag for
     free (an eager CPU tensor); ``None`` otherwise."""
@@ -305,15 +312,19 @@ def all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([torch.isfinite(n).to(device) for n in norms]).all()
     if _fe(xs) and _HAS_AMP_CHECK:
         # GradScaler's fused kernel: with an inverse scale of 1 it only reads (no write),
-        # one pass per (device, dtype) group; much faster than an inf-norm on CPU.
-        found = []
+        # one pass per (device, dtype) group; much faster than an inf-norm on CPU. Being an
+        # in-place kernel it refuses broadcast views (a closed gate's zeros): those are
+        # checked apart.
+        finite = [torch.isfinite(x).all().to(device) for x in xs if is_broadcast_view(x)]
+        if finite:
+            xs = [x for x in xs if not is_broadcast_view(x)]
         for (group,) in group_by_device_dtype([(x,) for x in xs]):
-            flag = torch.zeros((), dtype=torch.float32, device=group[0].device)
+            found_inf = torch.zeros((), dtype=torch.float32, device=group[0].device)
             torch._amp_foreach_non_finite_check_and_unscale_(
-                group, flag, torch.ones((), dtype=torch.float32, device=group[0].device)
+                group, found_inf, torch.ones((), dtype=torch.float32, device=group[0].device)
             )
-            found.append(flag.to(device))
-        return (torch.stack(found) == 0).all() if len(found) > 1 else found[0] == 0
+            finite.append(found_inf.to(device) == 0)
+        return torch.stack(finite).all() if len(finite) > 1 else finite[0]
     flags = [torch.isfinite(x).all().to(device) for x in xs]
     return torch.stack(flags).all()
 

@@ -197,6 +197,8 @@ class Ownership:
                 continue
             if not isinstance(x, torch.Tensor) or not _ops.use_foreach([x]):
                 return False
+            if _ops.is_broadcast_view(x):
+                return False  # one element shared by many: never written into
             keys = _storage_keys(x)
             if not keys.isdisjoint(held) or not keys.isdisjoint(seen):
                 return False
