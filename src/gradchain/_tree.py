@@ -287,6 +287,19 @@ class Leaves:
                     raise misfit(self.spec, self.index[k], g, s, name)
         return taken
 
+    def take_params(self, params: Any, who: str, why: str) -> list[Any]:
+        """The params' leaves at the present positions (``[]`` when no gradient is present),
+        for transformations that need them; a ``ValueError`` starting with ``who`` and
+        saying ``why`` (e.g. ``"weight decay needs the parameters"``) when ``params`` is
+        ``None``."""
+        if not self.values:
+            return []
+        if params is None:
+            raise ValueError(
+                f"{who}: params is None; {why}, call tx.update(grads, state, params)"
+            )
+        return self.take(params, "params", dtype=False)
+
     def _fits(self, taken: list[Any], dtype: bool) -> bool:
         """The common case of :meth:`take`'s check, by whole-list comparisons: plain
         tensors of the gradients' shapes, devices and (with ``dtype``) exact dtypes."""

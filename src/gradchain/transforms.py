@@ -258,12 +258,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor) -> GradientTransform
             # No gradient to decay (e.g. a partition member whose subset is empty: for a
             # single-leaf tree its params are then ``None`` too).
             return updates, state
-        if params is None:
-            raise ValueError(
-                f"{fn}: params is None; weight decay needs the parameters, call "
-                "tx.update(grads, state, params)"
-            )
-        ps = view.take(params, "params", dtype=False)
+        ps = view.take_params(params, fn, "weight decay needs the parameters")
         add = _ops.add_ if donated and _ops.inplace_ok(gs, ps) else _ops.add
         if not isinstance(weight_decay, torch.Tensor):
             return view.put(_ops.cast(add(gs, ps, alpha=weight_decay), [g.dtype for g in gs])), state
@@ -1304,12 +1299,7 @@ def scale_by_trust_ratio(
         us = view.values
         if not us:
             return updates, state
-        if params is None:
-            raise ValueError(
-                f"{fn}: params is None; the trust ratio needs the parameters, call "
-                "tx.update(grads, state, params)"
-            )
-        ps = view.take(params, "params", dtype=False)
+        ps = view.take_params(params, fn, "the trust ratio needs the parameters")
         out: list[Any] = [None] * len(us)
         for idx in _ops.groups(us):
             u = _ops.pick(us, idx)

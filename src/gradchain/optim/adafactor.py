@@ -161,12 +161,9 @@ def scale_by_adafactor(
         rows: list[Any] = view.take(state.row, "row", check=False)
         cols: list[Any] = view.take(state.col, "col", check=False)
         variances: list[Any] = view.take(state.variance, "variance", check=False)
-        if gs and params is None:
-            raise ValueError(
-                f"{fn}: params is None; Adafactor's step size and weight decay need the "
-                "parameters, call tx.update(grads, state, params)"
-            )
-        ps: list[Any] = view.take(params, "params", dtype=False) if gs else []
+        ps = view.take_params(
+            params, fn, "Adafactor's step size and weight decay need the parameters"
+        )
         count = _ops.safe_increment(state.count)
         step = count.to(_ops.scalar_dtype(count.device))
         rate = schedule(state.count) if schedule is not None else lr

@@ -115,12 +115,7 @@ def scale_by_asgd(
         view = Leaves(updates)
         gs = view.values
         axs: list[Any] = view.take(state.ax, "ax")
-        if gs and params is None:
-            raise ValueError(
-                f"{fn}: params is None; ASGD's decay and averaging need the parameters, call "
-                "tx.update(grads, state, params)"
-            )
-        ps: list[Any] = view.take(params, "params", dtype=False) if gs else []
+        ps = view.take_params(params, fn, "ASGD's decay and averaging need the parameters")
         n = len(gs)
         out: list[Any] = [None] * n
         new_ax: list[Any] = [None] * n

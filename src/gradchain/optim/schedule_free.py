@@ -118,12 +118,7 @@ def _schedule_free(
         expect_state(state, ScheduleFreeState, fn)
         view = Leaves(updates)
         gs = view.values
-        if gs and params is None:
-            raise ValueError(
-                f"{fn}: params is None; schedule-free needs the (train-mode) parameters y, "
-                "call tx.update(grads, state, params)"
-            )
-        ys = view.take(params, "params", dtype=False) if gs else []
+        ys = view.take_params(params, fn, "schedule-free needs the (train-mode) parameters y")
         zs: list[Any] = view.take(state.z, "z")
         nus: list[Any] = view.take(state.nu, "nu") if b2 is not None else []
 
