@@ -597,3 +597,25 @@ def test_an_ordinary_loop_raises_no_warning() -> None:
             opt.step()
         opt.step(_loss_closure(params, opt, 9))
 
+
+
+def test_a_gradscaler_driving_a_chain_with_its_own_loss_scale_is_refused() -> None:
+    params = make_params()
+    opt = gc.ChainedOptimizer(torch.optim.SGD(params, lr=0.1),
+                              gc.chain(gc.loss_scale(), gc.clip_by_norm(1.0)))
+    scaler = torch.amp.GradScaler("cpu")
+    loss = sum((p * p).sum() for p in params)
+    scaler.scale(loss).backward()
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"GradScaler.step\(\) is driving an adapter whose "
+                                         r"chain has its own loss_scale\(\)"):
+        scaler.step(opt)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    # Without loss_scale in the chain GradScaler works as with any optimizer.
+    plain = gc.ChainedOptimizer(torch.optim.SGD(params, lr=0.1), gc.clip_by_norm(1.0))
+    scaler = torch.amp.GradScaler("cpu")
+    plain.zero_grad()
+    scaler.scale(sum((p * p).sum() for p in params)).backward()
+    scaler.step(plain)
+    scaler.update()
+    assert plain.last_step_applied

@@ -14,9 +14,10 @@ import optree
 import torch
 
 from gradchain import gating
+from gradchain._tree import named_nodes
 from gradchain.base import GradientTransformation
 from gradchain.combine import chain_members
-from gradchain.gates import scale_loss
+from gradchain.gates import LossScaleState, scale_loss
 from gradchain.state import from_state_dict, to_state_dict
 
 try:  # pickling a transformation (closures) by value; deepcopy does not need it
@@ -418,6 +419,20 @@ class ChainedOptimizer(torch.optim.Optimizer):
     @defaults.setter
     def defaults(self, value: dict[str, Any]) -> None:
         self.optimizer.defaults = value
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Read by ``torch.amp.GradScaler.step`` (only there): ``False``, so the scaler
+        unscales and checks the gradients itself; an error when the chain has its own
+        ``loss_scale``, since the gradients would then be unscaled twice."""
+        if any(isinstance(node, LossScaleState) for _, node in named_nodes(self.tx_state)):
+            raise ValueError(
+                "ChainedOptimizer: torch.amp.GradScaler.step() is driving an adapter whose "
+                "chain has its own loss_scale(): the gradients would be unscaled twice. Use "
+                "one of them: drop the GradScaler (scale the loss with opt.backward(loss) or "
+                "opt.scale_loss(loss)), or drop loss_scale() from the chain"
+            )
+        return False
 
     def __repr__(self) -> str:
         real = self._real()
