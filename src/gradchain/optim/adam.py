@@ -10,18 +10,30 @@ conventions shared by every rule are on :mod:`gradchain.optim`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
 from gradchain import _checks, _ops
-from gradchain._tree import Leaves, flatten_like, group_by_device_dtype
+from gradchain._ops import known_float
+from gradchain._tree import Leaves, flatten_like, unflatten
 from gradchain.base import GradientTransformation, Params, Updates, donation, expect_state
-from gradchain.combine import chain
-from gradchain.optim._fused import FusedPlan, FusedStep, advance, bind_fused, found_inf, fused_rows
+from gradchain.combine import chain, is_params_function, masked
+from gradchain.optim._fused import (
+    FusedPlan,
+    FusedStep,
+    advance,
+    bind_fused,
+    found_inf,
+    fused_rows,
+    kernel_groups,
+    lr_on,
+    lr_state_fits,
+    step_lr,
+)
 from gradchain.transforms import (
     ScalarOrSchedule,
-    ScaleByScheduleState,
     add_decayed_weights,
     scale,
     scale_by_learning_rate,
@@ -182,7 +194,7 @@ def adam(
     lr: ScalarOrSchedule = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
     amsgrad: bool = False,
     maximize: bool = False,
 ) -> GradientTransformation:
@@ -223,35 +235,17 @@ def adam(
         >>> gc.apply_updates(params, updates)["w"]
         tensor([ 0.9000, -0.9000])
     """
-    fn = "adam"
-    amsgrad = _checks.as_bool(amsgrad, "amsgrad", fn)
-    maximize = _checks.as_bool(maximize, "maximize", fn)
-    lr = _checks.check_lr(lr, fn)
-    eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
-    b1, b2 = _checks.betas(betas, fn)
-    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
-    txs: list[GradientTransformation] = []
-    if maximize:
-        txs.append(scale(-1.0))
-    if weight_decay != 0:
-        txs.append(add_decayed_weights(weight_decay))
-    adam_at = len(txs)
-    txs.append(scale_by_adam(b1, b2, eps, amsgrad))
-    txs.append(scale_by_learning_rate(lr))
-    return bind_fused(
-        chain(*txs),
-        _adam_plan(False, lr, adam_at, len(txs), b1=b1, b2=b2, eps=eps,
-                   weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize),
-    )
+    return _adam_rule("adam", False, lr, betas, eps, weight_decay, amsgrad, maximize)
 
 
 def adamw(
     lr: ScalarOrSchedule = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 1e-2,
+    weight_decay: float | torch.Tensor = 1e-2,
     amsgrad: bool = False,
     maximize: bool = False,
+    mask: Any | Callable[[Params], Any] | None = None,
 ) -> GradientTransformation:
     """AdamW (decoupled weight decay), as ``torch.optim.AdamW`` (same arguments and defaults).
 
@@ -269,15 +263,25 @@ def adamw(
     inside the parity tolerance (1e-5 after 100 steps).
 
     ``chain(scale(-1) if maximize, scale_by_adam(*betas, eps, amsgrad),
-    add_decayed_weights(weight_decay) if weight_decay, scale_by_learning_rate(lr))``.
+    add_decayed_weights(weight_decay) if weight_decay, scale_by_learning_rate(lr))``;
+    with ``mask``, the decay is ``masked(add_decayed_weights(weight_decay), mask)``.
+
+    **No decay on biases and norms.** ``mask`` (optax's ``adamw(mask=...)``) is a tree of
+    bools shaped like the params, or a function ``params -> tree``: the weight decay
+    applies where it is ``True`` only. It is the two param groups of
+    ``AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])`` in one
+    transformation, and :func:`~gradchain.update_and_apply_` still runs it as torch's fused
+    kernel (one call per subset), equal to that optimizer with ``fused=True`` bit for bit.
 
     Args:
         lr: learning rate: float, 1-element tensor, or schedule of the update count.
         betas: ``(beta1, beta2)``, each in ``[0, 1)``.
         eps: term added to the denominator (>= 0).
-        weight_decay: decoupled weight decay factor (>= 0).
+        weight_decay: decoupled weight decay factor (>= 0): a float or a 1-element tensor.
         amsgrad: use the AMSGrad variant.
         maximize: maximize the objective instead of minimizing.
+        mask: where to decay: ``None`` (everywhere), a tree of bools shaped like the params,
+            or a function of the params giving one (see :func:`~gradchain.masked`).
 
     Returns:
         A :class:`~gradchain.GradientTransformation` (a chain) whose updates are added to
@@ -294,26 +298,50 @@ def adamw(
         >>> updates, state = tx.update({"w": torch.tensor([3.0, -0.5])}, tx.init(params), params)
         >>> gc.apply_updates(params, updates)["w"]  # p * (1 - 0.05) - 0.1 * sign(g)
         tensor([ 0.8500, -0.8500])
+
+        Decay on matrices only:
+
+        >>> tx = gc.adamw(lr=0.1, weight_decay=0.5,
+        ...               mask=lambda ps: {k: p.ndim > 1 for k, p in ps.items()})
+        >>> params = {"w": torch.ones(1, 2), "b": torch.ones(2)}
+        >>> grads = {"w": torch.ones(1, 2), "b": torch.ones(2)}
+        >>> updates, state = tx.update(grads, tx.init(params), params)
+        >>> updates["w"], updates["b"]
+        (tensor([[-0.1500, -0.1500]]), tensor([-0.1000, -0.1000]))
     """
-    fn = "adamw"
+    return _adam_rule("adamw", True, lr, betas, eps, weight_decay, amsgrad, maximize, mask)
+
+
+def _adam_rule(
+    fn: str, decoupled: bool, lr: ScalarOrSchedule, betas: tuple[float, float], eps: float,
+    weight_decay: float | torch.Tensor, amsgrad: bool, maximize: bool, mask: Any = None,
+) -> GradientTransformation:
+    """``adam`` (L2 ``weight_decay`` added to the gradient) or ``adamw`` (``decoupled``:
+    the decay added to the direction, where ``mask`` says), validated as torch validates
+    them, as a chain bound to torch's fused kernel."""
     amsgrad = _checks.as_bool(amsgrad, "amsgrad", fn)
     maximize = _checks.as_bool(maximize, "maximize", fn)
     lr = _checks.check_lr(lr, fn)
     eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
     b1, b2 = _checks.betas(betas, fn)
-    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
-    txs: list[GradientTransformation] = []
-    if maximize:
-        txs.append(scale(-1.0))
+    weight_decay = _checks.nonneg_scalar(weight_decay, "weight_decay", "weight_decay value", fn)
+    decay = []
+    if _checks.maybe_nonzero(weight_decay):
+        decay = [add_decayed_weights(weight_decay)]
+        if mask is not None:
+            decay = [masked(decay[0], mask)]
+    txs: list[GradientTransformation] = [scale(-1.0)] if maximize else []
+    if not decoupled:
+        txs += decay
     adam_at = len(txs)
     txs.append(scale_by_adam(b1, b2, eps, amsgrad))
-    if weight_decay != 0:
-        txs.append(add_decayed_weights(weight_decay))
+    if decoupled:
+        txs += decay
     txs.append(scale_by_learning_rate(lr))
     return bind_fused(
         chain(*txs),
-        _adam_plan(True, lr, adam_at, len(txs), b1=b1, b2=b2, eps=eps,
-                   weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize),
+        _adam_plan(decoupled, lr, adam_at, len(txs), b1=b1, b2=b2, eps=eps,
+                   weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask),
     )
 
 
@@ -323,14 +351,11 @@ def _adam_plan(
     """``adam``'s / ``adamw``'s binding to ``torch._fused_adam_`` / ``_fused_adamw_`` (what
     ``torch.optim.Adam/AdamW(fused=True)`` runs), for :func:`~gradchain.update_and_apply_`;
     see :mod:`gradchain.optim._fused`."""
-    scheduled = _checks.is_schedule(lr)
     amsgrad = hyper["amsgrad"]
+    mask = hyper["mask"]
 
     def plan(state: Any, p_leaves: list[Any], g_leaves: list[Any], spec: Any) -> FusedStep | None:
-        if not isinstance(state, tuple) or len(state) != size:
-            return None
-        lr_state = state[-1] if scheduled else None
-        if scheduled and not isinstance(lr_state, ScaleByScheduleState):
+        if not lr_state_fits(state, size, lr):
             return None
         st = state[adam_at]
         if not isinstance(st, ScaleByAdamState) or not torch.is_tensor(st.count):
@@ -342,32 +367,37 @@ def _adam_plan(
                 buffers.append(flatten_like(spec, st.nu_max, "nu_max", "params"))
         except (TypeError, ValueError):
             return None
+        weight_decay = known_float(hyper["weight_decay"])  # the kernel takes a float
+        if weight_decay is None:
+            return None
+        decays = _decay_flags(mask, p_leaves, spec)
+        if decays is None:
+            return None  # a mask that does not fit: the generic path names the problem
         rows = fused_rows(p_leaves, g_leaves, buffers)
         if rows is None:
             return None
 
         def step(grads: list[Any], keep: torch.Tensor | None) -> Any:
             new_state = list(state)
-            lr_now: Any = lr
-            if lr_state is not None:
-                lr_now = lr(lr_state.count)  # type: ignore[operator]
-                new_state[-1] = lr_state._replace(
-                    count=advance(lr_state.count, _ops.safe_increment(lr_state.count), keep)
-                )
+            lr_now = step_lr(lr, new_state, keep)
             count = _ops.safe_increment(st.count)
             kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-            table = [(p_leaves[i], grads[i], *(b[i] for b in buffers)) for i in rows]
-            for cols in group_by_device_dtype(table):
-                device = cols[0][0].device
-                step_t = count.to(device, torch.float32)
-                kernel(
-                    cols[0], cols[1], cols[2], cols[3], cols[4] if amsgrad else [],
-                    [step_t] * len(cols[0]),
-                    lr=lr_now.to(device) if isinstance(lr_now, torch.Tensor) else float(lr_now),
-                    beta1=hyper["b1"], beta2=hyper["b2"], weight_decay=hyper["weight_decay"],
-                    eps=hyper["eps"], amsgrad=amsgrad, maximize=hyper["maximize"],
-                    found_inf=found_inf(keep, device),
-                )
+            # With a mask, the leaves without decay are a second group (torch's param group
+            # with weight_decay=0), each run by the same kernel.
+            for decayed in (True, False):
+                subset = [i for i in rows if decays[i] is decayed]
+                for cols in kernel_groups(p_leaves, grads, subset, buffers):
+                    device = cols[0][0].device
+                    step_t = count.to(device, torch.float32)
+                    kernel(
+                        cols[0], cols[1], cols[2], cols[3], cols[4] if amsgrad else [],
+                        [step_t] * len(cols[0]),
+                        lr=lr_on(lr_now, device),
+                        beta1=hyper["b1"], beta2=hyper["b2"],
+                        weight_decay=weight_decay if decayed else 0.0,
+                        eps=hyper["eps"], amsgrad=amsgrad, maximize=hyper["maximize"],
+                        found_inf=found_inf(keep, device),
+                    )
             # The moments were updated in place: the new state holds the same tensors.
             new_state[adam_at] = st._replace(count=advance(st.count, count, keep))
             return tuple(new_state)
@@ -375,3 +405,16 @@ def _adam_plan(
         return step
 
     return plan
+
+
+def _decay_flags(mask: Any, p_leaves: list[Any], spec: Any) -> list[bool] | None:
+    """Whether each leaf is decayed (``adamw``'s ``mask`` read for the params' leaves, as
+    :func:`~gradchain.masked` reads it); ``None`` when the mask does not fit."""
+    if mask is None:
+        return [True] * len(p_leaves)
+    try:
+        tree = mask(unflatten(spec, p_leaves)) if is_params_function(mask) else mask
+        flags = spec.flatten_up_to(tree)
+    except (TypeError, ValueError):
+        return None
+    return flags if all(isinstance(f, bool) for f in flags) else None
