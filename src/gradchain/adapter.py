@@ -718,7 +718,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 "ChainedOptimizer.step: no parameter has a gradient (call loss.backward() "
                 "before step()); nothing was done and the chain state did not advance",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,  # the caller of step(), past torch's hook wrapper and no_grad
             )
             self._last_applied = False
             return None
@@ -730,7 +730,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 "step, untouched since (no zero_grad() and backward() in between); they are "
                 "applied a second time",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,  # the caller of step(), past torch's hook wrapper and no_grad
             )
         if self._is_initialisation_step(closure, extra):
             # DCP's _init_optim_state: make the wrapped optimizer's state (zero gradients, lr
