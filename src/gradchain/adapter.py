@@ -780,8 +780,12 @@ class ChainedOptimizer(torch.optim.Optimizer):
         grads = [p.grad for g in groups for p in g["params"] if p.requires_grad]
         if not grads or any(g is None for g in grads):
             return False
-        device = grads[0].device
-        nonzero = torch.stack([torch.count_nonzero(g).to(device) for g in grads]).sum()
+        # DTensor gradients (FSDP2): each rank reads its own shards. DCP's zeros are zero on
+        # every rank; a real step with every lr at 0 and all-zero local gradients on one
+        # rank only is the one case where ranks could disagree.
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        device = local[0].device
+        nonzero = torch.stack([torch.count_nonzero(g).to(device) for g in local]).sum()
         return int(nonzero) == 0
 
     def _drop_placeholder(self) -> None:
