@@ -101,6 +101,9 @@ def test_a_copy_mid_window_trains_identically(how: Callable, transactional: bool
     assert_same(twin.optimizer.state_dict(), opt.optimizer.state_dict())
     assert twin.param_groups is twin.optimizer.param_groups
     assert twin.transactional is transactional
+    # the chain is still a chain (its members are known), a gate, and named alike
+    assert gc.chain_members(twin.transform) is not None and gc.is_gate(twin.transform)
+    assert repr(twin).splitlines()[1] == repr(opt).splitlines()[1]
     # The same public attributes as torch's test_deepcopy_copies_all_public_attrs checks.
     public = {k for k in vars(opt) if not k.startswith("_")}
     assert {k for k in vars(twin) if not k.startswith("_")} == public
