@@ -622,3 +622,28 @@ def test_a_gradscaler_driving_a_chain_with_its_own_loss_scale_is_refused() -> No
     scaler.step(plain)
     scaler.update()
     assert plain.last_step_applied
+
+
+def test_a_scheduler_stepped_on_held_back_steps_warns() -> None:
+    params = make_params()
+    opt = chained(params)  # windows of 3
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    set_grads(params, 0)
+    opt.step()  # held back
+    sched.step()  # the mistake: per call, not per applied update
+    set_grads(params, 1)
+    with pytest.warns(UserWarning, match=r"the learning rate changed after a held-back step "
+                                         r"\(param_groups lr \[0\.05, 0\.02\] -> \[0\.025, "
+                                         r"0\.01\]\).*opt\.step_scheduler"):
+        opt.step()
+    # The right way raises nothing.
+    params = make_params()
+    opt = chained(params)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(7):
+            set_grads(params, i)
+            opt.step()
+            opt.step_scheduler(sched)
+    assert sched.last_epoch == 2

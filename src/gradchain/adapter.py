@@ -44,7 +44,7 @@ _HOOK_TABLES = (
 # self-reference, the snapshot's scratch buffers, the profiler name, and an instance
 # ``step`` patched by an LR scheduler (it refers to the original object).
 _NOT_COPIED = (*_HOOK_TABLES, "_self_ref", "_snapshot_buffers", "_zero_grad_profile_name",
-               "step", "_grad_backup", "_grad_buffers", "_applied_grads")
+               "step", "_grad_backup", "_grad_buffers", "_applied_grads", "_held_lrs")
 
 
 def _describe(transform: GradientTransformation) -> str:
@@ -93,6 +93,17 @@ def _untouched(marks: list[tuple[Any, int] | None], grads: list[torch.Tensor | N
         elif mark[0]() is not g or g._version != mark[1]:
             return False
     return True
+
+
+def _lrs(groups: list[dict[str, Any]]) -> list[Any]:
+    """Each group's lr as a comparable value (a CPU tensor's value; others as they are)."""
+    out = []
+    for g in groups:
+        lr = g.get("lr")
+        if isinstance(lr, torch.Tensor):
+            lr = lr.item() if lr.device.type == "cpu" and lr.numel() == 1 else id(lr)
+        out.append(lr)
+    return out
 
 
 class _ByValue:
@@ -360,6 +371,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
         # (weak reference, version) of each .grad after the last applied step: a step()
         # that finds them untouched was called twice without a backward in between
         self._applied_grads: list[tuple[Any, int] | None] | None = None
+        # each group's lr after the last held-back step (a change before the next step
+        # means a scheduler stepped on a step that applied nothing)
+        self._held_lrs: list[Any] | None = None
         self._patch_step_function()
 
     # ------------------------------------------------------------------ copies
@@ -711,6 +725,17 @@ class ChainedOptimizer(torch.optim.Optimizer):
             if closure is not None and self.transactional
             else None
         )
+        held, self._held_lrs = self._held_lrs, None
+        if held is not None and held != _lrs(self.optimizer.param_groups):
+            warnings.warn(
+                "ChainedOptimizer.step: the learning rate changed after a held-back step "
+                f"(param_groups lr {held} -> {_lrs(self.optimizer.param_groups)}): a "
+                "scheduler stepped on every call advances on accumulation micro-steps and "
+                "skipped steps; step it with opt.step_scheduler(scheduler), or only when "
+                "opt.last_step_applied",
+                UserWarning,
+                stacklevel=4,  # the caller of step(), past torch's hook wrapper and no_grad
+            )
         if closure is None and all(g is None for g in grads):
             # torch.optim skips parameters without gradients; a chain would still count the
             # call (an accumulation window would advance on nothing): do nothing, loudly.
@@ -819,6 +844,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
             for group in groups:
                 for p in group:
                     p.grad = None
+            self._held_lrs = _lrs(self.optimizer.param_groups)
             return loss
         if self.should_commit is not None and not self.should_commit():
             if before_seed is not None:
