@@ -72,25 +72,26 @@ def _storages(tree: Any) -> set[int | None]:
     }
 
 
-def _grad_marks(groups: list[list[torch.Tensor]]) -> list[tuple[Any, int] | None]:
-    """A weak reference and the version counter of every ``.grad`` (weak: a freed gradient
-    must not be kept alive, nor mistaken for a new one at the same address)."""
-    return [
-        None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
-        for group in groups
-        for p in group
-    ]
+def _grad_marks(groups: list[list[torch.Tensor]]) -> tuple[Any, list[tuple[int, int] | None]]:
+    """What identifies the ``.grad`` tensors after a step: a weak reference to the first
+    (a freed gradient must not be kept alive, nor taken for a new one at the same
+    address) and the address and version counter of each (cheap to take every step)."""
+    grads = [p.grad for group in groups for p in group]
+    first = next((g for g in grads if g is not None), None)
+    rows = [None if g is None else (id(g), g._version) for g in grads]
+    return (None if first is None else weakref.ref(first)), rows
 
 
-def _untouched(marks: list[tuple[Any, int] | None], grads: list[torch.Tensor | None]) -> bool:
-    """Whether ``grads`` are the very tensors of ``marks``, not written since."""
-    if len(marks) != len(grads):
+def _untouched(marks: tuple[Any, list[tuple[int, int] | None]],
+               grads: list[torch.Tensor | None]) -> bool:
+    """Whether ``grads`` are the tensors of ``marks``, not written since."""
+    ref, rows = marks
+    if ref is None or len(rows) != len(grads):
         return False
-    for mark, g in zip(marks, grads):
-        if mark is None or g is None:
-            if mark is not g:
-                return False
-        elif mark[0]() is not g or g._version != mark[1]:
+    if ref() is not next((g for g in grads if g is not None), None):
+        return False  # the first gradient is a new tensor: a backward ran
+    for row, g in zip(rows, grads):
+        if (None if g is None else (id(g), g._version)) != row:
             return False
     return True
 
@@ -370,7 +371,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self._self_ref = weakref.ref(self)
         # (weak reference, version) of each .grad after the last applied step: a step()
         # that finds them untouched was called twice without a backward in between
-        self._applied_grads: list[tuple[Any, int] | None] | None = None
+        self._applied_grads: tuple[Any, list[tuple[int, int] | None]] | None = None
         # each group's lr after the last held-back step (a change before the next step
         # means a scheduler stepped on a step that applied nothing)
         self._held_lrs: list[Any] | None = None
