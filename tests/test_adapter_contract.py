@@ -101,6 +101,9 @@ def test_a_copy_mid_window_trains_identically(how: Callable, transactional: bool
     assert_same(twin.optimizer.state_dict(), opt.optimizer.state_dict())
     assert twin.param_groups is twin.optimizer.param_groups
     assert twin.transactional is transactional
+    # the chain is still a chain (its members are known), a gate, and named alike
+    assert gc.chain_members(twin.transform) is not None and gc.is_gate(twin.transform)
+    assert repr(twin).splitlines()[1] == repr(opt).splitlines()[1]
     # The same public attributes as torch's test_deepcopy_copies_all_public_attrs checks.
     public = {k for k in vars(opt) if not k.startswith("_")}
     assert {k for k in vars(twin) if not k.startswith("_")} == public
@@ -597,3 +600,50 @@ def test_an_ordinary_loop_raises_no_warning() -> None:
             opt.step()
         opt.step(_loss_closure(params, opt, 9))
 
+
+
+def test_a_gradscaler_driving_a_chain_with_its_own_loss_scale_is_refused() -> None:
+    params = make_params()
+    opt = gc.ChainedOptimizer(torch.optim.SGD(params, lr=0.1),
+                              gc.chain(gc.loss_scale(), gc.clip_by_norm(1.0)))
+    scaler = torch.amp.GradScaler("cpu")
+    loss = sum((p * p).sum() for p in params)
+    scaler.scale(loss).backward()
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"GradScaler.step\(\) is driving an adapter whose "
+                                         r"chain has its own loss_scale\(\)"):
+        scaler.step(opt)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    # Without loss_scale in the chain GradScaler works as with any optimizer.
+    plain = gc.ChainedOptimizer(torch.optim.SGD(params, lr=0.1), gc.clip_by_norm(1.0))
+    scaler = torch.amp.GradScaler("cpu")
+    plain.zero_grad()
+    scaler.scale(sum((p * p).sum() for p in params)).backward()
+    scaler.step(plain)
+    scaler.update()
+    assert plain.last_step_applied
+
+
+def test_a_scheduler_stepped_on_held_back_steps_warns() -> None:
+    params = make_params()
+    opt = chained(params)  # windows of 3
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    set_grads(params, 0)
+    opt.step()  # held back
+    sched.step()  # the mistake: per call, not per applied update
+    set_grads(params, 1)
+    with pytest.warns(UserWarning, match=r"the learning rate changed after a held-back step "
+                                         r"\(param_groups lr \[0\.05, 0\.02\] -> \[0\.025, "
+                                         r"0\.01\]\).*opt\.step_scheduler"):
+        opt.step()
+    # The right way raises nothing.
+    params = make_params()
+    opt = chained(params)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(7):
+            set_grads(params, i)
+            opt.step()
+            opt.step_scheduler(sched)
+    assert sched.last_epoch == 2

@@ -14,9 +14,10 @@ import optree
 import torch
 
 from gradchain import gating
+from gradchain._tree import named_nodes
 from gradchain.base import GradientTransformation
 from gradchain.combine import chain_members
-from gradchain.gates import scale_loss
+from gradchain.gates import LossScaleState, scale_loss
 from gradchain.state import from_state_dict, to_state_dict
 
 try:  # pickling a transformation (closures) by value; deepcopy does not need it
@@ -43,7 +44,7 @@ _HOOK_TABLES = (
 # self-reference, the snapshot's scratch buffers, the profiler name, and an instance
 # ``step`` patched by an LR scheduler (it refers to the original object).
 _NOT_COPIED = (*_HOOK_TABLES, "_self_ref", "_snapshot_buffers", "_zero_grad_profile_name",
-               "step", "_grad_backup", "_grad_buffers", "_applied_grads")
+               "step", "_grad_backup", "_grad_buffers", "_applied_grads", "_held_lrs")
 
 
 def _describe(transform: GradientTransformation) -> str:
@@ -71,27 +72,39 @@ def _storages(tree: Any) -> set[int | None]:
     }
 
 
-def _grad_marks(groups: list[list[torch.Tensor]]) -> list[tuple[Any, int] | None]:
-    """A weak reference and the version counter of every ``.grad`` (weak: a freed gradient
-    must not be kept alive, nor mistaken for a new one at the same address)."""
-    return [
-        None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
-        for group in groups
-        for p in group
-    ]
+def _grad_marks(groups: list[list[torch.Tensor]]) -> tuple[Any, list[tuple[int, int] | None]]:
+    """What identifies the ``.grad`` tensors after a step: a weak reference to the first
+    (a freed gradient must not be kept alive, nor taken for a new one at the same
+    address) and the address and version counter of each (cheap to take every step)."""
+    grads = [p.grad for group in groups for p in group]
+    first = next((g for g in grads if g is not None), None)
+    rows = [None if g is None else (id(g), g._version) for g in grads]
+    return (None if first is None else weakref.ref(first)), rows
 
 
-def _untouched(marks: list[tuple[Any, int] | None], grads: list[torch.Tensor | None]) -> bool:
-    """Whether ``grads`` are the very tensors of ``marks``, not written since."""
-    if len(marks) != len(grads):
+def _untouched(marks: tuple[Any, list[tuple[int, int] | None]],
+               grads: list[torch.Tensor | None]) -> bool:
+    """Whether ``grads`` are the tensors of ``marks``, not written since."""
+    ref, rows = marks
+    if ref is None or len(rows) != len(grads):
         return False
-    for mark, g in zip(marks, grads):
-        if mark is None or g is None:
-            if mark is not g:
-                return False
-        elif mark[0]() is not g or g._version != mark[1]:
+    if ref() is not next((g for g in grads if g is not None), None):
+        return False  # the first gradient is a new tensor: a backward ran
+    for row, g in zip(rows, grads):
+        if (None if g is None else (id(g), g._version)) != row:
             return False
     return True
+
+
+def _lrs(groups: list[dict[str, Any]]) -> list[Any]:
+    """Each group's lr as a comparable value (a CPU tensor's value; others as they are)."""
+    out = []
+    for g in groups:
+        lr = g.get("lr")
+        if isinstance(lr, torch.Tensor):
+            lr = lr.item() if lr.device.type == "cpu" and lr.numel() == 1 else id(lr)
+        out.append(lr)
+    return out
 
 
 class _ByValue:
@@ -358,7 +371,10 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self._self_ref = weakref.ref(self)
         # (weak reference, version) of each .grad after the last applied step: a step()
         # that finds them untouched was called twice without a backward in between
-        self._applied_grads: list[tuple[Any, int] | None] | None = None
+        self._applied_grads: tuple[Any, list[tuple[int, int] | None]] | None = None
+        # each group's lr after the last held-back step (a change before the next step
+        # means a scheduler stepped on a step that applied nothing)
+        self._held_lrs: list[Any] | None = None
         self._patch_step_function()
 
     # ------------------------------------------------------------------ copies
@@ -418,6 +434,20 @@ class ChainedOptimizer(torch.optim.Optimizer):
     @defaults.setter
     def defaults(self, value: dict[str, Any]) -> None:
         self.optimizer.defaults = value
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Read by ``torch.amp.GradScaler.step`` (only there): ``False``, so the scaler
+        unscales and checks the gradients itself; an error when the chain has its own
+        ``loss_scale``, since the gradients would then be unscaled twice."""
+        if any(isinstance(node, LossScaleState) for _, node in named_nodes(self.tx_state)):
+            raise ValueError(
+                "ChainedOptimizer: torch.amp.GradScaler.step() is driving an adapter whose "
+                "chain has its own loss_scale(): the gradients would be unscaled twice. Use "
+                "one of them: drop the GradScaler (scale the loss with opt.backward(loss) or "
+                "opt.scale_loss(loss)), or drop loss_scale() from the chain"
+            )
+        return False
 
     def __repr__(self) -> str:
         real = self._real()
@@ -696,6 +726,17 @@ class ChainedOptimizer(torch.optim.Optimizer):
             if closure is not None and self.transactional
             else None
         )
+        held, self._held_lrs = self._held_lrs, None
+        if held is not None and held != _lrs(self.optimizer.param_groups):
+            warnings.warn(
+                "ChainedOptimizer.step: the learning rate changed after a held-back step "
+                f"(param_groups lr {held} -> {_lrs(self.optimizer.param_groups)}): a "
+                "scheduler stepped on every call advances on accumulation micro-steps and "
+                "skipped steps; step it with opt.step_scheduler(scheduler), or only when "
+                "opt.last_step_applied",
+                UserWarning,
+                stacklevel=4,  # the caller of step(), past torch's hook wrapper and no_grad
+            )
         if closure is None and all(g is None for g in grads):
             # torch.optim skips parameters without gradients; a chain would still count the
             # call (an accumulation window would advance on nothing): do nothing, loudly.
@@ -703,7 +744,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 "ChainedOptimizer.step: no parameter has a gradient (call loss.backward() "
                 "before step()); nothing was done and the chain state did not advance",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,  # the caller of step(), past torch's hook wrapper and no_grad
             )
             self._last_applied = False
             return None
@@ -715,7 +756,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 "step, untouched since (no zero_grad() and backward() in between); they are "
                 "applied a second time",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,  # the caller of step(), past torch's hook wrapper and no_grad
             )
         if self._is_initialisation_step(closure, extra):
             # DCP's _init_optim_state: make the wrapped optimizer's state (zero gradients, lr
@@ -765,8 +806,12 @@ class ChainedOptimizer(torch.optim.Optimizer):
         grads = [p.grad for g in groups for p in g["params"] if p.requires_grad]
         if not grads or any(g is None for g in grads):
             return False
-        device = grads[0].device
-        nonzero = torch.stack([torch.count_nonzero(g).to(device) for g in grads]).sum()
+        # DTensor gradients (FSDP2): each rank reads its own shards. DCP's zeros are zero on
+        # every rank; a real step with every lr at 0 and all-zero local gradients on one
+        # rank only is the one case where ranks could disagree.
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        device = local[0].device
+        nonzero = torch.stack([torch.count_nonzero(g).to(device) for g in local]).sum()
         return int(nonzero) == 0
 
     def _drop_placeholder(self) -> None:
@@ -800,6 +845,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
             for group in groups:
                 for p in group:
                     p.grad = None
+            self._held_lrs = _lrs(self.optimizer.param_groups)
             return loss
         if self.should_commit is not None and not self.should_commit():
             if before_seed is not None:

@@ -141,13 +141,24 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         # A chain built inside compiled code (inject_hyperparams rebuilds its rule on every
         # step) is not recorded: compiled code never asks, and the record would be a side
         # effect the graph cannot hold.
-        _CHAIN_MEMBERS[update] = transforms
+        _record_members(update, transforms)
     return GradientTransformation(init, update)
 
 
 _CHAIN_MEMBERS: weakref.WeakKeyDictionary[Callable[..., Any], tuple[GradientTransformation, ...]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+_MEMBERS_ATTR = "_gradchain_members"
+
+
+def _record_members(update: Callable[..., Any], members: tuple[GradientTransformation, ...]) -> None:
+    """Record ``update``'s members, in the registry and on the function itself: a copy of
+    the function made by pickling by value (``cloudpickle``; ``ChainedOptimizer`` pickles
+    its chain so) carries its attributes, not registry entries."""
+    _CHAIN_MEMBERS[update] = members
+    setattr(update, _MEMBERS_ATTR, members)
 
 
 def chain_members(tx: GradientTransformation) -> tuple[GradientTransformation, ...] | None:
@@ -161,7 +172,8 @@ def chain_members(tx: GradientTransformation) -> tuple[GradientTransformation, .
         >>> gc.chain_members(clip) is None
         True
     """
-    return _CHAIN_MEMBERS.get(tx.update)
+    found = _CHAIN_MEMBERS.get(tx.update)
+    return found if found is not None else getattr(tx.update, _MEMBERS_ATTR, None)
 
 
 # --------------------------------------------------------------------------- named_chain
@@ -247,7 +259,7 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
     if is_gate(inner):
         mark_gate(update)
     # Recorded as a chain: update_and_apply_ walks into it (and rebuilds its state type).
-    _CHAIN_MEMBERS[update] = tuple(members)
+    _record_members(update, tuple(members))
     return GradientTransformation(init, update)
 
 

@@ -9,6 +9,7 @@ for the run that goes on and for a fresh process that resumes from it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import optree
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from _spawn import run_ranks  # (tests/integration is on sys.path under pytest)
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -158,3 +160,21 @@ def test_the_bare_wrapped_optimizer_would_drift() -> None:
         m(torch.ones(1, 3, dtype=DT)).sum().backward()
         o.step()
     assert not torch.equal(model.weight, twin.weight)
+
+
+# --------------------------------------------------------------------------- FSDP2
+def test_fsdp2_two_processes_checkpoint_with_the_adapter_itself(tmp_path: Path) -> None:
+    """FSDP2 on 2 gloo processes (``_dcp_fsdp_worker.py``): DCP's helpers given the adapter
+    save and reshard the chain state (the accumulator is sharded like the parameters); a
+    checkpoint inside the first window (AdamW without state yet) and one mid-window later
+    both leave the saving run and a resumed one bit-identical to a run without them."""
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    job = run_ranks(Path(__file__).with_name("_dcp_fsdp_worker.py"), [str(tmp_path)],
+                    nprocs=2, timeout=240)
+    results = [json.loads(line[len("GC_RESULT "):]) for out in job.outputs
+               for line in out.splitlines() if line.startswith("GC_RESULT ")]
+    assert len(results) == 4 and all(r["ok"] for r in results), job.outputs
+    by_k = {r["data"]["k"]: r["data"] for r in results}
+    assert by_k[1] == {"k": 1, "window": 1, "had_state": False}  # first window, no Adam state
+    assert by_k[3] == {"k": 3, "window": 1, "had_state": True}

@@ -198,3 +198,28 @@ def test_doing_the_work_twice_is_refused_naming_both(kwargs: dict, chain: Any, m
 def test_a_plain_optimizer_is_refused() -> None:
     with pytest.raises(TypeError, match="must return a gradchain.ChainedOptimizer, got AdamW"):
         trainer(callbacks=[ChainedOptimization()]).fit(Regressor(None), data(8))
+
+
+def test_a_chain_with_loss_scale_works_in_automatic_optimization() -> None:
+    """The callback scales the back-propagated loss by the chain's loss scale (a power of
+    two: exact), so chain(loss_scale, accumulate, clip) equals Lightning's native
+    accumulation and clipping without scaling; the logged loss is unscaled."""
+    chain = gc.chain(gc.loss_scale(init_scale=2.0**10, growth_interval=3),
+                     gc.accumulate_every(ACCUMULATE), gc.clip_by_norm(CLIP))
+    ours = Regressor(chain)
+    losses: list[float] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any,
+                               batch_idx: int) -> None:
+            losses.append(float(outputs["loss"]))
+
+    t = trainer(callbacks=[ChainedOptimization(), Record()])
+    t.fit(ours, data(16))
+    ref = Regressor(None)
+    trainer(accumulate_grad_batches=ACCUMULATE, gradient_clip_val=CLIP).fit(ref, data(16))
+    for p, r in zip(ours.net.parameters(), ref.net.parameters()):
+        torch.testing.assert_close(p, r, rtol=0, atol=1e-10)
+    scale = float(gc.tree_get(t.optimizers[0].tx_state, "scale"))
+    assert scale > 2.0**10  # it grew: every step was finite, so the scaled loss was used
+    assert max(losses) < 100  # logged unscaled

@@ -27,13 +27,25 @@ from gradchain.clipping import ClipByNormState
 __all__ = ["ChainedOptimization"]
 
 
-class _WindowMemberResult(ClosureResult):
-    """Lightning's closure result without its division of the loss by
-    ``accumulate_grad_batches``: the chain's ``accumulate_every`` takes the mean itself."""
+def _result_class(opt: ChainedOptimizer, accumulates: bool) -> type[ClosureResult]:
+    """Lightning's closure result for this adapter: the loss that goes to ``backward`` is
+    multiplied by the chain's current loss scale (``opt.scale_loss``; the logged loss stays
+    unscaled), and, when the chain accumulates, not divided by ``accumulate_grad_batches``
+    (the chain's ``accumulate_every`` takes the mean itself)."""
 
-    @classmethod
-    def from_training_step_output(cls, training_step_output: Any, normalize: int = 1) -> Any:
-        return super().from_training_step_output(training_step_output, 1)
+    class _ChainedResult(ClosureResult):
+        @classmethod
+        def from_training_step_output(
+            cls, training_step_output: Any, normalize: int = 1
+        ) -> Any:
+            result = super().from_training_step_output(
+                training_step_output, 1 if accumulates else normalize
+            )
+            if result.closure_loss is not None:  # (result.loss, the logged copy, is unscaled)
+                result.closure_loss = opt.scale_loss(result.closure_loss)
+            return result
+
+    return _ChainedResult
 
 
 def _windows(state: Any) -> list[int]:
@@ -67,6 +79,12 @@ class ChainedOptimization(pl.Callback):
     * at the last batch of an epoch, calls the adapter's step with ``flush=True``: as
       Lightning steps on a partial last window, so does the chain (with the exact mean
       over the micro-batches it holds, where Lightning divides their sum by ``n``).
+
+    With or without accumulation, the loss Lightning back-propagates is multiplied by the
+    chain's current ``loss_scale`` (``opt.scale_loss``), so a chain with ``loss_scale()``
+    works in automatic optimization as in a hand-written loop (the logged loss is not
+    scaled). Use it instead of a ``GradScaler`` precision plugin (``"16-mixed"``), not with
+    one; ``"bf16-mixed"`` and the ``-true`` precisions have no scaler.
 
     A chain without ``accumulate_every`` needs nothing of this and is left alone (every
     call is then a step, as for Lightning). It refuses, naming both, what would do the
@@ -110,6 +128,7 @@ class ChainedOptimization(pl.Callback):
     def __init__(self) -> None:
         self._final = False  # the current batch is the last of the epoch
         self._strategy_class: type | None = None
+        self._result_cls: type[ClosureResult] | None = None
         self._handle: Any = None
 
     # ------------------------------------------------------------------ setup
@@ -142,6 +161,9 @@ class ChainedOptimization(pl.Callback):
                 "and the ChainedOptimizer's clip_by_norm would both clip: remove "
                 "gradient_clip_val from the Trainer (or clip_by_norm from the chain)"
             )
+        loop = trainer.fit_loop.epoch_loop.automatic_optimization
+        self._result_cls = loop.output_result_cls
+        loop.output_result_cls = _result_class(opt, bool(windows))
         if not windows:
             return
         every = windows[0]
@@ -166,9 +188,6 @@ class ChainedOptimization(pl.Callback):
                 "put gc.clip_by_norm(...) after accumulate_every in the chain"
             )
         trainer.accumulate_grad_batches = every
-        trainer.fit_loop.epoch_loop.automatic_optimization.output_result_cls = (
-            _WindowMemberResult
-        )
         strategy = trainer.strategy
         self._strategy_class = type(strategy)
         callback = self
@@ -204,4 +223,9 @@ class ChainedOptimization(pl.Callback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self._result_cls is not None:
+            trainer.fit_loop.epoch_loop.automatic_optimization.output_result_cls = (
+                self._result_cls
+            )
+            self._result_cls = None
         self._final = False
