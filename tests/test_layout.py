@@ -18,7 +18,7 @@ SRC = Path(gradchain.__file__).parent
 LAYERS: list[set[str]] = [
     {"_dist"},
     {"_tree"},
-    {"_ops", "_checks"},
+    {"_ops", "_checks", "_snapshot"},
     {"base"},
     {"gating", "state", "schedules", "checkpoint"},
     {"combine"},

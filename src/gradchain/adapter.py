@@ -14,6 +14,7 @@ import optree
 import torch
 
 from gradchain import gating
+from gradchain._snapshot import Snapshot
 from gradchain._tree import named_nodes
 from gradchain.base import GradientTransformation
 from gradchain.combine import chain_members
@@ -144,75 +145,6 @@ def _merge_states(old: Any, new: Any) -> Any:
 
 class _NonfiniteNormError(RuntimeError):
     """``clip_by_norm(error_if_nonfinite=True)`` refused the step (a refusal, not a fault)."""
-
-
-class _Snapshot:
-    """Parameters, optimizer state and param_groups as they were, to undo a failed step.
-
-    Tensors are copied (one copy of the parameters and of the optimizer's state tensors)
-    and restored in place into the original tensor objects, so references held elsewhere
-    (an EMA of the weights, a logger) stay valid. Other state values are deep-copied.
-
-    Copies of CPU tensors go into ``buffers``, kept from step to step: a fresh large CPU
-    allocation costs a page fault per page every step (measured: more than the copy
-    itself), while accelerator allocators recycle memory, so there the copies are
-    transient and their memory is free for activations between steps.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, buffers: list[torch.Tensor]) -> None:
-        self.optimizer = optimizer
-        self._buffers = buffers
-        self._used = 0
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        with torch.no_grad():
-            self.params = [(p, self._copy(p)) for p in params]
-            self.state: list[tuple[Any, dict[Any, Any], list[tuple[Any, Any, Any]]]] = []
-            for key, entry in optimizer.state.items():
-                values: list[tuple[Any, Any, Any]] = []
-                for k, v in entry.items():
-                    if isinstance(v, torch.Tensor):
-                        values.append((k, v, self._copy(v)))
-                    else:
-                        values.append((k, None, copy.deepcopy(v)))
-                self.state.append((key, entry, values))
-        self.groups = [dict(g) for g in optimizer.param_groups]
-        del self._buffers[self._used :]  # tensors that are gone since the last step
-
-    def _copy(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
-        if t.device.type != "cpu" or type(t) is not torch.Tensor:
-            return t.clone()
-        i, self._used = self._used, self._used + 1
-        if i < len(self._buffers):
-            buf = self._buffers[i]
-            if buf.shape == t.shape and buf.dtype == t.dtype and buf.stride() == t.stride():
-                return buf.copy_(t)
-            self._buffers[i] = buf = torch.empty_like(t)
-        else:
-            buf = torch.empty_like(t)
-            self._buffers.append(buf)
-        return buf.copy_(t)
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for p, saved in self.params:
-                p.copy_(saved)
-            state = self.optimizer.state
-            known = {id(key) for key, _, _ in self.state}
-            for key in [k for k in state if id(k) not in known]:
-                del state[key]  # state the failed step created (lazy init)
-            for key, entry, values in self.state:
-                entry.clear()
-                for k, orig, saved in values:
-                    if orig is not None and orig.shape == saved.shape:
-                        orig.copy_(saved)
-                        entry[k] = orig
-                    else:  # (a copy: a kept buffer is overwritten at the next step)
-                        entry[k] = saved.clone() if isinstance(saved, torch.Tensor) else saved
-                state[key] = entry
-        for group, saved_group in zip(self.optimizer.param_groups, self.groups):
-            group.clear()
-            group.update(saved_group)
 
 
 class ChainedOptimizer(torch.optim.Optimizer):
@@ -364,7 +296,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         """The per-instance attributes a new object and a copy start with (``_NOT_COPIED``)."""
         for name in _HOOK_TABLES:
             setattr(self, name, OrderedDict())
-        self._snapshot_buffers: list[torch.Tensor] = []  # see _Snapshot
+        self._snapshot_buffers: list[torch.Tensor] = []  # see Snapshot
         # (.grad tensor, its value before this step wrote into it), transactional only
         self._grad_backup: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._grad_buffers: list[torch.Tensor] = []  # kept CPU buffers for _grad_backup
@@ -657,7 +589,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
 
     def _backup_buffer(self, i: int, g: torch.Tensor) -> torch.Tensor:
         """The ``i``-th buffer for a copy of ``g``: on CPU kept from step to step (a fresh
-        large CPU allocation page-faults, see ``_Snapshot``), elsewhere a new one."""
+        large CPU allocation page-faults, see ``Snapshot``), elsewhere a new one."""
         if g.device.type != "cpu" or type(g) is not torch.Tensor:
             return torch.empty_like(g)
         bufs = self._grad_buffers
@@ -766,7 +698,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
             return None
         saved = (self.tx_state, self._before_seed, self._last_applied)
         placeholder = self._placeholder
-        snapshot: list[_Snapshot] = []  # taken just before the wrapped step, if transactional
+        snapshot: list[Snapshot] = []  # taken just before the wrapped step, if transactional
         self._grad_backup.clear()
         try:
             if self._reevaluates:
@@ -824,7 +756,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self,
         closure: Callable[[], Any] | None,
         groups: list[list[torch.Tensor]],
-        snapshot: list[_Snapshot],
+        snapshot: list[Snapshot],
         **extra: Any,
     ) -> Any:
         loss = None
@@ -854,7 +786,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
             return loss
         self._write_grads(groups, updates, new_state)
         if self.transactional:
-            snapshot.append(_Snapshot(self.optimizer, self._snapshot_buffers))
+            snapshot.append(Snapshot(self.optimizer, self._snapshot_buffers))
         self._drop_placeholder()
         self._wrapped_step()
         self.tx_state = new_state
@@ -866,7 +798,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self,
         closure: Callable[[], Any] | None,
         groups: list[list[torch.Tensor]],
-        snapshot: list[_Snapshot],
+        snapshot: list[Snapshot],
         **extra: Any,
     ) -> Any:
         if closure is None:
@@ -888,7 +820,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
             return loss
 
         if self.transactional:
-            snapshot.append(_Snapshot(self.optimizer, self._snapshot_buffers))
+            snapshot.append(Snapshot(self.optimizer, self._snapshot_buffers))
         self._drop_placeholder()
         loss = self._wrapped_step(wrapped)
         self.tx_state = box["state"]
