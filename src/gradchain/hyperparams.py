@@ -223,8 +223,29 @@ def inject_hyperparams(
                 values[name] = _scheduled(schedule(count), name)
             return values
 
-        def build(values: dict[str, torch.Tensor]) -> GradientTransformation:
-            return factory(**static, **values)
+        # The last build and the tensors it was built with. Building is pure (the factory
+        # reads the tensors when it runs), so while a step receives the very same tensor
+        # objects (constant hyperparameters: the state passes them on) the rule is reused
+        # rather than rebuilt: a memo, with no effect on any result. Not under
+        # torch.compile (it traces the build) nor torch.func (new wrappers every call).
+        memo: list[Any] = [(), None]
+
+        def build(values: dict[str, Any]) -> GradientTransformation:
+            key = tuple(values.values())
+            if torch.compiler.is_compiling() or any(
+                torch._C._functorch.is_functorch_wrapped_tensor(v) for v in key
+            ):
+                return factory(**static, **values)
+            last_key, last = memo
+            if last is not None and len(last_key) == len(key) and all(
+                a is b for a, b in zip(last_key, key)
+            ):
+                return last  # type: ignore[no-any-return]
+            built = factory(**static, **values)
+            memo[0], memo[1] = key, built
+            return built
+
+        names = set(numeric) | set(schedules)
 
         # One build at construction: the factory's own checks see the first values, and
         # whether the wrapped transformation is a gate is known.
@@ -247,10 +268,10 @@ def inject_hyperparams(
             **extra: Any,
         ) -> tuple[Updates, InjectHyperparamsState]:
             expect_state(state, InjectHyperparamsState, who)
-            if set(state.hyperparams) != set(numeric) | set(schedules):
+            if state.hyperparams.keys() != names:
                 raise ValueError(
                     f"{who}.update: the state holds hyperparameters {sorted(state.hyperparams)},"
-                    f" this transformation injects {sorted(set(numeric) | set(schedules))}"
+                    f" this transformation injects {sorted(names)}"
                 )
             values = values_at(state.count, state.hyperparams)
             inner = build(values)
@@ -266,9 +287,7 @@ def inject_hyperparams(
         ) -> FusedStep | None:
             """The binding for ``update_and_apply_``: the wrapped rule's own binding, called
             with the hyperparameters from the state (see :mod:`gradchain.optim._fused`)."""
-            if not isinstance(state, InjectHyperparamsState) or set(state.hyperparams) != (
-                set(numeric) | set(schedules)
-            ):
+            if not isinstance(state, InjectHyperparamsState) or state.hyperparams.keys() != names:
                 return None
             values = values_at(state.count, state.hyperparams)
             inner_plan = fused_plan_of(build(values))
