@@ -244,3 +244,43 @@ def test_update_and_apply_stays_fused_and_equals_torch_with_changed_hyperparams(
             assert torch.equal(params[k].detach(), ref[k].detach()), (name, t, k)
     assert int(state[1].count) == 6
     assert float(gc.tree_get(state, "lr")) == changes[4]["lr"]
+
+
+# --------------------------------------------------------------------------- against optax
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_against_optax_inject_hyperparams(scheduled):
+    """float64: the same trajectory as optax.inject_hyperparams(optax.adamw) with the lr and
+    weight_decay changed mid-run through the state (rel 1e-12), or the lr a schedule (the
+    schedules' values are float32 in both libraries and may round differently: rel 1e-6),
+    and the same logged lr (the value the last step used)."""
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    import numpy as np
+
+    jax.config.update("jax_enable_x64", True)
+    params = _params(torch.float64)
+    jparams = {k: jax.numpy.asarray(v.numpy()) for k, v in params.items()}
+    lr = gc.linear_schedule(1e-2, 1e-3, 5) if scheduled else 1e-2
+    ref_lr = optax.linear_schedule(1e-2, 1e-3, 5) if scheduled else 1e-2
+    tx = gc.inject_hyperparams(gc.adamw)(lr=lr, weight_decay=0.1)
+    ref = optax.inject_hyperparams(optax.adamw)(learning_rate=ref_lr, weight_decay=0.1, eps=1e-8)
+    state, ref_state = tx.init(params), ref.init(jparams)
+    rtol = 1e-6 if scheduled else 1e-12
+    for t in range(8):
+        if t == 3 and not scheduled:
+            state = gc.set_hyperparams(state, lr=3e-3)
+            ref_state.hyperparams["learning_rate"] = jax.numpy.asarray(3e-3)
+        if t == 5:
+            state = gc.set_hyperparams(state, weight_decay=0.3)
+            ref_state.hyperparams["weight_decay"] = jax.numpy.asarray(0.3)
+        g = _grads(t, torch.float64)
+        u, state = tx.update(g, state, params)
+        ru, ref_state = ref.update({k: jax.numpy.asarray(v.numpy()) for k, v in g.items()},
+                                   ref_state, jparams)
+        params = gc.apply_updates(params, u)
+        jparams = optax.apply_updates(jparams, ru)
+        for k in u:
+            np.testing.assert_allclose(params[k].numpy(), np.asarray(jparams[k]), rtol=rtol,
+                                       atol=0)
+        assert float(gc.tree_get(state, "lr")) == pytest.approx(
+            float(ref_state.hyperparams["learning_rate"]), rel=rtol)

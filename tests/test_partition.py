@@ -810,3 +810,26 @@ def test_masked_treats_a_class_registered_with_optree_as_a_tree():
     tx = gc.masked(gc.clip_by_value(0.5), lambda p: Module(False, True))
     out, _ = tx.update(grads, tx.init(params), params)
     assert torch.equal(out.w, grads.w) and torch.equal(out.b, torch.full((2,), 0.5))
+
+
+def test_named_chain_against_optax_named_chain():
+    """float64: the same updates as optax.named_chain on the same inputs, and the state
+    keyed by the same names."""
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    import numpy as np
+
+    jax.config.update("jax_enable_x64", True)
+    gen = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(3, 2, generator=gen, dtype=torch.float64)}
+    tx = gc.named_chain(("scale", gc.scale(0.5)), ("opt", gc.adam(1e-2)))
+    ref = optax.named_chain(("scale", optax.scale(0.5)), ("opt", optax.adam(1e-2, eps=1e-8)))
+    jp = {k: jax.numpy.asarray(v.numpy()) for k, v in params.items()}
+    state, ref_state = tx.init(params), ref.init(jp)
+    assert list(state._fields) == list(ref_state)
+    for _ in range(5):
+        g = {"w": torch.randn(3, 2, generator=gen, dtype=torch.float64)}
+        u, state = tx.update(g, state, params)
+        ru, ref_state = ref.update({"w": jax.numpy.asarray(g["w"].numpy())}, ref_state, jp)
+        np.testing.assert_allclose(u["w"].numpy(), np.asarray(ru["w"]), rtol=1e-12, atol=0)
+    assert int(gc.tree_get(state, "opt")[0].count) == int(ref_state["opt"][0].count) == 5
