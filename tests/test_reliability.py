@@ -91,7 +91,7 @@ CASES: list[Case] = [
     Case("ctor", 'gc.accumulate_every(0)', ValueError,
          "accumulate_every: n must be >= 1, got 0"),
     Case("ctor", 'gc.accumulate_every(2.0)', TypeError,
-         "accumulate_every: n must be an int >= 1, got float"),
+         "accumulate_every: n must be an int >= 1 or a schedule of the window count, got float"),
     Case("ctor", 'gc.accumulate_every(2, mean=1)', TypeError,
          "accumulate_every: mean must be a bool, got int"),
     Case("ctor", 'gc.accumulate_every(2, accumulator_dtype=torch.int32)', TypeError,
@@ -157,7 +157,7 @@ CASES: list[Case] = [
     Case("ctor", 'gc.scale_by_learning_rate("1e-3")', TypeError,
          "scale_by_learning_rate: learning_rate must be a float or a 1-element tensor, got str"),
     Case("ctor", 'gc.add_decayed_weights(None)', TypeError,
-         "add_decayed_weights: weight_decay must be a float, got NoneType"),
+         "add_decayed_weights: weight_decay must be a float or a 1-element tensor, got NoneType"),
     Case("ctor", 'gc.chain(gc.clip_by_norm(1.0), "adam")', TypeError,
          "chain: argument 1 must be a GradientTransformation (init, update), got str"),
     Case("ctor", 'gc.masked(gc.sgd(0.1), {"w": 1, "b": True}).init(P)', TypeError,
@@ -367,7 +367,7 @@ CASES: list[Case] = [
          ValueError,
          "from_state_dict: state.norm does not fit this transformation's state: expected a "
          "value (key missing), got a dict with keys ['accumulated', 'every', 'is_open', "
-         "'mini_step', 'nonempty', 'sums']"),
+         "'length', 'mini_step', 'nonempty', 'sums', 'windows']"),
     Case("state", 'gc.checkpoint.save("ckpt.pt", state)', TypeError,
          "checkpoint.save: obj[0] is a ScaleByAdamState, which torch.load(weights_only=True) "
          "cannot read back (a gradchain state: convert it with gc.to_state_dict(state)); save "
