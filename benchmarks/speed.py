@@ -12,6 +12,8 @@ Usage::
     python benchmarks/speed.py                    # both sets, all rows
     python benchmarks/speed.py --sets small --rounds 30
     python benchmarks/speed.py --smoke            # tiny set, one round: checks it runs (CI)
+    python benchmarks/speed.py --sets small --only-rules   # rows 7: the other torch.optim rules
+    python benchmarks/speed.py --rows 4           # only the rows whose name starts with "4"
 """
 
 from __future__ import annotations
@@ -82,6 +84,38 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
         level += delta
         peak = max(peak, level)
     return peak
+
+
+def kernel_seconds(fn: Callable[[], object], calls: int) -> float:
+    """Time per call spent inside torch ops (the top-level ops' durations, from the
+    profiler); the rest of a call's wall time is Python."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+
+    def outermost_op(e: object) -> bool:
+        # An aten op with no aten op above it (annotations such as Optimizer.step are
+        # Python, and are not ops).
+        if not e.name.startswith("aten::"):  # type: ignore[attr-defined]
+            return False
+        parent = e.cpu_parent  # type: ignore[attr-defined]
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    ops = [e for e in prof.events() if outermost_op(e)]
+    return sum(e.cpu_time_total for e in ops) / 1e6 / calls
+
+
+def python_us_per_call(fn: Callable[[], object], calls: int, rounds: int) -> tuple[float, float]:
+    """(wall, Python) microseconds per call: the median wall time, minus the time in torch
+    ops measured by the profiler."""
+    for _ in range(3):
+        fn()
+    wall = statistics.median(timed(fn, calls) for _ in range(rounds))
+    return wall * 1e6, (wall - kernel_seconds(fn, calls)) * 1e6
 
 
 def timed(fn: Callable[[], object], inner: int) -> float:
@@ -188,6 +222,37 @@ def build_rows(params: dict[str, torch.Tensor], compile_row3: bool) -> list[Row]
 
     rows.append(Row("3 clip+adamw fused", fused_inplace_step, torch_fused_step,
                     "update_and_apply_ (torch's fused kernel)"))
+
+    # 3'. the same with a no-decay partition vs AdamW(fused) with two param groups
+    labels = {k: "decay" if p.ndim == 2 else "no_decay" for k, p in params.items()}
+    nd_tx = gc.chain(gc.clip_by_norm(1.0), gc.partition(
+        {"decay": gc.adamw(1e-3, weight_decay=0.1), "no_decay": gc.adamw(1e-3, weight_decay=0.0)},
+        labels,
+    ))
+    nd_live = {k: torch.nn.Parameter(p.clone()) for k, p in params.items()}
+    nd_box = {"state": nd_tx.init(params)}
+    nd_donor = {k: g.clone() for k, g in grads.items()}
+    g_params = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    for p, g in zip(g_params, grads.values()):
+        p.grad = g.clone()
+    keys = list(params)
+    groups_opt = torch.optim.AdamW(
+        [{"params": [p for k, p in zip(keys, g_params) if labels[k] == "decay"],
+          "weight_decay": 0.1},
+         {"params": [p for k, p in zip(keys, g_params) if labels[k] == "no_decay"],
+          "weight_decay": 0.0}],
+        lr=1e-3, fused=True,
+    )
+
+    def nd_step() -> None:
+        nd_box["state"] = gc.update_and_apply_(nd_tx, nd_donor, nd_box["state"], nd_live)
+
+    def torch_groups_step() -> None:
+        torch.nn.utils.clip_grad_norm_(g_params, 1.0, foreach=True)
+        groups_opt.step()
+
+    rows.append(Row("3' no-decay partition fused", nd_step, torch_groups_step,
+                    "vs AdamW(fused) with two param groups"))
     if compile_row3:
         # The compiled in-place step: update_and_apply_ traced with fullgraph=True writes the
         # new params and state into the old tensors (inductor computes them in place).
@@ -223,20 +288,20 @@ def build_rows(params: dict[str, torch.Tensor], compile_row3: bool) -> list[Row]
         torch_fused_step()
 
     rows.append(Row("4 ChainedOptimizer", adapter_step, torch_fused_step_regrad,
-                    "transactional=True (default)"))
+                    "default (transactional=False; donates .grad)"))
 
     b_params = [torch.nn.Parameter(p.clone()) for p in params.values()]
     b_grads = [g.clone() for g in grads.values()]
-    fast_chained = gc.ChainedOptimizer(torch.optim.AdamW(b_params, lr=1e-3, fused=True),
-                                       gc.clip_by_norm(1.0), transactional=False)
+    safe_chained = gc.ChainedOptimizer(torch.optim.AdamW(b_params, lr=1e-3, fused=True),
+                                       gc.clip_by_norm(1.0), transactional=True)
 
-    def fast_adapter_step() -> None:
+    def safe_adapter_step() -> None:
         for p, g in zip(b_params, b_grads):
             p.grad = g
-        fast_chained.step()
+        safe_chained.step()
 
-    rows.append(Row("4' ChainedOptimizer", fast_adapter_step, torch_fused_step_regrad,
-                    "transactional=False (donates .grad)"))
+    rows.append(Row("4' ChainedOptimizer", safe_adapter_step, torch_fused_step_regrad,
+                    "transactional=True (snapshot per step)"))
 
     # 5. accumulate_every(4) micro-step that does not close vs one _foreach_add_
     acc = gc.accumulate_every(4)
@@ -308,6 +373,46 @@ def build_rows(params: dict[str, torch.Tensor], compile_row3: bool) -> list[Row]
     return rows
 
 
+# 7. every other torch.optim algorithm: update_and_apply_ (torch's own kernel through the
+# binding) vs the torch optimizer with the fastest flags it offers here.
+RULES = [
+    ("adagrad", "Adagrad", {"fused": True}),
+    ("adadelta", "Adadelta", {"foreach": True}),
+    ("adamax", "Adamax", {"foreach": True}),
+    ("nadam", "NAdam", {"foreach": True}),
+    ("radam", "RAdam", {"foreach": True}),
+    ("rmsprop", "RMSprop", {"foreach": True}),
+    ("rprop", "Rprop", {"foreach": True}),
+    ("asgd", "ASGD", {"foreach": True}),
+    ("adafactor", "Adafactor", {"foreach": True}),
+    ("muon", "Muon", {}),
+]
+
+
+def rule_rows(params: dict[str, torch.Tensor]) -> list[Row]:
+    rows: list[Row] = []
+    grads = fresh_grads(params, 1e-2)
+    for name, cls_name, flags in RULES:
+        # Muon takes the 2-D parameters only (the others go to another rule).
+        ps = {k: v for k, v in params.items() if name != "muon" or v.dim() == 2}
+        gs = {k: grads[k] for k in ps}
+        tx = getattr(gc, name)(lr=1e-3)
+        live = {k: p.clone() for k, p in ps.items()}
+        box = {"state": tx.init(live)}
+
+        def ours(tx: gc.GradientTransformation = tx, gs: dict = gs, live: dict = live,
+                 box: dict = box) -> None:
+            box["state"] = gc.update_and_apply_(tx, gs, box["state"], live)
+
+        t_params = [torch.nn.Parameter(p.clone()) for p in ps.values()]
+        for p, g in zip(t_params, gs.values()):
+            p.grad = g.clone()
+        opt = getattr(torch.optim, cls_name)(t_params, lr=1e-3, **flags)
+        flag = ", ".join(f"{k}=True" for k in flags) or "its only implementation"
+        rows.append(Row(f"7 {name}", ours, opt.step, f"update_and_apply_ vs {cls_name}({flag})"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=["small", "medium"], choices=list(SETS))
@@ -315,6 +420,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="add the compiled row 3")
     parser.add_argument("--smoke", action="store_true", help="tiny set, 1 round, no timing claims")
+    parser.add_argument("--rules", action="store_true",
+                        help="add rows 7: every other torch.optim algorithm (always in --smoke)")
+    parser.add_argument("--only-rules", action="store_true", help="rows 7 only")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="only rows whose name starts with one of these (e.g. 4 \"4'\")")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sets = ["tiny"] if args.smoke else args.sets
@@ -328,11 +438,25 @@ def main() -> None:
         params = gpt2_params(**SETS[name])
         n = sum(p.numel() for p in params.values())
         inner = 1 if args.smoke else (20 if name == "small" else 3)
-        for row in build_rows(params, compile_row3=args.compile):
+        rows = [] if args.only_rules else build_rows(params, compile_row3=args.compile)
+        if args.rules or args.only_rules or args.smoke:
+            rows += rule_rows(params)
+        for row in rows:
+            if args.rows and not any(row.name.split(" ")[0] == r for r in args.rows):
+                continue
             m = measure(row, rounds=rounds, inner=inner, warmup=0 if args.smoke else 2)
             print(f"{name:7} {row.name:28} {m['ours_ms']:12.3f} {m['torch_ms']:9.3f} "
                   f"{m['ratio']:6.2f} {m['ours_peak_mb']:8.1f} / {m['torch_peak_mb']:<8.1f}  "
                   f"{row.note}")
+        if name != "medium":
+            # Python per call: what a GPU user pays on every step (launch-bound kernels).
+            by_name = {row.name: row for row in build_rows(params, compile_row3=False)}
+            fused_row = by_name["3 clip+adamw fused"]
+            calls = 5 if args.smoke else 200
+            for who, fn in (("gradchain", fused_row.ours), ("torch", fused_row.theirs)):
+                wall, py = python_us_per_call(fn, calls, 1 if args.smoke else 5)
+                print(f"{name:7} python per call, clip+adamw fused step, {who:9}: "
+                      f"{py:7.1f} us of {wall:7.1f} us")
         print(f"({name}: {len(params)} tensors, {n / 1e6:.2f}M parameters)")
     if args.smoke:
         print("smoke run: sizes are tiny, the figures mean nothing")

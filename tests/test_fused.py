@@ -343,3 +343,48 @@ def test_gated_sgd_agrees_with_the_unfused_path(monkeypatch: pytest.MonkeyPatch)
     _assert_runs_agree(fused_run, ref)
     # a window with a dropped micro-step still applies (the mean of the rest)
     assert len(calls) == int(gc.tree_get(ref[1], gc.TraceState).count) == 4
+
+
+# --------------------------------------------------------------------------- param groups
+@pytest.mark.parametrize("clip", [False, True])
+def test_no_decay_partition_runs_fused_kernel_per_group(
+    clip: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """partition({decay: adamw(wd), no_decay: adamw(0)}) through update_and_apply_ is torch's
+    AdamW(fused=True) with two param groups, bit for bit, one kernel call per group."""
+    calls = _kernel_calls(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    ref.load_state_dict(model.state_dict())
+    # Keys in module order, so the global clip norm sums in torch's order.
+    params = dict(enumerate(model.parameters()))
+    ref_params = list(ref.parameters())
+    labels = {k: "decay" if p.ndim == 2 else "no_decay" for k, p in params.items()}
+    rule = gc.partition(
+        {"decay": gc.adamw(1e-2, weight_decay=0.1), "no_decay": gc.adamw(1e-2, weight_decay=0.0)},
+        labels,
+    )
+    tx = gc.chain(gc.clip_by_norm(1.0), rule) if clip else rule
+    state = tx.init({k: p.detach() for k, p in params.items()})
+    opt = torch.optim.AdamW(
+        [
+            {"params": [ref_params[k] for k in params if labels[k] == "decay"], "weight_decay": 0.1},
+            {"params": [ref_params[k] for k in params if labels[k] == "no_decay"],
+             "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+        fused=True,
+    )
+    for _ in range(10):
+        x = torch.randn(16, 4)
+        for module in (model, ref):
+            module.zero_grad()
+            module(x).pow(2).mean().backward()
+        state = gc.update_and_apply_(tx, {k: p.grad for k, p in params.items()}, state, params)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0, foreach=True)
+        opt.step()
+    assert calls == ["_fused_adamw_"] * 20
+    for k, p in params.items():
+        assert torch.equal(p, ref_params[k]), k

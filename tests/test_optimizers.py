@@ -173,7 +173,7 @@ SCHEDULES = {
     "cosine": lambda: gc.cosine_decay_schedule(0.05, decay_steps=60, alpha=0.1),
     "warmup_cosine": lambda: gc.warmup_cosine_decay_schedule(0.0, 0.05, 10, 80, end_value=1e-3),
     "step": lambda: gc.step_decay(0.05, step_size=7, gamma=0.5),
-    "exp": lambda: gc.exponential_decay(0.05, 0.97),
+    "exp": lambda: gc.exponential_decay(0.05, 1, 0.97),
 }
 
 

@@ -123,3 +123,18 @@ def betas(pair: Any, who: str) -> tuple[float, float]:
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise ValueError(f"{who}: betas must be a pair (beta1, beta2), got {pair!r}")
     return beta(pair[0], "betas[0]", who), beta(pair[1], "betas[1]", who)
+
+
+def in_range(
+    value: Any, name: str, who: str, lo: float = -math.inf, hi: float = math.inf,
+    lo_open: bool = False, hi_open: bool = False,
+) -> float:
+    """``value`` as a float checked against ``lo <= value <= hi`` (``<`` where open); the
+    message names the function, the argument, the value and the expected range."""
+    v = as_float(value, name, who)
+    ok = (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        left = "" if lo == -math.inf else f"{lo:g} {'<' if lo_open else '<='} "
+        right = "" if hi == math.inf else f" {'<' if hi_open else '<='} {hi:g}"
+        raise ValueError(f"{who}: invalid {name}={v!r}; expected {left}{name}{right}")
+    return v

@@ -33,7 +33,7 @@ def has_dtensor(tensors: Sequence[torch.Tensor]) -> bool:
     if module is None:
         return False
     dtensor = module.DTensor
-    return any(isinstance(t, dtensor) for t in tensors)
+    return any(issubclass(kind, dtensor) for kind in {type(t) for t in tensors})
 
 
 def local_parts(

@@ -141,6 +141,12 @@ def div_scalar(xs: list[torch.Tensor], s: Scalar) -> TList:
     return [x / s for x in xs]
 
 
+def add_scalar(xs: list[torch.Tensor], s: Scalar) -> TList:
+    if _fe(xs, scalar=s) and not isinstance(s, torch.Tensor):
+        return list(torch._foreach_add(xs, s))
+    return [x + s for x in xs]
+
+
 def lerp(xs: list[torch.Tensor], ys: list[torch.Tensor], weight: float) -> TList:
     if _fe(xs, ys):
         return list(torch._foreach_lerp(xs, ys, weight))
@@ -168,6 +174,30 @@ def maximum(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     if _fe(xs, ys):
         return list(torch._foreach_maximum(xs, ys))
     return [torch.maximum(x, y) for x, y in zip(xs, ys)]
+
+
+def abs(xs: list[torch.Tensor]) -> TList:
+    if _fe(xs):
+        return list(torch._foreach_abs(xs))
+    return [torch.abs(x) for x in xs]
+
+
+def sign(xs: list[torch.Tensor]) -> TList:
+    if _fe(xs):
+        return list(torch._foreach_sign(xs))
+    return [torch.sign(x) for x in xs]
+
+
+def rsqrt(xs: list[torch.Tensor]) -> TList:
+    if _fe(xs):
+        return list(torch._foreach_rsqrt(xs))
+    return [torch.rsqrt(x) for x in xs]
+
+
+def sub(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
+    if _fe(xs, ys):
+        return list(torch._foreach_sub(xs, ys))
+    return [x - y for x, y in zip(xs, ys)]
 
 
 def clamp(xs: list[torch.Tensor], lo: float, hi: float) -> TList:
@@ -344,11 +374,28 @@ def add_(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: float = 1.0) -> 
     return add(xs, ys, alpha=alpha)
 
 
+def div_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
+    if _fe(xs, ys):
+        torch._foreach_div_(xs, ys)
+        return xs
+    return [x / y for x, y in zip(xs, ys)]
+
+
 def div_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
     if _fe(xs, scalar=s):
         torch._foreach_div_(xs, s)
         return xs
     return [x / s for x in xs]
+
+
+def rdiv_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
+    """``s / x`` for owned ``xs``, computed as ``1 / (x / s)`` (torch's RAdam order; a zero
+    ``s`` gives zeros, not nans, wherever ``x`` is nonzero)."""
+    if _fe(xs, scalar=s):
+        torch._foreach_div_(xs, s)
+        torch._foreach_reciprocal_(xs)
+        return xs
+    return [torch.reciprocal(x / s) for x in xs]
 
 
 def add_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
@@ -445,21 +492,16 @@ def inplace_ok(xs: list[torch.Tensor], *others: list[torch.Tensor]) -> bool:
     """Whether donated ``xs`` can hold results computed with ``others`` bit for bit as the
     out-of-place path does: same dtypes leaf by leaf, no float16/bfloat16 (whose
     out-of-place maths may run in float32 and round once)."""
-    for lst in (xs, *others):
-        if len(lst) != len(xs):
-            return False
-    for i, x in enumerate(xs):
-        if x.dtype in (torch.float16, torch.bfloat16):
-            return False
-        if any(o[i].dtype != x.dtype for o in others):
-            return False
-    return True
+    dtypes = [x.dtype for x in xs]
+    if torch.float16 in dtypes or torch.bfloat16 in dtypes:
+        return False
+    return all(len(o) == len(xs) and [x.dtype for x in o] == dtypes for o in others)
 
 
 # --------------------------------------------------------------------------- norms
 def norm_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     """float32 at least, float64 if any tensor is float64."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.float64 if torch.float64 in {t.dtype for t in tensors} else torch.float32
 
 
 def global_norm(tensors: Sequence[torch.Tensor | None], norm_type: float = 2.0) -> torch.Tensor:
@@ -488,11 +530,13 @@ def global_norm(tensors: Sequence[torch.Tensor | None], norm_type: float = 2.0) 
         return torch.tensor(0.0)
     dtype = norm_dtype(ts)
     device = ts[0].device
-    # Empty tensors add nothing to a p-norm, and the inf-norm of one raises (no identity).
-    ts = [t for t in ts if t.numel() > 0]
-    if not ts:
-        return torch.zeros((), dtype=dtype, device=device)
     p = float(norm_type)
+    if math.isinf(p):
+        # The inf-norm of an empty tensor raises (a max has no identity); empty tensors add
+        # nothing to any norm (a p-norm of one is 0), so only this case filters them.
+        ts = [t for t in ts if t.numel() > 0]
+        if not ts:
+            return torch.zeros((), dtype=dtype, device=device)
     if _dist.has_dtensor(ts):
         return _sharded_global_norm(ts, p, dtype, device)
     stacked = torch.stack(_leaf_norms(ts, p, dtype, device))
@@ -506,10 +550,11 @@ def _leaf_norms(
     norms: list[torch.Tensor] = []
     for (group,) in group_by_device_dtype([(t,) for t in ts]):
         if use_foreach(group):
-            norms.extend(torch._foreach_norm(group, p, dtype=dtype))
+            found = list(torch._foreach_norm(group, p, dtype=dtype))
         else:
-            norms.extend(torch.linalg.vector_norm(t, p, dtype=dtype) for t in group)
-    return [n.to(device) for n in norms]
+            found = [torch.linalg.vector_norm(t, p, dtype=dtype) for t in group]
+        norms.extend(found if group[0].device == device else [n.to(device) for n in found])
+    return norms
 
 
 def _sharded_global_norm(
@@ -608,6 +653,14 @@ def scalar_dtype(device: torch.device) -> torch.dtype:
     """The dtype for scalar maths on ``device`` (bias corrections, schedules): float64, as
     torch.optim computes them on the host, except on MPS, which has no float64."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def state_scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim gives its per-parameter scalar state (``step``, NAdam's
+    ``mu_product``, ASGD's ``eta`` and ``mu``): float64 when the default dtype is float64,
+    else float32 (``torch.optim.optimizer._get_scalar_dtype``). Rules that keep such a
+    scalar in their state use it, so that they round it exactly as torch does."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def groups(xs: Sequence[torch.Tensor]) -> list[list[int]]:

@@ -266,7 +266,8 @@ def is_params_function(x: Any) -> bool:
 
 def _difference_message(diff: _tree.Difference, ref_name: str) -> str:
     if diff.kind == "type":
-        return f"at {diff.where or 'the root'} expected a {diff.expected}, got a {diff.got}"
+        expected, got = type(diff.expected).__name__, type(diff.got).__name__
+        return f"at {diff.where or 'the root'} expected a {expected}, got a {got}"
     if diff.kind == "missing":
         return f"{diff.key} is missing"
     if diff.kind == "extra":
@@ -706,4 +707,24 @@ def partition(
 
     if core.gated:
         mark_gate(update)
+    _PARTITIONS[update] = core
     return GradientTransformation(init, update)
+
+
+_PARTITIONS: weakref.WeakKeyDictionary[Callable[..., Any], _Members] = weakref.WeakKeyDictionary()
+
+
+def partition_groups(
+    tx: GradientTransformation, params: Params
+) -> dict[Hashable, tuple[GradientTransformation, list[int]]] | None:
+    """For ``tx`` made by :func:`partition` without gates: each label's member and the
+    leaf positions (in ``params``' flattening order) it owns; ``None`` otherwise. Drivers
+    that run members themselves (``update_and_apply_`` runs each group as torch's fused
+    kernel) use it; it reads the labels, never tensor values."""
+    core = _PARTITIONS.get(tx.update)
+    if core is None or core.gated:
+        return None
+    spec = _tree.flatten(params)[1]
+    groups = core._groups(core.labels_of(params, spec, params, "params"))
+    return {k: (t, groups[k]) for k, t in core.members.items()}
+

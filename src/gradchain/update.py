@@ -18,7 +18,7 @@ import torch
 
 from gradchain import _ops, _tree
 from gradchain.base import GradientTransformation, Params, Updates
-from gradchain.combine import chain, chain_members
+from gradchain.combine import PartitionState, chain, chain_members, partition_groups
 from gradchain.gating import GateWalk, as_tensor
 from gradchain.optim._fused import FusedStep, fused_plan_of
 
@@ -58,6 +58,10 @@ def _check_updates_fit(spec: Any, p_leaves: list[Any], u_leaves: list[Any], who:
     """Each update is ``None`` or a tensor of its param's shape: metadata checks, done before
     anything is changed (a broadcast would silently change the param's shape, and an
     in-place update could fail half-way)."""
+    if {type(x) for x in p_leaves} <= _tree.PLAIN and {type(x) for x in u_leaves} <= _tree.PLAIN:
+        # Whole-list comparison first (cheap); the loop below only runs to name a bad leaf.
+        if [x.shape for x in p_leaves] == [x.shape for x in u_leaves]:
+            return
     for i, (p, u) in enumerate(zip(p_leaves, u_leaves)):
         if u is None or p is None:
             continue
@@ -128,6 +132,12 @@ def _fused_step(
         plan = fused_plan_of(tx)
         if plan is not None:
             break
+        if isinstance(state, PartitionState):
+            groups = partition_groups(tx, _tree.unflatten(spec, p_leaves))
+            if groups is None:
+                return None
+            step = _partition_step(groups, state, spec, p_leaves, g_leaves)
+            return None if step is None else (levels, step)
         members = chain_members(tx)
         if not members or not isinstance(state, tuple) or len(state) != len(members):
             return None
@@ -135,6 +145,38 @@ def _fused_step(
         tx, state = members[-1], state[-1]
     step = plan(state, p_leaves, g_leaves, spec)
     return None if step is None else (levels, step)
+
+
+def _partition_step(
+    groups: dict[Any, tuple[GradientTransformation, list[int]]], state: PartitionState,
+    spec: Any, p_leaves: list[Any], g_leaves: list[Any],
+) -> FusedStep | None:
+    """One kernel step per parameter group of a ``partition`` whose members are all update
+    rules bound to a torch kernel (the usual "no weight decay on biases and norms": two
+    ``adamw`` with different ``weight_decay``), as torch's optimizer with one param group
+    per label runs them; ``None`` when a member is anything else."""
+    if set(groups) != set(state.inner_states):
+        return None
+    steps = {}
+    for label, (member, index) in groups.items():
+        plan = fused_plan_of(member)
+        if plan is None:
+            return None
+        mine = set(index)
+        sub_p = [p if i in mine else None for i, p in enumerate(p_leaves)]
+        sub_g = [g if i in mine else None for i, g in enumerate(g_leaves)]
+        step = plan(state.inner_states[label], sub_p, sub_g, spec)
+        if step is None:
+            return None
+        steps[label] = (step, mine)
+
+    def run(grads: list[Any], keep: torch.Tensor | None) -> PartitionState:
+        return PartitionState({
+            label: step([g if i in mine else None for i, g in enumerate(grads)], keep)
+            for label, (step, mine) in steps.items()
+        })
+
+    return run
 
 
 def _write_back(old: Any, new: Any) -> Any:
@@ -185,6 +227,14 @@ def update_and_apply_(
     …) (and, for ``sgd`` with ``dampening``, where its first step is known without a sync:
     CPU state); otherwise, and under ``torch.compile``, the call takes the unfused path
     above, with the same meaning.
+
+    The other rules of :mod:`gradchain.optim` are bound the same way to torch's own code
+    for them: ``adagrad`` to ``torch._fused_adagrad_``; ``adadelta``, ``adamax``,
+    ``nadam``, ``radam``, ``rmsprop``, ``rprop``, ``asgd`` and ``adafactor`` to torch's
+    foreach implementation (equal to ``torch.optim.<Name>(foreach=True)`` bit for bit) and
+    ``muon`` to torch's Muon step, on any device. Those kernels have no ``found_inf``: a
+    gate's flag is read on the host (free on CPU, one sync on an accelerator, as
+    ``GradScaler`` does for such optimizers). See the Optimizers page of the docs.
 
     Args:
         tx: the transformation (usually a chain).

@@ -27,9 +27,11 @@ from typing import Any
 import torch
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+from gradchain import _checks, _ops
 from gradchain._ops import known_float
-from gradchain._tree import PLAIN
+from gradchain._tree import PLAIN, flatten_like, group_by_device_dtype
 from gradchain.base import GradientTransformation, State
+from gradchain.transforms import ScaleByScheduleState
 
 FusedStep = Callable[[list[Any], "torch.Tensor | None"], State]
 FusedPlan = Callable[[State, list[Any], list[Any], Any], "FusedStep | None"]
@@ -55,12 +57,13 @@ def fused_plan_of(tx: GradientTransformation) -> FusedPlan | None:
 
 def fused_rows(
     p_leaves: Sequence[Any], g_leaves: Sequence[Any], buffers: Sequence[Sequence[Any]] = (),
-    *, devices: frozenset[str] = FUSED_DEVICES,
+    *, devices: frozenset[str] | None = FUSED_DEVICES,
 ) -> list[int] | None:
     """The positions where both a param and a gradient are present, if torch's kernels
     serve every one of them: plain tensors (params may be ``nn.Parameter``), dense, of one
     floating dtype per leaf shared by the gradient and each buffer (leaf lists aligned with
-    the params), same shapes and devices, on a device in ``devices``. ``None`` otherwise.
+    the params), same shapes and devices, on a device in ``devices`` (``None``: any device,
+    for torch's foreach implementations). ``None`` otherwise.
 
     Metadata only, and cheap (whole-list comparisons): this runs on every step.
     """
@@ -85,7 +88,7 @@ def fused_rows(
         if [x.shape for x in xs] != shapes or [x.device for x in xs] != devices_:
             return None
     for device, dtype in set(zip(devices_, dtypes)):
-        if not dtype.is_floating_point or device.type not in devices:
+        if not dtype.is_floating_point or (devices is not None and device.type not in devices):
             return None
     return idx
 
@@ -106,3 +109,151 @@ def found_inf(keep: torch.Tensor | None, device: torch.device) -> torch.Tensor |
 def advance(count: torch.Tensor, new: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """``new`` where the step applies (``keep`` is ``None`` or true), else ``count``."""
     return new if keep is None else torch.where(keep.to(new.device), new, count)
+
+
+def tick(count: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``count`` advanced by one where the step applies."""
+    return advance(count, _ops.safe_increment(count), keep)
+
+
+def lr_state_fits(state: Any, size: int, lr: Any) -> bool:
+    """Whether ``state`` is the state of a rule chain of ``size`` members ending in
+    ``scale_by_learning_rate(lr)`` (a :class:`~gradchain.ScaleByScheduleState` there when
+    ``lr`` is a schedule)."""
+    if not isinstance(state, tuple) or len(state) != size:
+        return False
+    return not _checks.is_schedule(lr) or isinstance(state[-1], ScaleByScheduleState)
+
+
+def step_lr(lr: Any, new_state: list[Any], keep: torch.Tensor | None) -> Any:
+    """The learning rate of this step as the kernels take it (see :func:`kernel_lr`); a
+    schedule's count (the rule chain's last member, in ``new_state``) advances where the
+    step applies."""
+    if not _checks.is_schedule(lr):
+        return kernel_lr(lr)
+    lr_state = new_state[-1]
+    new_state[-1] = lr_state._replace(count=tick(lr_state.count, keep))
+    return kernel_lr(lr(lr_state.count))
+
+
+def lr_on(lr: Any, device: torch.device) -> Any:
+    """A kernel learning rate (from :func:`step_lr`) for the kernel call on ``device``."""
+    return lr.to(device) if isinstance(lr, torch.Tensor) else lr
+
+
+def kernel_groups(
+    p_leaves: list[Any], grads: list[Any], rows: list[int], buffers: list[list[Any]]
+) -> list[tuple[list[Any], ...]]:
+    """Columns (params, grads, each buffer) per (device, dtype) group at ``rows`` (from
+    :func:`fused_rows`): one kernel call each."""
+    return group_by_device_dtype([(p_leaves[i], grads[i], *(b[i] for b in buffers)) for i in rows])
+
+
+# --------------------------------------------------------------------------- torch's foreach rules
+# Most torch.optim algorithms have no fused kernel; their binding runs torch's functional
+# foreach implementation (``torch.optim.<name>.<name>(..., foreach=True)``, what
+# ``torch.optim.<Name>(foreach=True)`` runs) on the state's own tensors, in place.
+RuleKernel = Callable[[list[Any], list[Any], list[list[Any]], list[torch.Tensor], Any, Any], Any]
+
+
+def gate_open(keep: torch.Tensor | None) -> bool:
+    """Whether a step a gate before the rule decided on device data applies, for kernels
+    without a ``found_inf`` argument: free on CPU (:func:`gradchain._ops.known_bool`),
+    otherwise one host read (``bool``), as ``GradScaler`` does for optimizers without a
+    fused kernel."""
+    if keep is None:
+        return True
+    known = _ops.known_bool(keep)
+    return bool(keep) if known is None else known
+
+
+def copies(t: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """``n`` separate 0-dim copies of ``t``, for torch code that keeps one scalar tensor per
+    parameter and updates each (``step``, NAdam's ``mu_product``, ASGD's ``eta``): views of
+    one new buffer (one allocation, not ``n``), never the same tensor repeated."""
+    return list(t.reshape(1).expand(n).clone().unbind(0))
+
+
+def step_tensors(count: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """torch's per-parameter ``step`` tensors for a rule whose count is ``count`` (before
+    this step), in torch's scalar-state dtype: :func:`copies`, since torch's foreach
+    kernels increment each of them."""
+    return copies(count.to(_ops.state_scalar_dtype()), n)
+
+
+def torch_rule_plan(
+    lr: Any, size: int, rule_at: int, cls: Any, fields: Sequence[tuple[int, str]],
+    kernel: RuleKernel, *, members: Sequence[tuple[int, Any]] = (), shaped: bool = True,
+) -> FusedPlan:
+    """The binding of an alias ``chain(..., rule, [more members], [scale_by_learning_rate])``
+    of ``size`` members whose state at ``rule_at`` is a ``cls`` to torch's ``kernel``.
+
+    ``fields`` names the per-parameter state trees handed to the kernel, as (offset from
+    ``rule_at``, field); ``members`` the other members with state the kernel updates (as
+    (offset, state class), e.g. rmsprop's momentum :class:`~gradchain.TraceState`), whose
+    ``count`` advances with the rule's. With ``shaped=False`` the trees are not shaped like
+    the params (factored moments) and only their dtypes and devices are checked.
+    ``kernel(params, grads, buffers, steps, lr, rule_state)`` runs torch's code in place
+    on the rows and returns the rule state's fields it replaced (a dict).
+    """
+    scheduled = _checks.is_schedule(lr)
+
+    def plan(state: Any, p_leaves: list[Any], g_leaves: list[Any], spec: Any) -> FusedStep | None:
+        if not isinstance(state, tuple) or len(state) != size:
+            return None
+        lr_state: Any = state[-1] if scheduled and rule_at != size - 1 else None
+        if lr_state is not None and not isinstance(lr_state, ScaleByScheduleState):
+            return None
+        st: Any = state[rule_at]
+        if not isinstance(st, cls) or not torch.is_tensor(st.count):
+            return None
+        for offset, member_cls in members:
+            if not isinstance(state[rule_at + offset], member_cls):
+                return None
+        try:
+            buffers = [
+                flatten_like(spec, getattr(state[rule_at + off], name), name, "params")
+                for off, name in fields
+            ]
+        except (TypeError, ValueError):
+            return None
+        rows = fused_rows(p_leaves, g_leaves, buffers if shaped else [], devices=None)
+        if not rows:
+            # No gradient at all: the generic path advances the rule's scalars as the pure
+            # update does (torch's code would skip them).
+            return None
+        if not shaped:
+            for b in buffers:
+                for i in rows:
+                    x, p = b[i], p_leaves[i]
+                    if type(x) is not torch.Tensor or x.dtype != p.dtype or x.device != p.device:
+                        return None
+
+        def step(grads: list[Any], keep: torch.Tensor | None) -> Any:
+            if not gate_open(keep):
+                return state
+            new_state = list(state)
+            lr_now: Any = lr
+            if lr_state is not None:
+                lr_now = lr(lr_state.count)
+                new_state[-1] = lr_state._replace(count=_ops.safe_increment(lr_state.count))
+            elif scheduled:
+                lr_now = lr(st.count)
+            replaced = kernel(
+                [p_leaves[i] for i in rows], [grads[i] for i in rows],
+                [[b[i] for i in rows] for b in buffers], step_tensors(st.count, len(rows)),
+                lr_now, st,
+            )
+            # The state's tensors were updated in place: the new state holds the same ones.
+            new_state[rule_at] = st._replace(count=_ops.safe_increment(st.count), **replaced)
+            for offset, _ in members:
+                other: Any = state[rule_at + offset]
+                new_state[rule_at + offset] = other._replace(
+                    count=_ops.safe_increment(other.count)
+                )
+            return tuple(new_state)
+
+        return step
+
+    return plan
+

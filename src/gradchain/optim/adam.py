@@ -17,7 +17,7 @@ import torch
 
 from gradchain import _checks, _ops
 from gradchain._ops import known_float
-from gradchain._tree import Leaves, flatten_like, group_by_device_dtype, unflatten
+from gradchain._tree import Leaves, flatten_like, unflatten
 from gradchain.base import GradientTransformation, Params, Updates, donation, expect_state
 from gradchain.combine import chain, is_params_function, masked
 from gradchain.optim._fused import (
@@ -27,11 +27,13 @@ from gradchain.optim._fused import (
     bind_fused,
     found_inf,
     fused_rows,
-    kernel_lr,
+    kernel_groups,
+    lr_on,
+    lr_state_fits,
+    step_lr,
 )
 from gradchain.transforms import (
     ScalarOrSchedule,
-    ScaleByScheduleState,
     add_decayed_weights,
     scale,
     scale_by_learning_rate,
@@ -233,26 +235,7 @@ def adam(
         >>> gc.apply_updates(params, updates)["w"]
         tensor([ 0.9000, -0.9000])
     """
-    fn = "adam"
-    amsgrad = _checks.as_bool(amsgrad, "amsgrad", fn)
-    maximize = _checks.as_bool(maximize, "maximize", fn)
-    lr = _checks.check_lr(lr, fn)
-    eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
-    b1, b2 = _checks.betas(betas, fn)
-    weight_decay = _checks.nonneg_scalar(weight_decay, "weight_decay", "weight_decay value", fn)
-    txs: list[GradientTransformation] = []
-    if maximize:
-        txs.append(scale(-1.0))
-    if _checks.maybe_nonzero(weight_decay):
-        txs.append(add_decayed_weights(weight_decay))
-    adam_at = len(txs)
-    txs.append(scale_by_adam(b1, b2, eps, amsgrad))
-    txs.append(scale_by_learning_rate(lr))
-    return bind_fused(
-        chain(*txs),
-        _adam_plan(False, lr, adam_at, len(txs), b1=b1, b2=b2, eps=eps,
-                   weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize),
-    )
+    return _adam_rule("adam", False, lr, betas, eps, weight_decay, amsgrad, maximize)
 
 
 def adamw(
@@ -326,27 +309,39 @@ def adamw(
         >>> updates["w"], updates["b"]
         (tensor([[-0.1500, -0.1500]]), tensor([-0.1000, -0.1000]))
     """
-    fn = "adamw"
+    return _adam_rule("adamw", True, lr, betas, eps, weight_decay, amsgrad, maximize, mask)
+
+
+def _adam_rule(
+    fn: str, decoupled: bool, lr: ScalarOrSchedule, betas: tuple[float, float], eps: float,
+    weight_decay: float | torch.Tensor, amsgrad: bool, maximize: bool, mask: Any = None,
+) -> GradientTransformation:
+    """``adam`` (L2 ``weight_decay`` added to the gradient) or ``adamw`` (``decoupled``:
+    the decay added to the direction, where ``mask`` says), validated as torch validates
+    them, as a chain bound to torch's fused kernel."""
     amsgrad = _checks.as_bool(amsgrad, "amsgrad", fn)
     maximize = _checks.as_bool(maximize, "maximize", fn)
     lr = _checks.check_lr(lr, fn)
     eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
     b1, b2 = _checks.betas(betas, fn)
     weight_decay = _checks.nonneg_scalar(weight_decay, "weight_decay", "weight_decay value", fn)
-    txs: list[GradientTransformation] = []
-    if maximize:
-        txs.append(scale(-1.0))
+    decay = []
+    if _checks.maybe_nonzero(weight_decay):
+        decay = [add_decayed_weights(weight_decay)]
+        if mask is not None:
+            decay = [masked(decay[0], mask)]
+    txs: list[GradientTransformation] = [scale(-1.0)] if maximize else []
+    if not decoupled:
+        txs += decay
     adam_at = len(txs)
     txs.append(scale_by_adam(b1, b2, eps, amsgrad))
-    if _checks.maybe_nonzero(weight_decay):
-        decay = add_decayed_weights(weight_decay)
-        txs.append(decay if mask is None else masked(decay, mask))
+    if decoupled:
+        txs += decay
     txs.append(scale_by_learning_rate(lr))
     return bind_fused(
         chain(*txs),
-        _adam_plan(True, lr, adam_at, len(txs), b1=b1, b2=b2, eps=eps,
-                   weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                   mask=mask),
+        _adam_plan(decoupled, lr, adam_at, len(txs), b1=b1, b2=b2, eps=eps,
+                   weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask),
     )
 
 
@@ -356,15 +351,11 @@ def _adam_plan(
     """``adam``'s / ``adamw``'s binding to ``torch._fused_adam_`` / ``_fused_adamw_`` (what
     ``torch.optim.Adam/AdamW(fused=True)`` runs), for :func:`~gradchain.update_and_apply_`;
     see :mod:`gradchain.optim._fused`."""
-    scheduled = _checks.is_schedule(lr)
     amsgrad = hyper["amsgrad"]
-    mask = hyper.get("mask")
+    mask = hyper["mask"]
 
     def plan(state: Any, p_leaves: list[Any], g_leaves: list[Any], spec: Any) -> FusedStep | None:
-        if not isinstance(state, tuple) or len(state) != size:
-            return None
-        lr_state = state[-1] if scheduled else None
-        if scheduled and not isinstance(lr_state, ScaleByScheduleState):
+        if not lr_state_fits(state, size, lr):
             return None
         st = state[adam_at]
         if not isinstance(st, ScaleByAdamState) or not torch.is_tensor(st.count):
@@ -388,27 +379,20 @@ def _adam_plan(
 
         def step(grads: list[Any], keep: torch.Tensor | None) -> Any:
             new_state = list(state)
-            lr_now: Any = lr
-            if lr_state is not None:
-                lr_now = lr(lr_state.count)  # type: ignore[operator]
-                new_state[-1] = lr_state._replace(
-                    count=advance(lr_state.count, _ops.safe_increment(lr_state.count), keep)
-                )
-            lr_now = kernel_lr(lr_now)
+            lr_now = step_lr(lr, new_state, keep)
             count = _ops.safe_increment(st.count)
             kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
             # With a mask, the leaves without decay are a second group (torch's param group
             # with weight_decay=0), each run by the same kernel.
             for decayed in (True, False):
-                table = [(p_leaves[i], grads[i], *(b[i] for b in buffers))
-                         for i in rows if decays[i] is decayed]
-                for cols in group_by_device_dtype(table):
+                subset = [i for i in rows if decays[i] is decayed]
+                for cols in kernel_groups(p_leaves, grads, subset, buffers):
                     device = cols[0][0].device
                     step_t = count.to(device, torch.float32)
                     kernel(
                         cols[0], cols[1], cols[2], cols[3], cols[4] if amsgrad else [],
                         [step_t] * len(cols[0]),
-                        lr=lr_now.to(device) if isinstance(lr_now, torch.Tensor) else lr_now,
+                        lr=lr_on(lr_now, device),
                         beta1=hyper["b1"], beta2=hyper["b2"],
                         weight_decay=weight_decay if decayed else 0.0,
                         eps=hyper["eps"], amsgrad=amsgrad, maximize=hyper["maximize"],

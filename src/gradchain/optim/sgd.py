@@ -24,21 +24,23 @@ import torch
 
 from gradchain import _checks, _ops
 from gradchain._ops import known_bool, known_float
-from gradchain._tree import Leaves, flatten_like, group_by_device_dtype
+from gradchain._tree import Leaves, flatten_like
 from gradchain.base import GradientTransformation, Params, Updates, donation, expect_state
 from gradchain.combine import chain
 from gradchain.optim._fused import (
     FusedPlan,
     FusedStep,
-    advance,
     bind_fused,
     found_inf,
     fused_rows,
-    kernel_lr,
+    kernel_groups,
+    lr_on,
+    lr_state_fits,
+    step_lr,
+    tick,
 )
 from gradchain.transforms import (
     ScalarOrSchedule,
-    ScaleByScheduleState,
     add_decayed_weights,
     scale,
     scale_by_learning_rate,
@@ -243,13 +245,9 @@ def _sgd_plan(
 ) -> FusedPlan:
     """``sgd``'s binding to ``torch._fused_sgd_`` (what ``torch.optim.SGD(fused=True)``
     runs), for :func:`~gradchain.update_and_apply_`; see :mod:`gradchain.optim._fused`."""
-    scheduled = _checks.is_schedule(lr)
 
     def plan(state: Any, p_leaves: list[Any], g_leaves: list[Any], spec: Any) -> FusedStep | None:
-        if not isinstance(state, tuple) or len(state) != size:
-            return None
-        lr_state = state[-1] if scheduled else None
-        if scheduled and not isinstance(lr_state, ScaleByScheduleState):
+        if not lr_state_fits(state, size, lr):
             return None
         tr = None if trace_at is None else state[trace_at]
         buffers: list[list[Any]] = []
@@ -276,29 +274,20 @@ def _sgd_plan(
 
         def step(grads: list[Any], keep: torch.Tensor | None) -> Any:
             new_state = list(state)
-            lr_now: Any = lr
-            if lr_state is not None:
-                lr_now = lr(lr_state.count)  # type: ignore[operator]
-                new_state[-1] = lr_state._replace(
-                    count=advance(lr_state.count, _ops.safe_increment(lr_state.count), keep)
-                )
-            lr_now = kernel_lr(lr_now)
-            table = [(p_leaves[i], grads[i], *(b[i] for b in buffers)) for i in rows]
-            for cols in group_by_device_dtype(table):
+            lr_now = step_lr(lr, new_state, keep)
+            for cols in kernel_groups(p_leaves, grads, rows, buffers):
                 device = cols[0][0].device
                 torch._fused_sgd_(
                     cols[0], cols[1], cols[2] if tr is not None else [],
                     weight_decay=weight_decay, momentum=hyper["momentum"],
-                    lr=lr_now.to(device) if isinstance(lr_now, torch.Tensor) else lr_now,
+                    lr=lr_on(lr_now, device),
                     dampening=hyper["dampening"], nesterov=hyper["nesterov"],
                     maximize=hyper["maximize"], is_first_step=bool(first),
                     found_inf=found_inf(keep, device),
                 )
             if tr is not None:
                 # The buffers were updated in place: the new state holds the same tensors.
-                new_state[trace_at] = tr._replace(  # type: ignore[index]
-                    count=advance(tr.count, _ops.safe_increment(tr.count), keep)
-                )
+                new_state[trace_at] = tr._replace(count=tick(tr.count, keep))  # type: ignore[index]
             return tuple(new_state)
 
         return step
