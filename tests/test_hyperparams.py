@@ -284,3 +284,73 @@ def test_against_optax_inject_hyperparams(scheduled):
                                        atol=0)
         assert float(gc.tree_get(state, "lr")) == pytest.approx(
             float(ref_state.hyperparams["learning_rate"]), rel=rtol)
+
+
+# --------------------------------------------------------------------------- every rule
+def _rules_with_an_lr():
+    import inspect
+
+    import gradchain.optim as optim
+
+    found = []
+    for name in optim.__all__:
+        f = getattr(optim, name)
+        if isinstance(f, type) or not callable(f):
+            continue
+        params = inspect.signature(f).parameters
+        lr = "lr" if "lr" in params else "learning_rate" if "learning_rate" in params else None
+        if lr is not None:
+            found.append(pytest.param(f, lr, id=name))
+    return found
+
+
+RULES = _rules_with_an_lr()
+
+
+def test_every_rule_is_covered():
+    assert len(RULES) >= 20  # sgd, adam, adamw, ... (a rule added to optim/ joins by itself)
+
+
+@pytest.mark.parametrize("rule, lr_name", RULES)
+def test_every_rule_takes_an_injected_lr_eager_compiled_and_fused(rule, lr_name):
+    """For every rule in gradchain.optim: the injected lr gives the plain rule's updates
+    (with the lr changed mid-run), a compiled update does not recompile when it changes,
+    and update_and_apply_ takes the rule's fused binding whenever the plain rule does, with
+    bit-equal results."""
+    gen = torch.Generator().manual_seed(7)
+    params = {"w": torch.randn(4, 3, generator=gen), "v": torch.randn(3, 3, generator=gen)}
+    grads = [{k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+             for _ in range(4)]
+    lrs = [1e-2, 1e-2, 3e-3, 3e-3]
+    tx = gc.inject_hyperparams(rule)(**{lr_name: lrs[0]})
+    # eager: the same updates as the plain rule rebuilt with each lr
+    state, plain_state = tx.init(params), rule(**{lr_name: lrs[0]}).init(params)
+    for g, lr in zip(grads, lrs):
+        state = gc.set_hyperparams(state, **{lr_name: lr})
+        u, state = tx.update(g, state, params)
+        pu, plain_state = rule(**{lr_name: lr}).update(g, plain_state, params)
+        assert_tree_equal(u, pu)
+    assert_tree_equal(state.inner_state, plain_state)
+    # compiled once for every lr
+    torch._dynamo.reset()
+    compiled = torch.compile(tx.update, fullgraph=True, backend="eager")
+    state = tx.init(params)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for g, lr in zip(grads, lrs):
+            state = gc.set_hyperparams(state, **{lr_name: lr})
+            _, state = compiled(g, state, params)
+    # fused: the binding is taken exactly when the plain rule's is, with the same results
+    live, plain_live = clone_tree(params), clone_tree(params)
+    state, plain_state = tx.init(live), rule(**{lr_name: lrs[0]}).init(plain_live)
+    p_leaves, spec = flatten(live)
+    plan, plain_plan = fused_plan_of(tx), fused_plan_of(rule(**{lr_name: lrs[0]}))
+    if plain_plan is not None:
+        g_leaves = spec.flatten_up_to(grads[0])
+        fits = plain_plan(plain_state, p_leaves, g_leaves, spec) is not None
+        assert (plan(state, p_leaves, g_leaves, spec) is not None) == fits
+    for g, lr in zip(grads, lrs):
+        state = gc.set_hyperparams(state, **{lr_name: lr})
+        state = gc.update_and_apply_(tx, clone_tree(g), state, live)
+        plain_state = gc.update_and_apply_(rule(**{lr_name: lr}), clone_tree(g), plain_state,
+                                           plain_live)
+        assert_tree_equal(live, plain_live)
