@@ -116,16 +116,17 @@ def inject_hyperparams(
 
     The factory is called again with tensors on every step (a few microseconds of Python),
     so it must accept a 0-dim tensor wherever a number is injected. The rules in
-    :mod:`gradchain.optim` do; which of their arguments may be tensors:
+    :mod:`gradchain.optim` do for their learning rate, every one of them (tested by
+    discovery: a rule added there is checked too); which arguments may be tensors:
 
-    ============================  ===============================================
-    rule                          hyperparameters that may be injected
-    ============================  ===============================================
-    ``sgd``                       ``lr``
-    ``adam``, ``adamw``           ``lr``
-    ``scale_by_learning_rate``    ``learning_rate``
-    ``scale``                     ``step_size``
-    ============================  ===============================================
+    ==========================================  =====================================
+    rule                                        hyperparameters that may be injected
+    ==========================================  =====================================
+    every rule in :mod:`gradchain.optim`        ``lr`` (``learning_rate``)
+    ``sgd``, ``adam``, ``adamw``                also ``weight_decay``
+    ``scale_by_learning_rate``                  ``learning_rate``
+    ``scale``, ``add_decayed_weights``          ``step_size``, ``weight_decay``
+    ==========================================  =====================================
 
     A factory that reads an injected value as a Python number (e.g. to decide its
     structure) raises when called with a tensor; list that argument in ``static_args``.
