@@ -833,3 +833,24 @@ def test_named_chain_against_optax_named_chain():
         ru, ref_state = ref.update({"w": jax.numpy.asarray(g["w"].numpy())}, ref_state, jp)
         np.testing.assert_allclose(u["w"].numpy(), np.asarray(ru["w"]), rtol=1e-12, atol=0)
     assert int(gc.tree_get(state, "opt")[0].count) == int(ref_state["opt"][0].count) == 5
+
+
+def test_named_chain_leading_accumulation_is_found_for_no_sync():
+    """ChainedOptimizer.no_sync needs the leading accumulate_every of the chain: a
+    named_chain's first member counts as a plain chain's does, and replacing it keeps the
+    state's type."""
+    from gradchain import gating
+
+    params = {"w": torch.zeros(2)}
+    tx = gc.named_chain(("acc", gc.accumulate_every(2)), ("opt", gc.sgd(0.1)))
+    state = tx.init(params)
+    found = gating.leading_window(state)
+    assert found is not None and found[0] is state.acc
+    new = gating.replace_leading(state, state.acc._replace(sums={"w": torch.ones(2)}))
+    assert type(new) is type(state) and torch.equal(new.acc.sums["w"], torch.ones(2))
+    nested = gc.chain(tx, gc.identity()).init(params)
+    assert gating.leading_window(nested)[0] is nested[0].acc
+    model = torch.nn.Linear(2, 1)
+    opt = gc.ChainedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                              gc.named_chain(("acc", gc.accumulate_every(2))))
+    assert opt.will_apply() is False
