@@ -794,3 +794,21 @@ def test_accumulate_schedule_checkpoint_and_validation():
     state = bad_later.init(PARAMS)
     with pytest.raises(ValueError, match="at window 1"):
         bad_later.update(_grads(0), state)
+
+
+def test_a_gate_behind_a_closed_nested_chain_checks_its_zero_views():
+    """Found by the laws (chain(chain(identity(), tx), skip_if_nonfinite()) with tx a
+    chain holding a gate): a closed chain emits broadcast zero views, and a later
+    skip_if_nonfinite must check them (GradScaler's kernel refuses self-overlapping
+    tensors)."""
+    inner = gc.chain(gc.skip_if_nonfinite(), gc.clip_by_norm(1.0), gc.adamw(1e-3))
+    tx = gc.chain(gc.chain(gc.identity(), inner), gc.skip_if_nonfinite())
+    params = {"w": torch.zeros(3), "e": torch.empty(2, 0)}
+    state = tx.init(params)
+    grads = {"w": torch.tensor([1.0, NAN, 2.0]), "e": torch.empty(2, 0)}
+    out, state = tx.update(grads, state, params)
+    assert not bool(gc.applied(state))
+    assert bool((out["w"] == 0).all())
+    assert int(state[1].total_skips) == 0  # zeros are finite: the second gate stays open
+    out, state = tx.update({"w": torch.ones(3), "e": torch.empty(2, 0)}, state, params)
+    assert bool(gc.applied(state))

@@ -244,3 +244,113 @@ def test_update_and_apply_stays_fused_and_equals_torch_with_changed_hyperparams(
             assert torch.equal(params[k].detach(), ref[k].detach()), (name, t, k)
     assert int(state[1].count) == 6
     assert float(gc.tree_get(state, "lr")) == changes[4]["lr"]
+
+
+# --------------------------------------------------------------------------- against optax
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_against_optax_inject_hyperparams(scheduled):
+    """float64: the same trajectory as optax.inject_hyperparams(optax.adamw) with the lr and
+    weight_decay changed mid-run through the state (rel 1e-12), or the lr a schedule (the
+    schedules' values are float32 in both libraries and may round differently: rel 1e-6),
+    and the same logged lr (the value the last step used)."""
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    import numpy as np
+
+    jax.config.update("jax_enable_x64", True)
+    params = _params(torch.float64)
+    jparams = {k: jax.numpy.asarray(v.numpy()) for k, v in params.items()}
+    lr = gc.linear_schedule(1e-2, 1e-3, 5) if scheduled else 1e-2
+    ref_lr = optax.linear_schedule(1e-2, 1e-3, 5) if scheduled else 1e-2
+    tx = gc.inject_hyperparams(gc.adamw)(lr=lr, weight_decay=0.1)
+    ref = optax.inject_hyperparams(optax.adamw)(learning_rate=ref_lr, weight_decay=0.1, eps=1e-8)
+    state, ref_state = tx.init(params), ref.init(jparams)
+    rtol = 1e-6 if scheduled else 1e-12
+    for t in range(8):
+        if t == 3 and not scheduled:
+            state = gc.set_hyperparams(state, lr=3e-3)
+            ref_state.hyperparams["learning_rate"] = jax.numpy.asarray(3e-3)
+        if t == 5:
+            state = gc.set_hyperparams(state, weight_decay=0.3)
+            ref_state.hyperparams["weight_decay"] = jax.numpy.asarray(0.3)
+        g = _grads(t, torch.float64)
+        u, state = tx.update(g, state, params)
+        ru, ref_state = ref.update({k: jax.numpy.asarray(v.numpy()) for k, v in g.items()},
+                                   ref_state, jparams)
+        params = gc.apply_updates(params, u)
+        jparams = optax.apply_updates(jparams, ru)
+        for k in u:
+            np.testing.assert_allclose(params[k].numpy(), np.asarray(jparams[k]), rtol=rtol,
+                                       atol=0)
+        assert float(gc.tree_get(state, "lr")) == pytest.approx(
+            float(ref_state.hyperparams["learning_rate"]), rel=rtol)
+
+
+# --------------------------------------------------------------------------- every rule
+def _rules_with_an_lr():
+    import inspect
+
+    import gradchain.optim as optim
+
+    found = []
+    for name in optim.__all__:
+        f = getattr(optim, name)
+        if isinstance(f, type) or not callable(f):
+            continue
+        params = inspect.signature(f).parameters
+        lr = "lr" if "lr" in params else "learning_rate" if "learning_rate" in params else None
+        if lr is not None:
+            found.append(pytest.param(f, lr, id=name))
+    return found
+
+
+RULES = _rules_with_an_lr()
+
+
+def test_every_rule_is_covered():
+    assert len(RULES) >= 20  # sgd, adam, adamw, ... (a rule added to optim/ joins by itself)
+
+
+@pytest.mark.parametrize("rule, lr_name", RULES)
+def test_every_rule_takes_an_injected_lr_eager_compiled_and_fused(rule, lr_name):
+    """For every rule in gradchain.optim: the injected lr gives the plain rule's updates
+    (with the lr changed mid-run), a compiled update does not recompile when it changes,
+    and update_and_apply_ takes the rule's fused binding whenever the plain rule does, with
+    bit-equal results."""
+    gen = torch.Generator().manual_seed(7)
+    params = {"w": torch.randn(4, 3, generator=gen), "v": torch.randn(3, 3, generator=gen)}
+    grads = [{k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+             for _ in range(4)]
+    lrs = [1e-2, 1e-2, 3e-3, 3e-3]
+    tx = gc.inject_hyperparams(rule)(**{lr_name: lrs[0]})
+    # eager: the same updates as the plain rule rebuilt with each lr
+    state, plain_state = tx.init(params), rule(**{lr_name: lrs[0]}).init(params)
+    for g, lr in zip(grads, lrs):
+        state = gc.set_hyperparams(state, **{lr_name: lr})
+        u, state = tx.update(g, state, params)
+        pu, plain_state = rule(**{lr_name: lr}).update(g, plain_state, params)
+        assert_tree_equal(u, pu)
+    assert_tree_equal(state.inner_state, plain_state)
+    # compiled once for every lr
+    torch._dynamo.reset()
+    compiled = torch.compile(tx.update, fullgraph=True, backend="eager")
+    state = tx.init(params)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for g, lr in zip(grads, lrs):
+            state = gc.set_hyperparams(state, **{lr_name: lr})
+            _, state = compiled(g, state, params)
+    # fused: the binding is taken exactly when the plain rule's is, with the same results
+    live, plain_live = clone_tree(params), clone_tree(params)
+    state, plain_state = tx.init(live), rule(**{lr_name: lrs[0]}).init(plain_live)
+    p_leaves, spec = flatten(live)
+    plan, plain_plan = fused_plan_of(tx), fused_plan_of(rule(**{lr_name: lrs[0]}))
+    if plain_plan is not None:
+        g_leaves = spec.flatten_up_to(grads[0])
+        fits = plain_plan(plain_state, p_leaves, g_leaves, spec) is not None
+        assert (plan(state, p_leaves, g_leaves, spec) is not None) == fits
+    for g, lr in zip(grads, lrs):
+        state = gc.set_hyperparams(state, **{lr_name: lr})
+        state = gc.update_and_apply_(tx, clone_tree(g), state, live)
+        plain_state = gc.update_and_apply_(rule(**{lr_name: lr}), clone_tree(g), plain_state,
+                                           plain_live)
+        assert_tree_equal(live, plain_live)

@@ -810,3 +810,47 @@ def test_masked_treats_a_class_registered_with_optree_as_a_tree():
     tx = gc.masked(gc.clip_by_value(0.5), lambda p: Module(False, True))
     out, _ = tx.update(grads, tx.init(params), params)
     assert torch.equal(out.w, grads.w) and torch.equal(out.b, torch.full((2,), 0.5))
+
+
+def test_named_chain_against_optax_named_chain():
+    """float64: the same updates as optax.named_chain on the same inputs, and the state
+    keyed by the same names."""
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    import numpy as np
+
+    jax.config.update("jax_enable_x64", True)
+    gen = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(3, 2, generator=gen, dtype=torch.float64)}
+    tx = gc.named_chain(("scale", gc.scale(0.5)), ("opt", gc.adam(1e-2)))
+    ref = optax.named_chain(("scale", optax.scale(0.5)), ("opt", optax.adam(1e-2, eps=1e-8)))
+    jp = {k: jax.numpy.asarray(v.numpy()) for k, v in params.items()}
+    state, ref_state = tx.init(params), ref.init(jp)
+    assert list(state._fields) == list(ref_state)
+    for _ in range(5):
+        g = {"w": torch.randn(3, 2, generator=gen, dtype=torch.float64)}
+        u, state = tx.update(g, state, params)
+        ru, ref_state = ref.update({"w": jax.numpy.asarray(g["w"].numpy())}, ref_state, jp)
+        np.testing.assert_allclose(u["w"].numpy(), np.asarray(ru["w"]), rtol=1e-12, atol=0)
+    assert int(gc.tree_get(state, "opt")[0].count) == int(ref_state["opt"][0].count) == 5
+
+
+def test_named_chain_leading_accumulation_is_found_for_no_sync():
+    """ChainedOptimizer.no_sync needs the leading accumulate_every of the chain: a
+    named_chain's first member counts as a plain chain's does, and replacing it keeps the
+    state's type."""
+    from gradchain import gating
+
+    params = {"w": torch.zeros(2)}
+    tx = gc.named_chain(("acc", gc.accumulate_every(2)), ("opt", gc.sgd(0.1)))
+    state = tx.init(params)
+    found = gating.leading_window(state)
+    assert found is not None and found[0] is state.acc
+    new = gating.replace_leading(state, state.acc._replace(sums={"w": torch.ones(2)}))
+    assert type(new) is type(state) and torch.equal(new.acc.sums["w"], torch.ones(2))
+    nested = gc.chain(tx, gc.identity()).init(params)
+    assert gating.leading_window(nested)[0] is nested[0].acc
+    model = torch.nn.Linear(2, 1)
+    opt = gc.ChainedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                              gc.named_chain(("acc", gc.accumulate_every(2))))
+    assert opt.will_apply() is False

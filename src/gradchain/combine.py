@@ -41,7 +41,7 @@ from gradchain.base import (
     donation,
     is_transformation,
 )
-from gradchain.gating import GateWalk, is_gate, mark_gate
+from gradchain.gating import CHAIN_STATE_ATTR, GateWalk, is_gate, mark_gate
 from gradchain.state import named_entries
 
 __all__ = [
@@ -239,6 +239,7 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
         members.append(tx)
     inner = chain(*members)
     state_type: Any = NamedTuple("NamedChainState", [(n, Any) for n in names])  # type: ignore[misc]
+    setattr(state_type, CHAIN_STATE_ATTR, True)  # a chain's state (see gating.leading_window)
 
     def init(params: Params) -> Any:
         return state_type(*inner.init(params))

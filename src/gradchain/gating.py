@@ -347,8 +347,17 @@ def next_call_closes(state: State) -> bool:
     return True
 
 
+# Set on the state types of chains whose state is a NamedTuple (named_chain): their first
+# member is the chain's first member, as for a plain tuple.
+CHAIN_STATE_ATTR = "_gradchain_chain_state"
+
+
+def _is_chain_state(state: State) -> bool:
+    return (type(state) is tuple or getattr(type(state), CHAIN_STATE_ATTR, False)) and bool(state)
+
+
 def _leading(state: State) -> State:
-    while type(state) is tuple and state:
+    while _is_chain_state(state):
         state = state[0]
     return state
 
@@ -365,9 +374,10 @@ def leading_window(state: State) -> tuple[Any, Window] | None:
 
 def replace_leading(state: State, node: Any) -> State:
     """``state`` with its leading gate state (see :func:`leading_window`) replaced."""
-    if type(state) is not tuple or not state:
+    if not _is_chain_state(state):
         return node
-    return (replace_leading(state[0], node), *state[1:])
+    items = (replace_leading(state[0], node), *state[1:])
+    return items if type(state) is tuple else type(state)(*items)
 
 
 # --------------------------------------------------------------------------- selects

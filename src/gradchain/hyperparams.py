@@ -116,16 +116,17 @@ def inject_hyperparams(
 
     The factory is called again with tensors on every step (a few microseconds of Python),
     so it must accept a 0-dim tensor wherever a number is injected. The rules in
-    :mod:`gradchain.optim` do; which of their arguments may be tensors:
+    :mod:`gradchain.optim` do for their learning rate, every one of them (tested by
+    discovery: a rule added there is checked too); which arguments may be tensors:
 
-    ============================  ===============================================
-    rule                          hyperparameters that may be injected
-    ============================  ===============================================
-    ``sgd``                       ``lr``
-    ``adam``, ``adamw``           ``lr``
-    ``scale_by_learning_rate``    ``learning_rate``
-    ``scale``                     ``step_size``
-    ============================  ===============================================
+    ==========================================  =====================================
+    rule                                        hyperparameters that may be injected
+    ==========================================  =====================================
+    every rule in :mod:`gradchain.optim`        ``lr`` (``learning_rate``)
+    ``sgd``, ``adam``, ``adamw``                also ``weight_decay``
+    ``scale_by_learning_rate``                  ``learning_rate``
+    ``scale``, ``add_decayed_weights``          ``step_size``, ``weight_decay``
+    ==========================================  =====================================
 
     A factory that reads an injected value as a Python number (e.g. to decide its
     structure) raises when called with a tensor; list that argument in ``static_args``.
@@ -223,8 +224,29 @@ def inject_hyperparams(
                 values[name] = _scheduled(schedule(count), name)
             return values
 
-        def build(values: dict[str, torch.Tensor]) -> GradientTransformation:
-            return factory(**static, **values)
+        # The last build and the tensors it was built with. Building is pure (the factory
+        # reads the tensors when it runs), so while a step receives the very same tensor
+        # objects (constant hyperparameters: the state passes them on) the rule is reused
+        # rather than rebuilt: a memo, with no effect on any result. Not under
+        # torch.compile (it traces the build) nor torch.func (new wrappers every call).
+        memo: list[Any] = [(), None]
+
+        def build(values: dict[str, Any]) -> GradientTransformation:
+            key = tuple(values.values())
+            if torch.compiler.is_compiling() or any(
+                torch._C._functorch.is_functorch_wrapped_tensor(v) for v in key
+            ):
+                return factory(**static, **values)
+            last_key, last = memo
+            if last is not None and len(last_key) == len(key) and all(
+                a is b for a, b in zip(last_key, key)
+            ):
+                return last  # type: ignore[no-any-return]
+            built = factory(**static, **values)
+            memo[0], memo[1] = key, built
+            return built
+
+        names = set(numeric) | set(schedules)
 
         # One build at construction: the factory's own checks see the first values, and
         # whether the wrapped transformation is a gate is known.
@@ -247,10 +269,10 @@ def inject_hyperparams(
             **extra: Any,
         ) -> tuple[Updates, InjectHyperparamsState]:
             expect_state(state, InjectHyperparamsState, who)
-            if set(state.hyperparams) != set(numeric) | set(schedules):
+            if state.hyperparams.keys() != names:
                 raise ValueError(
                     f"{who}.update: the state holds hyperparameters {sorted(state.hyperparams)},"
-                    f" this transformation injects {sorted(set(numeric) | set(schedules))}"
+                    f" this transformation injects {sorted(names)}"
                 )
             values = values_at(state.count, state.hyperparams)
             inner = build(values)
@@ -266,9 +288,7 @@ def inject_hyperparams(
         ) -> FusedStep | None:
             """The binding for ``update_and_apply_``: the wrapped rule's own binding, called
             with the hyperparameters from the state (see :mod:`gradchain.optim._fused`)."""
-            if not isinstance(state, InjectHyperparamsState) or set(state.hyperparams) != (
-                set(numeric) | set(schedules)
-            ):
+            if not isinstance(state, InjectHyperparamsState) or state.hyperparams.keys() != names:
                 return None
             values = values_at(state.count, state.hyperparams)
             inner_plan = fused_plan_of(build(values))
