@@ -64,7 +64,7 @@ def is_broadcast_view(x: torch.Tensor) -> bool:
     """Whether elements of ``x`` share memory: a stride-0 view, such as the zeros a closed
     gate emits (broadcast views of one 0-dim zero). In-place kernels refuse them, and
     nothing may write into them."""
-    return 0 in x.stride() and x.numel() > 1
+    return 0 in x.stride() and any(st == 0 and n > 1 for st, n in zip(x.stride(), x.shape))
 
 
 def known_int(t: torch.Tensor) -> int | None:
@@ -310,15 +310,6 @@ def all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
         # in-place AMP kernel below would be functionalized into copies of every gradient.
         norms = [torch.linalg.vector_norm(x, float("inf")) for x in xs]  # exact in any dtype
         return torch.stack([torch.isfinite(n).to(device) for n in norms]).all()
-    # GradScaler's kernel refuses tensors whose elements share memory (the broadcast zero
-    # views a closed gate emits): those are checked leaf by leaf.
-    shared = [x for x in xs if _self_overlapping(x)]
-    if shared:
-        xs = [x for x in xs if not _self_overlapping(x)]
-        rest = [torch.isfinite(x).all().to(device) for x in shared]
-        if xs:
-            rest.append(all_finite(xs).to(device))
-        return torch.stack(rest).all()
     if _fe(xs) and _HAS_AMP_CHECK:
         # GradScaler's fused kernel: with an inverse scale of 1 it only reads (no write),
         # one pass per (device, dtype) group; much faster than an inf-norm on CPU. Being an
@@ -336,12 +327,6 @@ def all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(finite).all() if len(finite) > 1 else finite[0]
     flags = [torch.isfinite(x).all().to(device) for x in xs]
     return torch.stack(flags).all()
-
-
-def _self_overlapping(x: torch.Tensor) -> bool:
-    """Whether elements of ``x`` share memory (a stride of 0 along a dimension of size > 1,
-    as in an ``expand``ed view)."""
-    return any(st == 0 and n > 1 for st, n in zip(x.stride(), x.shape))
 
 
 def _sharded_all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
