@@ -1,4 +1,4 @@
-"""Tests for gradchain.optimizers: torch.optim parity, None gradients, tracing, gradients
+"""Tests for gradchain.optim.sgd and .adam (and the blocks they use): torch.optim parity, None gradients, tracing, gradients
 through ``update``, state as data and argument validation."""
 
 from __future__ import annotations

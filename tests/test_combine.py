@@ -1,4 +1,4 @@
-"""Tests for gradchain.partition: masked and partition."""
+"""Tests for gradchain.combine: masked, partition and named_chain (chain itself: test_base)."""
 
 from __future__ import annotations
 
