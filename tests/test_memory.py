@@ -180,3 +180,42 @@ def test_the_measure_sees_temporaries() -> None:
     grads, before = _grads(), set()
     peak, out = _peak_bytes(update, grads, gc.EmptyState())
     assert peak > _new_bytes(out, before) + GRAD_BYTES + SLACK
+
+
+# The update rules added after the built-ins above: the pure update's temporaries beyond its
+# outputs and new state, in gradient sets. The target is at most one (as for the built-ins);
+# the rules listed with more are over it today (measured, not a goal).
+RULES: dict[str, tuple[Callable[[], gc.GradientTransformation], float]] = {
+    "adagrad": (lambda: gc.adagrad(1e-2), 1),
+    "adadelta": (lambda: gc.adadelta(), 1),
+    "adamax": (lambda: gc.adamax(), 1),
+    "radam": (lambda: gc.radam(), 1),
+    "rmsprop": (lambda: gc.rmsprop(centered=True, momentum=0.9), 1),
+    "asgd": (lambda: gc.asgd(), 1),
+    "adafactor": (lambda: gc.adafactor(), 1),
+    "lion": (lambda: gc.lion(), 1),
+    "lamb": (lambda: gc.lamb(), 1),
+    "lars": (lambda: gc.lars(0.1), 1),
+    "schedule_free_sgd": (lambda: gc.schedule_free_sgd(1e-2), 1),
+    "nadam": (lambda: gc.nadam(), 2),  # over the target
+    "rprop": (lambda: gc.rprop(), 2),  # over the target
+    "schedule_free_adamw": (lambda: gc.schedule_free_adamw(1e-3), 3),  # over the target
+}
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_pure_rule_update_temporaries(name: str) -> None:
+    make, sets = RULES[name]
+    tx = make()
+    params = _params()
+    state = tx.init(params)
+    for step in range(2):
+        grads = _grads()
+        before = _storages((grads, state, params))
+        peak, (updates, new_state) = _peak_bytes(tx.update, grads, state, params)
+        outputs = _new_bytes((updates, new_state), before)
+        assert peak <= outputs + sets * GRAD_BYTES + SLACK, (
+            f"{name} step {step}: peak {peak} B, outputs {outputs} B, "
+            f"bound {sets} gradient set(s) of {GRAD_BYTES} B"
+        )
+        state = new_state
