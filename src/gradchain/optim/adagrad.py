@@ -11,6 +11,7 @@ from gradchain import _checks, _ops
 from gradchain._tree import Leaves, flatten_like
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
+from gradchain.optim._alias import rule_chain
 from gradchain.optim._fused import (
     FusedPlan,
     FusedStep,
@@ -25,8 +26,6 @@ from gradchain.optim._fused import (
 )
 from gradchain.transforms import (
     add_decayed_weights,
-    scale,
-    scale_by_learning_rate,
 )
 
 __all__ = ["ScaleByAdagradState", "scale_by_adagrad", "adagrad"]
@@ -188,14 +187,10 @@ def adagrad(
     maximize = _checks.as_bool(maximize, "maximize", fn)
     lr = _checks.check_lr(lr, fn)
     weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
-    txs: list[GradientTransformation] = []
-    if maximize:
-        txs.append(scale(-1.0))
-    if weight_decay != 0:
-        txs.append(add_decayed_weights(weight_decay))
-    rule_at = len(txs)
-    txs.append(scale_by_adagrad(lr_decay, initial_accumulator_value, eps))
-    txs.append(scale_by_learning_rate(lr))
+    txs, rule_at = rule_chain(
+        scale_by_adagrad(lr_decay, initial_accumulator_value, eps), lr=lr, maximize=maximize,
+        decay=add_decayed_weights(weight_decay) if weight_decay != 0 else None,
+    )
     del foreach, differentiable, fused
     return bind_fused(chain(*txs), _adagrad_plan(
         lr, rule_at, len(txs), lr_decay=float(lr_decay), weight_decay=weight_decay,

@@ -20,6 +20,7 @@ from gradchain._ops import known_float
 from gradchain._tree import Leaves, flatten_like, unflatten
 from gradchain.base import GradientTransformation, Params, Updates, donation, expect_state
 from gradchain.combine import chain, is_params_function, masked
+from gradchain.optim._alias import rule_chain
 from gradchain.optim._fused import (
     FusedPlan,
     FusedStep,
@@ -35,8 +36,6 @@ from gradchain.optim._fused import (
 from gradchain.transforms import (
     ScalarOrSchedule,
     add_decayed_weights,
-    scale,
-    scale_by_learning_rate,
 )
 
 __all__ = ["ScaleByAdamState", "scale_by_adam", "adam", "adamw"]
@@ -325,19 +324,14 @@ def _adam_rule(
     eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
     b1, b2 = _checks.betas(betas, fn)
     weight_decay = _checks.nonneg_scalar(weight_decay, "weight_decay", "weight_decay value", fn)
-    decay = []
+    decay = None
     if _checks.maybe_nonzero(weight_decay):
-        decay = [add_decayed_weights(weight_decay)]
-        if mask is not None:
-            decay = [masked(decay[0], mask)]
-    txs: list[GradientTransformation] = [scale(-1.0)] if maximize else []
-    if not decoupled:
-        txs += decay
-    adam_at = len(txs)
-    txs.append(scale_by_adam(b1, b2, eps, amsgrad))
-    if decoupled:
-        txs += decay
-    txs.append(scale_by_learning_rate(lr))
+        decay = add_decayed_weights(weight_decay)
+        decay = decay if mask is None else masked(decay, mask)
+    txs, adam_at = rule_chain(
+        scale_by_adam(b1, b2, eps, amsgrad), lr=lr, maximize=maximize, decay=decay,
+        decoupled=decoupled,
+    )
     return bind_fused(
         chain(*txs),
         _adam_plan(decoupled, lr, adam_at, len(txs), b1=b1, b2=b2, eps=eps,

@@ -11,8 +11,9 @@ from gradchain import _checks, _ops
 from gradchain._tree import Leaves
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
+from gradchain.optim._alias import rule_chain
 from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
-from gradchain.transforms import add_decayed_weights, scale, scale_by_learning_rate
+from gradchain.transforms import add_decayed_weights
 
 __all__ = ["ScaleByAdamaxState", "scale_by_adamax", "adamax"]
 
@@ -166,14 +167,10 @@ def adamax(
     b1, b2 = _checks.betas(betas, fn)
     weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
     del foreach, differentiable, capturable
-    txs: list[GradientTransformation] = []
-    if maximize:
-        txs.append(scale(-1.0))
-    if weight_decay != 0:
-        txs.append(add_decayed_weights(weight_decay))
-    rule_at = len(txs)
-    txs.append(scale_by_adamax(b1, b2, eps))
-    txs.append(scale_by_learning_rate(lr))
+    txs, rule_at = rule_chain(
+        scale_by_adamax(b1, b2, eps), lr=lr, maximize=maximize,
+        decay=add_decayed_weights(weight_decay) if weight_decay != 0 else None,
+    )
     return bind_fused(chain(*txs), _adamax_plan(lr, rule_at, len(txs), beta1=b1, beta2=b2, eps=eps,
                                                 weight_decay=weight_decay, maximize=maximize))
 

@@ -11,8 +11,9 @@ from gradchain import _checks, _ops
 from gradchain._tree import Leaves
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
+from gradchain.optim._alias import rule_chain
 from gradchain.optim._fused import FusedPlan, bind_fused, copies, torch_rule_plan
-from gradchain.transforms import add_decayed_weights, scale, scale_by_learning_rate
+from gradchain.transforms import add_decayed_weights
 
 __all__ = ["ScaleByNadamState", "scale_by_nadam", "nadam"]
 
@@ -207,16 +208,11 @@ def nadam(
     weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
     momentum_decay = _checks.nonneg(momentum_decay, "momentum_decay", "momentum_decay value", fn)
     del foreach, capturable, differentiable
-    txs: list[GradientTransformation] = []
-    if maximize:
-        txs.append(scale(-1.0))
-    if weight_decay != 0 and not decoupled_weight_decay:
-        txs.append(add_decayed_weights(weight_decay))
-    rule_at = len(txs)
-    txs.append(scale_by_nadam(b1, b2, eps, momentum_decay))
-    if weight_decay != 0 and decoupled_weight_decay:
-        txs.append(add_decayed_weights(weight_decay))
-    txs.append(scale_by_learning_rate(lr))
+    txs, rule_at = rule_chain(
+        scale_by_nadam(b1, b2, eps, momentum_decay), lr=lr, maximize=maximize,
+        decay=add_decayed_weights(weight_decay) if weight_decay != 0 else None,
+        decoupled=decoupled_weight_decay,
+    )
     return bind_fused(chain(*txs), _nadam_plan(
         lr, rule_at, len(txs), beta1=b1, beta2=b2, eps=eps, weight_decay=weight_decay,
         momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize))

@@ -11,9 +11,10 @@ from gradchain import _checks, _ops
 from gradchain._tree import Leaves
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
+from gradchain.optim._alias import rule_chain
 from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
 from gradchain.optim.sgd import TraceState, trace
-from gradchain.transforms import add_decayed_weights, scale, scale_by_learning_rate
+from gradchain.transforms import add_decayed_weights
 
 __all__ = ["ScaleByRmspropState", "scale_by_rmsprop", "rmsprop"]
 
@@ -179,16 +180,11 @@ def rmsprop(
     weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
     alpha = _checks.nonneg(alpha, "alpha", "alpha value", fn)
     del capturable, foreach, differentiable
-    txs: list[GradientTransformation] = []
-    if maximize:
-        txs.append(scale(-1.0))
-    if weight_decay != 0:
-        txs.append(add_decayed_weights(weight_decay))
-    rule_at = len(txs)
-    txs.append(scale_by_rmsprop(alpha, eps, centered))
-    if momentum > 0:
-        txs.append(trace(momentum))
-    txs.append(scale_by_learning_rate(lr))
+    txs, rule_at = rule_chain(
+        scale_by_rmsprop(alpha, eps, centered), lr=lr, maximize=maximize,
+        decay=add_decayed_weights(weight_decay) if weight_decay != 0 else None,
+        after=[trace(momentum)] if momentum > 0 else [],
+    )
     return bind_fused(chain(*txs), _rmsprop_plan(
         lr, rule_at, len(txs), alpha=alpha, eps=eps, weight_decay=weight_decay,
         momentum=momentum, centered=centered, maximize=maximize))
