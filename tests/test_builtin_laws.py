@@ -87,6 +87,22 @@ BUILTINS: dict[str, Callable[[], gc.GradientTransformation]] = {
         gc.clip_by_value(1.0),
         gc.sgd(0.1, momentum=0.9),
     ),
+    "skip_if_nonfinite(max_consecutive_errors)": lambda: gc.skip_if_nonfinite(
+        max_consecutive_errors=100
+    ),
+    "accumulate_every(schedule)": lambda: gc.accumulate_every(
+        lambda w: torch.where(w < 1, 1, 2)
+    ),
+    "adamw(mask)": lambda: gc.adamw(1e-3, weight_decay=0.1, mask=gst.every_other_leaf),
+    "named_chain(skip, clip, adamw)": lambda: gc.named_chain(
+        ("skip", gc.skip_if_nonfinite()), ("clip", gc.clip_by_norm(1.0)), ("opt", gc.adamw(1e-3))
+    ),
+    "inject_hyperparams(adamw)": lambda: gc.inject_hyperparams(gc.adamw)(
+        lr=1e-3, weight_decay=0.1
+    ),
+    "inject_hyperparams(sgd, schedule)": lambda: gc.inject_hyperparams(
+        gc.sgd, static_args=("momentum",)
+    )(lr=gc.linear_schedule(0.1, 0.0, 10), momentum=0.9),
     "chain(accumulate, loss_scale, clip, adam)": lambda: gc.chain(
         gc.accumulate_every(2),
         gc.loss_scale(init_scale=8.0),
@@ -101,11 +117,17 @@ BUILTINS: dict[str, Callable[[], gc.GradientTransformation]] = {
 PARTNERS = gst.transformations(combinators=False)
 
 
+# The law that cannot hold, and why: skip_if_nonfinite(max_consecutive_errors=N) gives up
+# by raising, which vmap cannot express per member, so it refuses a batched state (tested
+# in tests/test_gates.py).
+NO_VMAP = {"skip_if_nonfinite(max_consecutive_errors)"}
+
+
 @pytest.mark.parametrize("name", list(BUILTINS))
 def test_builtin_obeys_every_law(name: str) -> None:
     check_transformation(
         BUILTINS[name](),
-        vmap=True,
+        vmap=name not in NO_VMAP,
         chain_laws=True,
         chain_partners=PARTNERS,
         compile=True,

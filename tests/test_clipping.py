@@ -363,3 +363,136 @@ def test_gradients_flow_through_clip_by_norm():
     (grad,) = torch.autograd.grad(loss_of_grad(gw), gw)
     assert bool((grad != 0).any())
     assert torch.autograd.gradcheck(loss_of_grad, (gw,))
+
+
+# --------------------------------------------------------------------------- optax's other clips
+from gradchain.clipping import (  # noqa: E402
+    adaptive_grad_clip,
+    clip_by_block_rms,
+    per_example_global_norm_clip,
+)
+from gradchain.testing import check_transformation  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ox():
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield jax, optax
+    jax.config.update("jax_enable_x64", before)
+
+
+def _j(t):
+    import jax.numpy as jnp
+
+    return jnp.asarray(t.detach().numpy())
+
+
+def _rel(ours: torch.Tensor, theirs) -> float:
+    import numpy as np
+
+    want = np.asarray(theirs, dtype=np.float64)
+    got = ours.detach().numpy()
+    scale = max(float(np.abs(want).max(initial=0.0)), 1e-300)
+    return float(np.abs(got - want).max(initial=0.0)) / scale
+
+
+def _agc_tree(seed: int) -> tuple[dict, dict]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"w": (5, 4), "conv": (3, 2, 3, 3), "b": (5,), "s": ()}
+    params = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+    params["w"][1] = 0.0  # a zero-initialised unit: eps floor
+    # Gradients whose unit norms straddle 0.1 x the param norms: some units clipped.
+    grads = {k: torch.randn(s, generator=gen, dtype=torch.float64) * (0.02 if k == "b" else 0.2)
+             for k, s in shapes.items()}
+    return params, grads
+
+
+_TO_FLAX = {"w": lambda t: t.T, "conv": lambda t: t.permute(2, 3, 1, 0), "b": lambda t: t,
+            "s": lambda t: t}
+
+
+def test_adaptive_grad_clip_matches_optax_on_flax_layout(ox):
+    """torch's (out, in[, kh, kw]) units are flax's (in, out) / (kh, kw, in, out) ones."""
+    _, optax = ox
+    worst = 0.0
+    for seed in range(3):
+        params, grads = _agc_tree(seed)
+        tx = adaptive_grad_clip(0.1)
+        out, _ = tx.update(grads, tx.init(params), params)
+        ref = optax.adaptive_grad_clip(0.1)
+        jp = {k: _j(_TO_FLAX[k](v)) for k, v in params.items()}
+        jg = {k: _j(_TO_FLAX[k](v)) for k, v in grads.items()}
+        want, _ = ref.update(jg, ref.init(jp), jp)
+        for k in params:
+            worst = max(worst, _rel(_TO_FLAX[k](out[k]), want[k]))
+        assert not torch.equal(out["w"], grads["w"])  # something was clipped
+    assert worst <= 1e-15, worst
+
+
+def test_adaptive_grad_clip_explicit_axis_matches_optax(ox):
+    _, optax = ox
+    params, grads = _agc_tree(5)
+    params, grads = {"w": params["w"]}, {"w": grads["w"]}
+    for axis in (0, 1, (0, 1)):
+        tx = adaptive_grad_clip(0.05, eps=1e-2, axis=axis)
+        out, _ = tx.update(grads, tx.init(params), params)
+        ref = optax.adaptive_grad_clip(0.05, eps=1e-2, axis=axis)
+        jp, jg = {"w": _j(params["w"])}, {"w": _j(grads["w"])}
+        want, _ = ref.update(jg, ref.init(jp), jp)
+        assert _rel(out["w"], want["w"]) <= 1e-15, axis
+
+
+def test_clip_by_block_rms_matches_optax(ox):
+    _, optax = ox
+    gen = torch.Generator().manual_seed(0)
+    grads = {"a": 3 * torch.randn(4, 5, generator=gen, dtype=torch.float64),
+             "b": 0.1 * torch.randn(7, generator=gen, dtype=torch.float64),
+             "s": torch.tensor(5.0, dtype=torch.float64)}
+    tx = clip_by_block_rms(1.0)
+    out, _ = tx.update(grads, tx.init(grads))
+    ref = optax.clip_by_block_rms(1.0)
+    want, _ = ref.update({k: _j(v) for k, v in grads.items()}, ref.init(None))
+    assert max(_rel(out[k], want[k]) for k in grads) <= 1e-15
+    assert torch.equal(out["b"], grads["b"])  # under the threshold: untouched
+
+
+@pytest.mark.parametrize("clip", [math.inf, 0.0, 1.25, 3.0])
+def test_per_example_global_norm_clip_matches_optax(ox, clip):
+    _, optax = ox
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(6, 3, generator=gen, dtype=torch.float64),
+             torch.randn(6, 2, 2, generator=gen, dtype=torch.float64)]
+    grads[0][2] = 0.0
+    grads[1][2] = 0.0  # a zero example: 0/0 coefficient is 1, as optax
+    out, n = per_example_global_norm_clip(grads, clip)
+    want, wn = optax.per_example_global_norm_clip([_j(g) for g in grads], clip)
+    assert max(_rel(o, w) for o, w in zip(out, want)) <= 1e-15
+    assert int(n) == int(wn) and n.dtype == torch.int64
+
+
+def test_per_example_global_norm_clip_errors_name_the_leaf():
+    with pytest.raises(ValueError, match=r"grads\['b'\] has batch size 3"):
+        per_example_global_norm_clip({"a": torch.ones(2, 1), "b": torch.ones(3)}, 1.0)
+    with pytest.raises(ValueError, match=r"grads\['s'\] must be a tensor with a batch"):
+        per_example_global_norm_clip({"a": torch.ones(2, 1), "s": torch.tensor(1.0)}, 1.0)
+    with pytest.raises(ValueError, match="l2_norm_clip must be >= 0"):
+        per_example_global_norm_clip([torch.ones(2, 1)], -1.0)
+
+
+def test_adaptive_grad_clip_needs_params_and_valid_arguments():
+    tx = adaptive_grad_clip(0.1)
+    with pytest.raises(ValueError, match="params are required"):
+        tx.update({"w": torch.ones(2)}, tx.init(None))
+    with pytest.raises(ValueError, match="clipping must be > 0"):
+        adaptive_grad_clip(0.0)
+    with pytest.raises(ValueError, match="threshold must be > 0"):
+        clip_by_block_rms(-1.0)
+
+
+@pytest.mark.parametrize("make", [lambda: adaptive_grad_clip(0.1), lambda: clip_by_block_rms(0.5)],
+                         ids=["adaptive_grad_clip", "clip_by_block_rms"])
+def test_new_clips_obey_the_laws(make):
+    check_transformation(make(), vmap=True, max_examples=15)

@@ -605,3 +605,192 @@ def test_gradients_flow_through_update(name):
     (grad,) = torch.autograd.grad(loss_of_grad(gw), gw)
     assert bool((grad != 0).any())
     assert torch.autograd.gradcheck(loss_of_grad, (gw,))
+
+
+# =========================================================================== give-up / k schedule
+def _optax():
+    optax = pytest.importorskip("optax")
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    return jax, optax
+
+
+def _finite_pattern_steps(pattern):
+    """float64 gradients, non-finite where ``pattern`` has an ``x``."""
+    return [_grads(i, torch.float64, bad=NAN if c == "x" else None) for i, c in enumerate(pattern)]
+
+
+@pytest.mark.parametrize("limit", [0, 2])
+@pytest.mark.parametrize("pattern_kind", ["below", "above"])
+def test_skip_give_up_against_optax_apply_if_finite(limit, pattern_kind):
+    """Up to ``limit`` non-finite steps in a row: the same skips, outputs and counters as
+    optax.apply_if_finite(inner, limit). One more: optax passes the non-finite update on,
+    gradchain raises FloatingPointError with the inputs untouched."""
+    jax, optax = _optax()
+    import numpy as np
+
+    run = "x" * limit
+    # below: every run of non-finite steps is at most ``limit`` long; above: one run of
+    # limit + 1 (the last step).
+    pattern = f"..{run}.{run}." if pattern_kind == "below" else f".{run}.{run}x"
+    steps = _finite_pattern_steps(pattern)
+    params = {k: v.double() + 1.0 for k, v in PARAMS.items()}
+    tx = gc.chain(gc.skip_if_nonfinite(max_consecutive_errors=limit), gc.sgd(0.1, momentum=0.9))
+    ref = optax.apply_if_finite(optax.sgd(0.1, momentum=0.9), limit)
+    jparams = {k: jax.numpy.asarray(v.numpy()) for k, v in params.items()}
+    state, ref_state = tx.init(params), ref.init(jparams)
+    for i, g in enumerate(steps):
+        ref_out, ref_state = ref.update({k: jax.numpy.asarray(v.numpy()) for k, v in g.items()},
+                                        ref_state, jparams)
+        ref_passed_nonfinite = not all(bool(np.isfinite(np.asarray(v)).all())
+                                       for v in ref_out.values())
+        if ref_passed_nonfinite:
+            # optax gives up here: gradchain raises instead, and nothing was touched.
+            assert pattern_kind == "above" and i == len(steps) - 1
+            before = clone_tree(state)
+            with pytest.raises(FloatingPointError, match=f"max_consecutive_errors={limit}"):
+                tx.update(g, state, params)
+            assert_tree_equal(state, before)
+            return
+        out, state = tx.update(g, state, params)
+        for k in out:
+            np.testing.assert_allclose(out[k].numpy(), np.asarray(ref_out[k]), rtol=1e-12, atol=0)
+        assert int(state[0].consecutive_skips) == int(ref_state.notfinite_count)
+        assert int(state[0].total_skips) == int(ref_state.total_notfinite)
+        assert bool(state[0].is_open) == bool(ref_state.last_finite)
+    assert pattern_kind == "below"
+
+
+def test_skip_give_up_none_skips_forever_and_validates():
+    tx = gc.skip_if_nonfinite()
+    state = tx.init(PARAMS)
+    for i in range(20):
+        _, state = tx.update(_grads(i, bad=INF), state)
+    assert int(state.consecutive_skips) == 20
+    for bad, exc in [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("3", TypeError)]:
+        with pytest.raises(exc, match="max_consecutive_errors"):
+            gc.skip_if_nonfinite(max_consecutive_errors=bad)
+
+
+def test_skip_give_up_under_compile_and_refused_under_vmap():
+    torch._dynamo.reset()
+    tx = gc.skip_if_nonfinite(max_consecutive_errors=1)
+    compiled = torch.compile(tx.update, fullgraph=True)
+    state = tx.init(PARAMS)
+    _, state = compiled(_grads(0, bad=NAN), state)
+    _, state = compiled(_grads(1), state)
+    _, state = compiled(_grads(2, bad=NAN), state)
+    assert int(state.consecutive_skips) == 1
+    with pytest.raises(RuntimeError, match="max_consecutive_errors=1"):
+        compiled(_grads(3, bad=NAN), state)
+    batched = torch.func.vmap(tx.init)({k: v.expand(2, *v.shape) for k, v in PARAMS.items()})
+    grads = {k: v.expand(2, *v.shape) for k, v in _grads(0).items()}
+    with pytest.raises(TypeError, match="vmap"):
+        torch.func.vmap(tx.update)(grads, batched)
+
+
+def test_skip_give_up_in_adapter_discards_the_call():
+    model = torch.nn.Linear(2, 1)
+    opt = gc.ChainedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        gc.skip_if_nonfinite(max_consecutive_errors=1),
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        model.weight.grad = torch.full_like(model.weight, NAN)
+        model.bias.grad = torch.ones_like(model.bias)
+        if _ == 0:
+            opt.step()
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+    assert int(gc.tree_get(opt.tx_state, "consecutive_skips")) == 1
+
+
+def _multisteps_schedule(w):
+    return 1 if w < 2 else (3 if w < 4 else 2)
+
+
+def test_accumulate_schedule_against_optax_multisteps():
+    """Window lengths from a schedule of the window count: same emitted updates and inner
+    state trajectory as optax.MultiSteps(every_k_schedule=...) (float64)."""
+    jax, optax = _optax()
+    import numpy as np
+
+    params = {k: v.double() + 0.5 for k, v in PARAMS.items()}
+    steps = [_grads(i, torch.float64) for i in range(17)]
+    tx = gc.chain(gc.accumulate_every(_multisteps_schedule), gc.adam(1e-2))
+    ref = optax.MultiSteps(optax.adam(1e-2, eps=1e-8), every_k_schedule=_multisteps_schedule,
+                           accumulator_dtype=jax.numpy.float64)
+    jparams = {k: jax.numpy.asarray(v.numpy()) for k, v in params.items()}
+    state, ref_state = tx.init(params), ref.init(jparams)
+    emitted = []
+    for g in steps:
+        ref_out, ref_state = ref.update({k: jax.numpy.asarray(v.numpy()) for k, v in g.items()},
+                                        ref_state, jparams)
+        out, state = tx.update(g, state, params)
+        for k in out:
+            np.testing.assert_allclose(out[k].numpy(), np.asarray(ref_out[k]), rtol=1e-10,
+                                       atol=1e-300)
+        assert bool(gc.applied(state)) == bool(ref.has_updated(ref_state))
+        assert int(state[0].mini_step) == int(ref_state.mini_step)
+        assert int(state[0].windows) == int(ref_state.gradient_step)
+        emitted.append(int(gc.applied(state)))
+    # windows of 1, 1, 3, 3, 2, 2, 2, ...: the tail advances once per window
+    assert emitted == [1, 1, 0, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0]
+    assert int(gc.tree_get(state, gc.ScaleByAdamState).count) == sum(emitted)  # once per window
+    for t in (state[0].mini_step, state[0].windows, state[0].length):
+        assert t.device.type == "cpu"
+
+
+def test_accumulate_schedule_flush_is_exact_and_starts_the_next_window():
+    tx = gc.accumulate_every(lambda w: 4 if w == 0 else 2)
+    state = tx.init(PARAMS)
+    gs = [_grads(i, torch.float64) for i in range(5)]
+    state = tx.init({k: v.double() for k, v in PARAMS.items()})
+    _, state = tx.update(gs[0], state)
+    out, state = tx.update(gs[1], state, flush=True)
+    assert bool(gc.applied(state)) and int(state.windows) == 1 and int(state.length) == 2
+    for k in out:
+        assert torch.equal(out[k], (gs[0][k] + gs[1][k]) / 2)
+    _, state = tx.update(gs[2], state)
+    assert not bool(gc.applied(state))
+    out, state = tx.update(gs[3], state)
+    assert bool(gc.applied(state))
+    for k in out:
+        assert torch.equal(out[k], (gs[2][k] + gs[3][k]) / 2)
+
+
+def test_accumulate_schedule_compiled_and_vmapped_match_eager():
+    torch._dynamo.reset()
+
+    def sched(w):  # a tensor schedule: traceable
+        return torch.where(w < 1, 1, 3)
+
+    tx = gc.accumulate_every(sched)
+    compiled = torch.compile(tx.update, fullgraph=True)
+    assert_compiled_matches_eager(compiled, tx, PARAMS, [_grads(i) for i in range(8)])
+    params_list = [{k: v + i for k, v in PARAMS.items()} for i in range(3)]
+    steps = [[_grads(10 * t + i) for i in range(3)] for t in range(5)]
+    assert_vmap_matches_loop(tx, params_list, steps)
+
+
+def test_accumulate_schedule_checkpoint_and_validation():
+    tx = gc.chain(gc.accumulate_every(_multisteps_schedule), gc.sgd(0.1))
+    state = tx.init(PARAMS)
+    for i in range(5):
+        _, state = tx.update(_grads(i), state, PARAMS)
+    again = _roundtrip(state, tx.init(PARAMS))
+    assert_tree_equal(again, state)
+    # A fixed-n checkpoint does not load into a scheduled one (and vice versa).
+    with pytest.raises(ValueError, match="every"):
+        _roundtrip(gc.accumulate_every(3).init(PARAMS),
+                   gc.accumulate_every(_multisteps_schedule).init(PARAMS))
+    for bad in (0, 1.5, -2):
+        with pytest.raises(ValueError, match="whole number >= 1"):
+            gc.accumulate_every(lambda w, bad=bad: bad).init(PARAMS)
+    bad_later = gc.accumulate_every(lambda w: 1 if w < 1 else 0)
+    state = bad_later.init(PARAMS)
+    with pytest.raises(ValueError, match="at window 1"):
+        bad_later.update(_grads(0), state)

@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"gating", "state", "schedules", "checkpoint"},
     {"combine"},
     {"transforms", "clipping", "gates"},
-    {"optim"},
+    {"optim", "hyperparams"},
     {"update"},
     {"adapter"},
     {"integrations"},

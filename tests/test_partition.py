@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, NamedTuple
 
+import optree
 import pytest
 import torch
+from _core_helpers import assert_compiled_matches_eager, assert_tree_equal, assert_vmap_matches_loop
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -657,3 +659,154 @@ def test_partition_with_adamw_matches_torch_adamw_param_groups() -> None:
         params = gc.apply_updates(params, updates)
     for k, p in named.items():
         torch.testing.assert_close(params[k], p.detach(), rtol=1e-12, atol=1e-12)
+
+
+# =========================================================================== named_chain
+def test_named_chain_equals_chain_and_tree_get_finds_members_by_name():
+    params = {"w": torch.randn(3, 2, dtype=torch.float64), "b": torch.randn(2, dtype=torch.float64)}
+    grads = [{k: torch.randn_like(v) for k, v in params.items()} for _ in range(4)]
+    named = gc.named_chain(("clip", gc.clip_by_norm(1.0)), ("opt", gc.adam(1e-2)))
+    plain = gc.chain(gc.clip_by_norm(1.0), gc.adam(1e-2))
+    s_n, s_p = named.init(params), plain.init(params)
+    assert s_n._fields == ("clip", "opt")
+    for g in grads:
+        u_n, s_n = named.update(g, s_n, params)
+        u_p, s_p = plain.update(g, s_p, params)
+        assert_tree_equal(u_n, u_p)
+        assert_tree_equal(tuple(s_n), s_p)
+    assert gc.tree_get(s_n, "opt") is s_n.opt
+    assert gc.tree_get(s_n, "clip") is s_n.clip
+    assert int(gc.tree_get(gc.tree_get(s_n, "opt"), gc.ScaleByAdamState).count) == 4
+    sd = gc.to_state_dict(s_n)
+    assert sorted(sd) == ["clip", "opt"]
+    assert_tree_equal(gc.from_state_dict(named.init(params), sd), s_n)
+
+
+def test_named_chain_resolves_what_is_ambiguous_by_type_under_partition():
+    params = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
+    tx = gc.partition(
+        {"decay": gc.named_chain(("adam", gc.adamw(1e-3, weight_decay=0.1))),
+         "no_decay": gc.named_chain(("adam_nd", gc.adamw(1e-3, weight_decay=0.0)))},
+        {"w": "decay", "b": "no_decay"},
+    )
+    state = tx.init(params)
+    with pytest.raises(KeyError, match="ambiguous"):
+        gc.tree_get(state, gc.ScaleByAdamState)
+    assert gc.tree_get(gc.tree_get(state, "adam"), gc.ScaleByAdamState).mu["b"] is None
+    # partition labels are names too
+    assert gc.tree_get(state, "no_decay") is state.inner_states["no_decay"]
+
+
+def test_named_chain_gates_keep_the_chain_semantics():
+    params = {"w": torch.zeros(3)}
+    steps = [{"w": torch.tensor([1.0, float("nan") if i == 2 else 2.0, 3.0])} for i in range(6)]
+    named = gc.named_chain(("skip", gc.skip_if_nonfinite()), ("acc", gc.accumulate_every(2)),
+                           ("opt", gc.sgd(0.1, momentum=0.9)))
+    plain = gc.chain(gc.skip_if_nonfinite(), gc.accumulate_every(2), gc.sgd(0.1, momentum=0.9))
+    assert gc.is_gate(named)
+    s_n, s_p = named.init(params), plain.init(params)
+    for g in steps:
+        u_n, s_n = named.update(g, s_n, params)
+        u_p, s_p = plain.update(g, s_p, params)
+        assert_tree_equal(u_n, u_p)
+        assert_tree_equal(tuple(s_n), s_p)
+        assert bool(gc.applied(s_n)) == bool(gc.applied(s_p))
+    # nested in a chain, behind a gate
+    outer = gc.chain(gc.accumulate_every(2), gc.named_chain(("opt", gc.sgd(0.1))))
+    st = outer.init(params)
+    _, st = outer.update({"w": torch.ones(3)}, st, params)
+    assert st[1].opt == outer.init(params)[1].opt
+
+
+def test_named_chain_compiles_and_vmaps():
+    torch._dynamo.reset()
+    params = {"w": torch.randn(3, 2), "b": torch.randn(2)}
+    tx = gc.named_chain(("clip", gc.clip_by_norm(1.0)), ("opt", gc.adam(1e-2)))
+    steps = [{k: torch.randn_like(v) for k, v in params.items()} for _ in range(3)]
+    assert_compiled_matches_eager(torch.compile(tx.update, fullgraph=True), tx, params, steps)
+    params_list = [{k: v + i for k, v in params.items()} for i in range(3)]
+    assert_vmap_matches_loop(tx, params_list, [[steps[t]] * 3 for t in range(3)])
+
+
+def test_named_chain_validates():
+    with pytest.raises(TypeError, match="named_chain: argument 0 must be a pair"):
+        gc.named_chain(gc.sgd(0.1))
+    with pytest.raises(ValueError, match="'a' more than once"):
+        gc.named_chain(("a", gc.sgd(0.1)), ("a", gc.sgd(0.1)))
+    for bad in ("1st", "_x", "with space", "class", ""):
+        with pytest.raises(ValueError, match="identifier"):
+            gc.named_chain((bad, gc.sgd(0.1)))
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        gc.named_chain(("a", 3))
+    tx = gc.named_chain(("a", gc.sgd(0.1)))
+    with pytest.raises(ValueError, match="named_chain.update: state"):
+        tx.update({"w": torch.ones(1)}, (gc.EmptyState(),), {"w": torch.ones(1)})
+
+
+def test_named_chain_runs_fused_in_update_and_apply_():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    params = dict(model.named_parameters())
+    tx = gc.named_chain(("skip", gc.skip_if_nonfinite()), ("opt", gc.adamw(1e-2)))
+    ref = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
+    torch_opt = torch.optim.AdamW(ref.values(), lr=1e-2, fused=True)
+    state = tx.init(params)
+    for _ in range(3):
+        grads = {k: torch.randn_like(p) for k, p in params.items()}
+        state = gc.update_and_apply_(tx, {k: g.clone() for k, g in grads.items()}, state, params)
+        for k, p in ref.items():
+            p.grad = grads[k].clone()
+        torch_opt.step()
+    assert state._fields == ("skip", "opt")
+    for k in params:
+        assert torch.equal(params[k].detach(), ref[k].detach())
+
+
+# =========================================================================== callable pytrees
+class _CallableTree(NamedTuple):
+    """A tree that is also callable (as an equinox Module is): a registered pytree node."""
+
+    w: Any
+    b: Any
+
+    def __call__(self, params):  # pragma: no cover - must not be called
+        raise AssertionError("a registered pytree mask must be used as a tree")
+
+
+def test_masked_and_partition_treat_a_callable_pytree_as_a_tree():
+    params = _CallableTree(torch.ones(2), torch.ones(2))
+    grads = _CallableTree(torch.full((2,), 3.0), torch.full((2,), 3.0))
+    tx = gc.masked(gc.clip_by_value(0.5), _CallableTree(True, False))
+    out, _ = tx.update(grads, tx.init(params), params)
+    assert torch.equal(out.w, torch.full((2,), 0.5)) and torch.equal(out.b, grads.b)
+
+    tx = gc.partition({"x": gc.scale(2.0), "y": gc.scale(-1.0)}, _CallableTree("x", "y"))
+    out, _ = tx.update(grads, tx.init(params), params)
+    assert torch.equal(out.w, grads.w * 2) and torch.equal(out.b, -grads.b)
+
+
+def test_masked_treats_a_class_registered_with_optree_as_a_tree():
+    @optree.register_pytree_node_class(namespace=optree.registry.__GLOBAL_NAMESPACE)
+    class Module:
+        def __init__(self, w, b):
+            self.w, self.b = w, b
+
+        def __call__(self, params):  # pragma: no cover
+            raise AssertionError("a registered pytree must be used as a tree")
+
+        def tree_flatten(self):
+            return (self.w, self.b), None, ("w", "b")
+
+        @classmethod
+        def tree_unflatten(cls, meta, children):
+            return cls(*children)
+
+    params = Module(torch.ones(2), torch.ones(2))
+    grads = Module(torch.full((2,), 3.0), torch.full((2,), 3.0))
+    tx = gc.masked(gc.clip_by_value(0.5), Module(True, False))
+    out, _ = tx.update(grads, tx.init(params), params)
+    assert torch.equal(out.w, torch.full((2,), 0.5)) and torch.equal(out.b, grads.b)
+    # A plain function is still a function.
+    tx = gc.masked(gc.clip_by_value(0.5), lambda p: Module(False, True))
+    out, _ = tx.update(grads, tx.init(params), params)
+    assert torch.equal(out.w, grads.w) and torch.equal(out.b, torch.full((2,), 0.5))

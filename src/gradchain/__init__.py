@@ -9,13 +9,21 @@ from gradchain import checkpoint, fused, optimizers, tree  # noqa: F401  (re-exp
 from gradchain import partition as _partition_module  # noqa: F401
 from gradchain.adapter import ChainedOptimizer
 from gradchain.base import EmptyState, GradientTransformation, donation, identity, is_transformation
-from gradchain.clipping import ClipByNormState, clip_by_norm, clip_by_value
+from gradchain.clipping import (
+    ClipByNormState,
+    adaptive_grad_clip,
+    clip_by_block_rms,
+    clip_by_norm,
+    clip_by_value,
+    per_example_global_norm_clip,
+)
 from gradchain.combine import (
     MaskedState,
     PartitionState,
     chain,
     chain_members,
     masked,
+    named_chain,
     partition,
 )
 from gradchain.gates import (
@@ -28,6 +36,7 @@ from gradchain.gates import (
     skip_if_nonfinite,
 )
 from gradchain.gating import applied, gate_state, is_gate, mark_gate
+from gradchain.hyperparams import InjectHyperparamsState, inject_hyperparams, set_hyperparams
 from gradchain.optim import (
     ScaleByAdadeltaState,
     ScaleByAdafactorState,
@@ -70,18 +79,46 @@ from gradchain.optim import (
 from gradchain.schedules import (
     constant_schedule,
     cosine_decay_schedule,
+    cosine_onecycle_schedule,
     exponential_decay,
     join_schedules,
+    linear_onecycle_schedule,
     linear_schedule,
+    piecewise_constant_schedule,
+    piecewise_interpolate_schedule,
+    polynomial_schedule,
+    sgdr_schedule,
     step_decay,
+    warmup_constant_schedule,
     warmup_cosine_decay_schedule,
+    warmup_exponential_decay_schedule,
 )
 from gradchain.state import from_state_dict, to_state_dict, tree_get
 from gradchain.transforms import (
+    AddNoiseState,
+    ApplyEveryState,
+    ConditionallyMaskState,
+    EmaState,
+    LookaheadState,
+    ParamEmaState,
     ScaleByScheduleState,
+    SkipLargeUpdatesState,
+    ZeroNansState,
     add_decayed_weights,
+    add_noise,
+    apply_every,
+    centralize,
+    conditionally_mask,
+    ema,
+    ema_params,
+    freeze,
+    lookahead,
+    param_ema,
     scale,
     scale_by_learning_rate,
+    set_to_zero,
+    skip_large_updates,
+    zero_nans,
 )
 from gradchain.update import apply_updates, apply_updates_, update_and_apply_
 
@@ -114,6 +151,7 @@ __all__ = [
     "MaskedState",
     "PartitionState",
     "masked",
+    "named_chain",
     "partition",
     "identity",
     "is_gate",
@@ -162,6 +200,9 @@ __all__ = [
     "sgd",
     "trace",
     "update_and_apply_",
+    "InjectHyperparamsState",
+    "inject_hyperparams",
+    "set_hyperparams",
     "constant_schedule",
     "cosine_decay_schedule",
     "exponential_decay",
@@ -169,4 +210,35 @@ __all__ = [
     "linear_schedule",
     "step_decay",
     "warmup_cosine_decay_schedule",
+    "polynomial_schedule",
+    "piecewise_constant_schedule",
+    "piecewise_interpolate_schedule",
+    "warmup_constant_schedule",
+    "warmup_exponential_decay_schedule",
+    "sgdr_schedule",
+    "linear_onecycle_schedule",
+    "cosine_onecycle_schedule",
+    "adaptive_grad_clip",
+    "clip_by_block_rms",
+    "per_example_global_norm_clip",
+    "ZeroNansState",
+    "zero_nans",
+    "EmaState",
+    "ema",
+    "centralize",
+    "AddNoiseState",
+    "add_noise",
+    "set_to_zero",
+    "freeze",
+    "ApplyEveryState",
+    "apply_every",
+    "SkipLargeUpdatesState",
+    "skip_large_updates",
+    "ConditionallyMaskState",
+    "conditionally_mask",
+    "LookaheadState",
+    "lookahead",
+    "ParamEmaState",
+    "param_ema",
+    "ema_params",
 ]

@@ -2,7 +2,9 @@
 name, which every message starts with).
 
 A ``bool`` is never a number here (``True`` is an ``int`` to Python, and ``lr=True`` is a
-bug), and a tensor hyperparameter is never read (that would be a host-device sync).
+bug), and a tensor hyperparameter is read only where that is free (an eager host tensor, as
+:func:`gradchain.inject_hyperparams` keeps them): never on an accelerator (a host-device
+sync), under ``torch.compile`` (a graph break) or under ``torch.func`` transforms.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import math
 from typing import Any
 
 import torch
+
+from gradchain._ops import known_float
 
 
 def is_number(value: object) -> bool:
@@ -64,12 +68,14 @@ def as_scalar(value: float | torch.Tensor, name: str, who: str) -> float | torch
 
 
 def check_lr(lr: Any, who: str) -> Any:
-    """A learning rate: a schedule, a 1-element tensor, or a float >= 0."""
+    """A learning rate: a schedule, a 1-element tensor, or a float >= 0 (a tensor is
+    checked where it can be read for free)."""
     if is_schedule(lr):
         return lr
     value = as_scalar(lr, "lr", who)
-    if not 0.0 <= value:
-        raise ValueError(f"{who}: invalid learning rate lr={float(value)}; expected lr >= 0")
+    known = known_float(value)
+    if known is not None and not 0.0 <= known:
+        raise ValueError(f"{who}: invalid learning rate lr={known}; expected lr >= 0")
     return value
 
 
@@ -77,10 +83,31 @@ def nonneg(value: Any, name: str, what: str, who: str) -> float:
     """A float >= 0 (``what`` names it in the message, e.g. ``"momentum value"``)."""
     value = as_scalar(value, name, who)
     if isinstance(value, torch.Tensor):
-        raise TypeError(f"{who}: {name} must be a float, got a tensor")
+        raise TypeError(
+            f"{who}: {name} must be a float, got a tensor ({name} cannot be a tensor "
+            f"hyperparameter; with inject_hyperparams, list it in static_args)"
+        )
     if not 0.0 <= value:
         raise ValueError(f"{who}: invalid {what} {name}={value}; expected {name} >= 0")
     return value
+
+
+def nonneg_scalar(value: Any, name: str, what: str, who: str) -> float | torch.Tensor:
+    """A float >= 0 or a 1-element tensor (0-dim; checked where it can be read for free):
+    a hyperparameter that may be injected (see :func:`gradchain.inject_hyperparams`)."""
+    value = as_scalar(value, name, who)
+    known = known_float(value)
+    if known is not None and not 0.0 <= known:
+        raise ValueError(f"{who}: invalid {what} {name}={known}; expected {name} >= 0")
+    if known is not None and not math.isfinite(known):
+        raise ValueError(f"{who}: {name} must be finite, got {known}")
+    return value
+
+
+def maybe_nonzero(value: float | torch.Tensor) -> bool:
+    """Whether a term scaled by ``value`` must be kept: a tensor always (its value may
+    change without the structure changing), a float when it is not 0."""
+    return isinstance(value, torch.Tensor) or value != 0
 
 
 def beta(value: Any, name: str, who: str) -> float:

@@ -72,6 +72,21 @@ def known_int(t: torch.Tensor) -> int | None:
     return int(t)
 
 
+def known_float(t: float | torch.Tensor) -> float | None:
+    """The value of a float hyperparameter where it can be read for free: a Python number
+    as is, a 1-element tensor where :func:`known_int` could read a counter (an eager CPU
+    tensor); ``None`` otherwise (on an accelerator, compiled, under ``torch.func``)."""
+    if not isinstance(t, torch.Tensor):
+        return float(t)
+    if t.numel() != 1 or t.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return None
+    if isinstance(t, torch._subclasses.FakeTensor):
+        return None
+    return float(t.detach())
+
+
 def _fe(*lists: list[torch.Tensor], scalar: object = None) -> bool:
     if torch.compiler.is_compiling():
         return bool(lists and lists[0])

@@ -7,7 +7,7 @@ Users writing their own transformations reach these through :mod:`gradchain.tree
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import optree
@@ -86,24 +86,40 @@ class Difference(NamedTuple):
 
     ``kind`` is ``"type"`` (another node type, or a leaf where a node was expected),
     ``"missing"`` / ``"extra"`` (a key the reference has / does not have) or ``"order"``;
-    ``where`` is the path of the node, ``key`` the path of the missing or extra entry.
+    ``where`` is the path of the node, ``key`` the path of the missing or extra entry;
+    ``expected`` and ``got`` are the two nodes that differ.
     """
 
     kind: str
     where: str
     key: str = ""
-    expected: str = ""
-    got: str = ""
+    expected: Any = None
+    got: Any = None
 
 
-def first_difference(ref: Any, got: Any, path: tuple[Any, ...] = ()) -> Difference | None:
-    """Where ``got`` first departs from the structure of ``ref`` (whose leaves may be
-    anything in ``got``); ``None`` when it fits. Callers word the message."""
-    if optree.tree_is_leaf(ref, none_is_leaf=True):
+def _plain_key(node: Any, key: Any) -> str:
+    return path_str((key,))
+
+
+def first_difference(
+    ref: Any,
+    got: Any,
+    *,
+    strict: bool = False,
+    key_text: Callable[[Any, Any], str] = _plain_key,
+    where: str = "",
+) -> Difference | None:
+    """Where ``got`` first departs from the structure of ``ref``; ``None`` when it fits.
+
+    A leaf of ``ref`` matches anything in ``got`` (a leaf or a subtree), unless ``strict``
+    (then a subtree where ``ref`` has a leaf differs too). ``key_text(node, key)`` writes
+    one step of a path (default ``['key']`` / ``[0]``). Callers word the message."""
+    ref_leaf = optree.tree_is_leaf(ref, none_is_leaf=True)
+    got_leaf = optree.tree_is_leaf(got, none_is_leaf=True)
+    if ref_leaf and (got_leaf or not strict):
         return None
-    where = path_str(path)
-    if optree.tree_is_leaf(got, none_is_leaf=True) or type(got) is not type(ref):
-        return Difference("type", where, expected=type(ref).__name__, got=type(got).__name__)
+    if ref_leaf or got_leaf or type(got) is not type(ref):
+        return Difference("type", where, expected=ref, got=got)
     r = optree.tree_flatten_one_level(ref, none_is_leaf=True)
     g = optree.tree_flatten_one_level(got, none_is_leaf=True)
     r_keys, g_keys = list(r.entries), list(g.entries)
@@ -111,12 +127,14 @@ def first_difference(ref: Any, got: Any, path: tuple[Any, ...] = ()) -> Differen
         missing = [k for k in r_keys if k not in g_keys]
         extra = [k for k in g_keys if k not in r_keys]
         if missing:
-            return Difference("missing", where, key=path_str((*path, missing[0])))
+            return Difference("missing", where, where + key_text(ref, missing[0]), ref, got)
         if extra:
-            return Difference("extra", where, key=path_str((*path, extra[0])))
-        return Difference("order", where)
+            return Difference("extra", where, where + key_text(got, extra[0]), ref, got)
+        return Difference("order", where, expected=ref, got=got)
     for key, rc, gc in zip(r_keys, r.children, g.children):
-        found = first_difference(rc, gc, (*path, key))
+        found = first_difference(
+            rc, gc, strict=strict, key_text=key_text, where=where + key_text(ref, key)
+        )
         if found is not None:
             return found
     return None
@@ -125,8 +143,8 @@ def first_difference(ref: Any, got: Any, path: tuple[Any, ...] = ()) -> Differen
 def _structure_message(diff: Difference, name: str, like: str) -> str:
     if diff.kind == "type":
         return (
-            f"{like} have a {diff.expected} at {diff.where or 'the root'}, "
-            f"{name} has a {diff.got}"
+            f"{like} have a {type(diff.expected).__name__} at {diff.where or 'the root'}, "
+            f"{name} has a {type(diff.got).__name__}"
         )
     if diff.kind == "missing":
         return f"{name} has no {diff.key}, which {like} have"

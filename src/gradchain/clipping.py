@@ -1,4 +1,6 @@
-"""Gradient clipping: ``clip_by_norm`` (global norm) and ``clip_by_value``."""
+"""Gradient clipping: ``clip_by_norm`` (global norm), ``clip_by_value``, and optax's
+``adaptive_grad_clip`` (unit-wise, relative to the params), ``clip_by_block_rms`` (per leaf)
+and ``per_example_global_norm_clip`` (DP-SGD's per-example clip and sum)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,18 @@ import torch
 
 from gradchain import _checks, _ops
 from gradchain._ops import global_norm, norm_dtype
-from gradchain._tree import Leaves, flatten
+from gradchain._tree import Leaves, flatten, leaf_paths, unflatten
 from gradchain.base import EmptyState, GradientTransformation, donation, expect_state
 from gradchain.gating import error_flags
 
-__all__ = ["ClipByNormState", "clip_by_norm", "clip_by_value"]
+__all__ = [
+    "ClipByNormState",
+    "clip_by_norm",
+    "clip_by_value",
+    "adaptive_grad_clip",
+    "clip_by_block_rms",
+    "per_example_global_norm_clip",
+]
 
 
 @error_flags("nonfinite_error")
@@ -215,3 +224,229 @@ def clip_by_value(max_value: float, min_value: float | None = None) -> GradientT
         return view.put(clamp(view.values, lo, hi)), state
 
     return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- optax's other clips
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype for norms: float32 at least (float16/bfloat16 would overflow)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_clip_float(fn: str, name: str, value: Any, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a float, got {type(value).__name__}")
+    v = float(value)
+    if math.isnan(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"{fn}: {name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    return v
+
+
+def _unit_dims(x: torch.Tensor, axis: int | tuple[int, ...] | None) -> tuple[int, ...]:
+    if axis is not None:
+        return (axis,) if isinstance(axis, int) else tuple(axis)
+    if x.ndim <= 1:
+        return tuple(range(x.ndim))
+    return tuple(range(1, x.ndim))
+
+
+def adaptive_grad_clip(
+    clipping: float, eps: float = 1e-3, axis: int | tuple[int, ...] | None = None
+) -> GradientTransformation:
+    r"""Adaptive gradient clipping (``optax.adaptive_grad_clip``; Brock et al., 2021, NFNets):
+    clip each unit's update to at most ``clipping`` times its parameter's norm.
+
+    For each unit (a slice of a leaf, see below), with :math:`\|\cdot\|` the L2 norm over
+    the unit,
+
+    .. math::
+        m = \text{clipping}\cdot\max(\|p\|, \epsilon), \qquad
+        u \leftarrow \begin{cases} u & \|u\| < m \\
+            u \cdot m / \max(\|u\|, 10^{-6}) & \text{else} \end{cases}
+
+    **Units follow torch's layout.** By default a unit is a whole leaf of at most one
+    dimension, and otherwise one slice along the first dimension (the norm is over all
+    other dimensions): one output unit of a ``Linear`` weight ``(out, in)`` or a ``Conv``
+    weight ``(out, in, kh, kw)``, as ``timm.utils.adaptive_clip_grad`` does. optax's
+    default reduces over the *leading* dimensions instead, because flax stores kernels as
+    ``(in, out)`` and ``(kh, kw, in, out)``: the same units, transposed. Give ``axis`` to
+    choose the reduced dimensions yourself (the same for every leaf, optax's meaning).
+
+    Args:
+        clipping: the largest allowed ratio of update norm to parameter norm (> 0).
+        eps: the floor of the parameter norm, so that zero-initialised params can move
+            (>= 0).
+        axis: the dimensions to take the unit norms over, or ``None`` for the default.
+
+    Returns:
+        A stateless :class:`GradientTransformation`; ``update`` needs ``params``.
+
+    Raises:
+        ValueError: ``clipping <= 0``, ``eps < 0``, or ``update`` without ``params``.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.adaptive_grad_clip(0.1)
+        >>> params = {"w": torch.tensor([[3.0, 4.0], [0.0, 1.0]])}
+        >>> grads = {"w": torch.tensor([[6.0, 8.0], [0.0, 0.05]])}
+        >>> tx.update(grads, tx.init(params), params)[0]["w"]  # row norms 5 and 1
+        tensor([[0.3000, 0.4000],
+                [0.0000, 0.0500]])
+    """
+    fn = "adaptive_grad_clip"
+    clip = _check_clip_float(fn, "clipping", clipping, positive=True)
+    eps = _check_clip_float(fn, "eps", eps, positive=False)
+    if axis is not None and not (
+        isinstance(axis, int) or (isinstance(axis, tuple) and all(isinstance(a, int) for a in axis))
+    ):
+        raise TypeError(f"{fn}: axis must be None, an int or a tuple of ints, got {axis!r}")
+
+    def init(params: Any) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(
+        updates: Any, state: EmptyState, params: Any = None, **extra: Any
+    ) -> tuple[Any, EmptyState]:
+        if params is None:
+            raise ValueError(f"{fn}.update: params are required (clipping is relative to them)")
+        view = Leaves(updates)
+        ps = view.take(params, "params", dtype=False)
+        out = []
+        for g, p in zip(view.values, ps):
+            dims = _unit_dims(g, axis)
+            wide = _wide(g.dtype)
+            g_norm = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=True, dtype=wide)
+            p_norm = torch.linalg.vector_norm(p, 2, dim=dims, keepdim=True, dtype=wide)
+            max_norm = clip * torch.clamp(p_norm, min=eps)
+            clipped = g * (max_norm / torch.clamp(g_norm, min=1e-6))
+            out.append(torch.where(g_norm < max_norm, g, clipped.to(g.dtype)))
+        return view.put(out), state
+
+    return GradientTransformation(init, update)
+
+
+def clip_by_block_rms(threshold: float) -> GradientTransformation:
+    r"""Clip each leaf's updates to a root-mean-square of at most ``threshold``
+    (``optax.clip_by_block_rms``).
+
+    .. math::
+        u \leftarrow \frac{u}{\max\left(1, \sqrt{\operatorname{mean}(u^2)} / \text{threshold}
+        \right)}
+
+    leaf by leaf (a "block" is one parameter tensor). The RMS is computed in float32 at
+    least.
+
+    Args:
+        threshold: the largest allowed RMS of a leaf (> 0).
+
+    Returns:
+        A stateless :class:`GradientTransformation`.
+
+    Raises:
+        ValueError: ``threshold <= 0``.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.clip_by_block_rms(1.0)
+        >>> g = {"a": torch.tensor([3.0, 4.0, 0.0, 0.0]), "b": torch.tensor([0.5, 0.5])}
+        >>> out, _ = tx.update(g, tx.init(g))  # rms of a is 2.5, of b 0.5
+        >>> out["a"], out["b"]
+        (tensor([1.2000, 1.6000, 0.0000, 0.0000]), tensor([0.5000, 0.5000]))
+    """
+    fn = "clip_by_block_rms"
+    threshold = _check_clip_float(fn, "threshold", threshold, positive=True)
+
+    def init(params: Any) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(
+        updates: Any, state: EmptyState, params: Any = None, **extra: Any
+    ) -> tuple[Any, EmptyState]:
+        del params
+        view = Leaves(updates)
+        out = []
+        for g in view.values:
+            wide = g.to(_wide(g.dtype))
+            denom = torch.clamp(torch.sqrt(torch.mean(wide * wide)) / threshold, min=1.0)
+            out.append((wide / denom).to(g.dtype))
+        return view.put(out), state
+
+    return GradientTransformation(init, update)
+
+
+def per_example_global_norm_clip(
+    grads: Any, l2_norm_clip: float
+) -> tuple[Any, torch.Tensor]:
+    r"""Clip per-example gradients by their global norm and sum them
+    (``optax.per_example_global_norm_clip``; the clipping step of DP-SGD, Abadi et al. 2016).
+
+    Every leaf of ``grads`` holds a batch of per-example gradients along its first
+    dimension (e.g. from ``torch.func.vmap(torch.func.grad(loss))``). With
+    :math:`\|g_b\|` the global L2 norm of example ``b`` over all leaves,
+
+    .. math::
+        c_b = \min\left(1, \frac{\text{l2\_norm\_clip}}{\|g_b\|}\right)
+        \;(1 \text{ where that is nan}), \qquad
+        \text{out} = \sum_b c_b\, g_b
+
+    Add the Gaussian noise and divide by the batch size yourself (or with
+    :func:`gradchain.transforms.add_noise` and :func:`gradchain.scale`).
+
+    Args:
+        grads: a tree of per-example gradients; every tensor leaf has the same first
+            dimension (``None`` leaves pass through as ``None``).
+        l2_norm_clip: the largest allowed per-example norm (>= 0; ``inf`` for none).
+
+    Returns:
+        ``(clipped_sum, num_clipped)``: the tree of sums (each leaf without its batch
+        dimension) and the number of examples whose coefficient was below 1 (an int64
+        0-dim tensor).
+
+    Raises:
+        ValueError: a leaf without a batch dimension, batch sizes that differ, or a
+            negative ``l2_norm_clip``.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> grads = [torch.tensor([[0.0, 0, 0], [0, 3, 4], [4, 0, 3], [3, 4, 0]])]
+        >>> gc.per_example_global_norm_clip(grads, 1.25)
+        ([tensor([1.7500, 1.7500, 1.7500])], tensor(3))
+    """
+    fn = "per_example_global_norm_clip"
+    if isinstance(l2_norm_clip, bool) or not isinstance(l2_norm_clip, (int, float)):
+        raise TypeError(f"{fn}: l2_norm_clip must be a float, got {type(l2_norm_clip).__name__}")
+    if math.isnan(l2_norm_clip) or l2_norm_clip < 0:
+        raise ValueError(f"{fn}: l2_norm_clip must be >= 0, got {l2_norm_clip!r}")
+    leaves, spec = flatten(grads)
+    present = [(i, g) for i, g in enumerate(leaves) if g is not None]
+    if not present:
+        raise ValueError(f"{fn}: grads has no tensor leaf")
+    paths = leaf_paths(grads)
+    batch = None
+    for i, g in present:
+        if not isinstance(g, torch.Tensor) or g.ndim < 1:
+            raise ValueError(
+                f"{fn}: grads{paths[i]} must be a tensor with a batch dimension first, got "
+                + (f"shape {tuple(g.shape)}" if isinstance(g, torch.Tensor) else type(g).__name__)
+            )
+        if batch is None:
+            batch = g.shape[0]
+        elif g.shape[0] != batch:
+            raise ValueError(
+                f"{fn}: grads{paths[i]} has batch size {g.shape[0]}, the first leaf {batch}"
+            )
+    gs = [g for _, g in present]
+    wide = norm_dtype(gs)
+    device = gs[0].device
+    sq = [
+        torch.sum((g.to(wide) ** 2).reshape(g.shape[0], -1), dim=1).to(device) for g in gs
+    ]
+    norms = torch.sqrt(torch.stack(sq).sum(dim=0))
+    coef = torch.nan_to_num(torch.clamp(l2_norm_clip / norms, max=1.0), nan=1.0)
+    num_clipped = (coef < 1.0).sum().to(torch.int64)
+    out = list(leaves)
+    for (i, g) in present:
+        summed = torch.tensordot(coef.to(g.device, wide), g.to(wide), dims=1)
+        out[i] = summed.to(g.dtype)
+    return unflatten(spec, out), num_clipped

@@ -22,11 +22,13 @@ positions (``vmap`` refuses ``in_dims=0`` for a ``None`` input or output), e.g. 
 
 from __future__ import annotations
 
+import keyword
 import weakref
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
 import optree
+import torch
 
 from gradchain import _tree
 from gradchain.base import (
@@ -40,8 +42,17 @@ from gradchain.base import (
     is_transformation,
 )
 from gradchain.gating import GateWalk, is_gate, mark_gate
+from gradchain.state import named_entries
 
-__all__ = ["chain", "chain_members", "MaskedState", "masked", "PartitionState", "partition"]
+__all__ = [
+    "chain",
+    "chain_members",
+    "named_chain",
+    "MaskedState",
+    "masked",
+    "PartitionState",
+    "partition",
+]
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -126,7 +137,11 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     if any(gates):
         mark_gate(update)
-    _CHAIN_MEMBERS[update] = transforms
+    if not torch.compiler.is_compiling():
+        # A chain built inside compiled code (inject_hyperparams rebuilds its rule on every
+        # step) is not recorded: compiled code never asks, and the record would be a side
+        # effect the graph cannot hold.
+        _CHAIN_MEMBERS[update] = transforms
     return GradientTransformation(init, update)
 
 
@@ -149,14 +164,110 @@ def chain_members(tx: GradientTransformation) -> tuple[GradientTransformation, .
     return _CHAIN_MEMBERS.get(tx.update)
 
 
+# --------------------------------------------------------------------------- named_chain
+def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransformation:
+    """:func:`chain` with a name for each member; the state is keyed by the names.
+
+    ``named_chain(("clip", clip_by_norm(1.0)), ("adam", adam(1e-3)))`` runs exactly as
+    ``chain(clip_by_norm(1.0), adam(1e-3))`` (the same walk over the members, so gates
+    keep their meaning, and ``update_and_apply_`` runs a final ``sgd``/``adam``/``adamw``
+    as torch's fused kernel), but its state is a NamedTuple whose fields are the names:
+    ``state.adam`` is the adam's state, ``gc.tree_get(state, "adam")`` finds it anywhere
+    in an enclosing state, and :func:`~gradchain.to_state_dict` keys it by name. Where a
+    lookup by type is ambiguous (two adams under a :func:`partition`), a name is not.
+
+    Names are Python identifiers not starting with ``_`` (they are the fields of the
+    state's NamedTuple, a type ``torch.func`` and ``torch.compile`` flatten without
+    registration); optax's ``named_chain`` takes any string.
+
+    Args:
+        *named: ``(name, transformation)`` pairs, names unique.
+
+    Returns:
+        A :class:`GradientTransformation` whose state is a NamedTuple named
+        ``NamedChainState`` with one field per name, in order.
+
+    Raises:
+        TypeError: an argument is not a ``(str, GradientTransformation)`` pair.
+        ValueError: a name is not an identifier, starts with ``_``, or repeats.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.named_chain(("clip", gc.clip_by_norm(1.0)), ("opt", gc.sgd(lr=0.5)))
+        >>> params = {"w": torch.zeros(2)}
+        >>> updates, state = tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init(params), params)
+        >>> updates["w"], state._fields
+        (tensor([-0.3000, -0.4000]), ('clip', 'opt'))
+        >>> gc.tree_get(state, "clip").norm
+        tensor(5.)
+    """
+    who = "named_chain"
+    names: list[str] = []
+    members: list[GradientTransformation] = []
+    for i, pair in enumerate(named):
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise TypeError(
+                f"{who}: argument {i} must be a pair (name, transformation), got "
+                f"{type(pair).__name__}"
+            )
+        name, tx = pair
+        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
+            raise ValueError(
+                f"{who}: name {name!r} must be a Python identifier not starting with '_' "
+                "(it is a field of the state)"
+            )
+        if name in names:
+            raise ValueError(f"{who}: the name {name!r} more than once; names must be unique")
+        if not is_transformation(tx):
+            raise TypeError(
+                f"{who}: {name!r} must be a GradientTransformation (init, update), got "
+                f"{type(tx).__name__}"
+            )
+        names.append(name)
+        members.append(tx)
+    inner = chain(*members)
+    state_type: Any = NamedTuple("NamedChainState", [(n, Any) for n in names])  # type: ignore[misc]
+
+    def init(params: Params) -> Any:
+        return state_type(*inner.init(params))
+
+    def update(
+        updates: Updates, state: Any, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, Any]:
+        if not isinstance(state, state_type):
+            fields = getattr(state, "_fields", None)
+            got = f"a state with fields {fields}" if fields else type(state).__name__
+            raise ValueError(
+                f"{who}.update: state must be the NamedChainState with fields {tuple(names)} "
+                f"made by this named_chain's init, got {got}"
+            )
+        new_updates, new_states = inner.update(updates, tuple(state), params, **extra)
+        return new_updates, state_type(*new_states)
+
+    if is_gate(inner):
+        mark_gate(update)
+    # Recorded as a chain: update_and_apply_ walks into it (and rebuilds its state type).
+    _CHAIN_MEMBERS[update] = tuple(members)
+    return GradientTransformation(init, update)
+
+
 # --------------------------------------------------------------------------- helpers
 def _is_node(x: Any) -> bool:
     return not optree.tree_is_leaf(x, none_is_leaf=True)
 
 
+def is_params_function(x: Any) -> bool:
+    """Whether a mask or labels value is a function of the params: callable and not a
+    pytree node. A callable that is also a registered pytree (a NamedTuple with a
+    ``__call__``, an equinox-style module registered with optree) is a tree, as the params
+    it mirrors are (optax issue 913)."""
+    return callable(x) and not _is_node(x)
+
+
 def _difference_message(diff: _tree.Difference, ref_name: str) -> str:
     if diff.kind == "type":
-        return f"at {diff.where or 'the root'} expected a {diff.expected}, got a {diff.got}"
+        expected, got = type(diff.expected).__name__, type(diff.got).__name__
+        return f"at {diff.where or 'the root'} expected a {expected}, got a {got}"
     if diff.kind == "missing":
         return f"{diff.key} is missing"
     if diff.kind == "extra":
@@ -352,7 +463,9 @@ def masked(
     the same as running ``transform`` by hand on the subset.
 
     ``mask`` is a tree of Python bools with the structure of the params (one entry per
-    leaf), or a callable ``params -> mask``. ``init`` calls it with the params; ``update``
+    leaf), or a callable ``params -> mask``. A value that is both callable and a pytree
+    node (a NamedTuple or a class registered with optree that defines ``__call__``, as an
+    equinox module does) is a tree, not a function. ``init`` calls it with the params; ``update``
     calls it with ``params`` when given, else with the updates (whose leaves may be
     ``None`` where no gradient arrived), so a mask function that looks at names or shapes
     is the safe kind. Extra keyword arguments reach ``transform`` unchanged.
@@ -404,13 +517,14 @@ def masked(
             f"{who}: transform must be a GradientTransformation (init, update), "
             f"got {type(transform).__name__}"
         )
-    if not callable(mask):
+    mask_fn = is_params_function(mask)
+    if not mask_fn:
         leaves, _ = _tree.flatten(mask)
         _check_mask_leaves(leaves, lambda: _tree.leaf_paths(mask), who)
 
     def labels_of(source: Any, spec: optree.PyTreeSpec, ref: Any, ref_name: str) -> list[Any]:
-        tree = mask(source) if callable(mask) else mask
-        name = "mask(...)" if callable(mask) else "mask"
+        tree = mask(source) if mask_fn else mask
+        name = "mask(...)" if mask_fn else "mask"
         leaves = _leaves_at(spec, ref, ref_name, tree, name, who)
         _check_mask_leaves(leaves, lambda: _tree.leaf_paths(ref), who)
         return leaves
@@ -437,6 +551,7 @@ def masked(
 
 
 # --------------------------------------------------------------------------- partition
+@named_entries("inner_states")
 class PartitionState(NamedTuple):
     """State of :func:`partition`.
 
@@ -468,7 +583,8 @@ def partition(
     covers its subset only. The result equals running each member by hand on its subset.
 
     ``labels`` is a tree with the structure of the params holding one label per leaf, or a
-    callable ``params -> labels``. ``init`` calls it with the params; ``update`` calls it
+    callable ``params -> labels`` (a callable pytree node is a tree, as for
+    :func:`masked`). ``init`` calls it with the params; ``update`` calls it
     with ``params`` when given, else with the updates (whose leaves may be ``None`` where
     no gradient arrived), so a label function that looks at names or shapes is the safe
     kind. Every leaf's label must be a key of ``transforms``; a key that labels no leaf is
@@ -557,16 +673,18 @@ def partition(
                 f"got {type(t).__name__}"
             )
     members = dict(transforms)
-    if not callable(labels):
+    labels_fn = is_params_function(labels)
+    if not labels_fn:
         # Labels that are keys of ``transforms`` are leaves even if they are tuples.
+        label_tree: Any = labels
         paths, leaves, _ = optree.tree_flatten_with_path(
-            labels, is_leaf=lambda x: _hashable_in(x, members), none_is_leaf=True
+            label_tree, is_leaf=lambda x: _hashable_in(x, members), none_is_leaf=True
         )
         _check_label_leaves(leaves, lambda: [_tree.path_str(p) for p in paths], members, who)
 
     def labels_of(source: Any, spec: optree.PyTreeSpec, ref: Any, ref_name: str) -> list[Any]:
-        tree = labels(source) if callable(labels) else labels
-        name = "labels(...)" if callable(labels) else "labels"
+        tree = labels(source) if labels_fn else labels
+        name = "labels(...)" if labels_fn else "labels"
         leaves = _leaves_at(spec, ref, ref_name, tree, name, who)
         _check_label_leaves(leaves, lambda: _tree.leaf_paths(ref), members, who)
         return leaves

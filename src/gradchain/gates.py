@@ -11,6 +11,7 @@ and keeps its own state on steps an earlier gate closed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -36,35 +37,65 @@ _F32_MAX = float(torch.finfo(torch.float32).max)
 _F32_TINY = float(torch.finfo(torch.float32).tiny)
 
 
+def _window_length(schedule: Callable[[torch.Tensor], Any], windows: torch.Tensor) -> torch.Tensor:
+    """A window-length schedule's value at ``windows`` as an int64 0-dim tensor on the
+    device of ``windows`` (the host): checked where it can be read for free, else rounded
+    and clamped to ``>= 1`` (traced)."""
+    value = schedule(windows)
+    if isinstance(value, torch.Tensor):
+        known = value.reshape(()) if value.numel() == 1 else value
+        if (
+            known.dim() == 0 and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(known)
+            and known.device.type == "cpu"
+        ):
+            value = known.item()
+        else:
+            return torch.round(value.to(windows.device)).to(torch.int64).clamp(min=1)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+            or value < 1:
+        raise ValueError(
+            f"accumulate_every: the window-length schedule must give a whole number >= 1, got "
+            f"{value!r} at window {int(windows)}"
+        )
+    return torch.full_like(windows, int(value))
+
+
 # --------------------------------------------------------------------------- accumulate_every
 @config_fields("every")
 @gate_state(
     flags=("is_open", "nonempty"),
     host_flags=("is_open",),
     absorbs_upstream=True,
-    window=Window(position="mini_step", length="every", sums="sums"),
+    window=Window(position="mini_step", length="length", sums="sums"),
 )
 class AccumulateState(NamedTuple):
     """State of :func:`accumulate_every`.
 
     Attributes:
-        mini_step: calls taken in the current window, ``0 <= mini_step < n`` (int64, kept
-            on the host so that the window position is known without reading the device).
+        mini_step: calls taken in the current window, ``0 <= mini_step < length`` (int64,
+            kept on the host so that the window position is known without reading the
+            device).
         accumulated: micro-steps actually accumulated in the window (int64; smaller than
             ``mini_step`` only when an earlier gate dropped some micro-steps).
         sums: the running sums, shaped like the params, in the accumulator dtype.
         is_open: whether the last call closed the window (bool, host).
         nonempty: whether the closed window held at least one micro-step (bool).
-        every: the window length ``n`` (int64, host; constant), so that code holding only
-            the state (e.g. ``ChainedOptimizer.no_sync``) knows when the window closes.
+        every: the fixed window length ``n``, or ``0`` when the length is a schedule
+            (int64, host; configuration: a checkpoint of one does not load into the other).
+        length: the length of the current window (int64, host): ``n``, or the schedule's
+            value at ``windows``; so that code holding only the state (e.g.
+            ``ChainedOptimizer.no_sync``) knows when the window closes.
+        windows: windows closed so far (int64, host; optax's ``gradient_step``), the
+            argument of a window-length schedule.
 
     Example:
         >>> import torch, gradchain as gc
         >>> tx = gc.accumulate_every(3)
         >>> params = {"w": torch.zeros(1)}
         >>> _, state = tx.update({"w": torch.ones(1)}, tx.init(params))
-        >>> int(state.mini_step), int(state.every), state.sums
-        (1, 3, {'w': tensor([1.])})
+        >>> int(state.mini_step), int(state.length), int(state.windows), state.sums
+        (1, 3, 0, {'w': tensor([1.])})
     """
 
     mini_step: torch.Tensor
@@ -73,10 +104,14 @@ class AccumulateState(NamedTuple):
     is_open: torch.Tensor
     nonempty: torch.Tensor
     every: torch.Tensor
+    length: torch.Tensor
+    windows: torch.Tensor
 
 
 def accumulate_every(
-    n: int, mean: bool = True, accumulator_dtype: torch.dtype | None = None
+    n: int | Callable[[torch.Tensor], Any],
+    mean: bool = True,
+    accumulator_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     r"""Gate: accumulate ``n`` micro-steps and pass on their mean (or sum) every ``n``-th call.
 
@@ -101,6 +136,19 @@ def accumulate_every(
     (device, dtype) (read-only; ``clone()`` one before writing into it); with ``donate``,
     leaves under 32768 elements are the given-up updates zeroed in place instead.
 
+    **A schedule of window lengths.** ``n`` may be a callable of the number of windows
+    closed so far (an int64 0-dim tensor, ``0`` for the first window) returning the length
+    of the next window (an int, or a tensor holding an integer, ``>= 1``), as optax's
+    ``MultiSteps(every_k_schedule=...)``: e.g. ``lambda w: 1 if w < 100 else 4`` or a
+    :mod:`gradchain.schedules` schedule whose values are whole numbers. It is evaluated
+    once per window, when the previous one closes, on the host count ``windows``, so the
+    window position stays known without a device read and everything said above holds;
+    ``length`` in the state is the current window's length. A value that is not a whole
+    number ``>= 1`` raises ``ValueError`` where it can be read for free (eager mode);
+    traced, it is rounded and clamped to ``>= 1``. The tail still advances once per
+    window, and ``flush=True`` closes a partial window with the exact mean and starts the
+    next one (its length is the schedule's value at the new window count).
+
     **Behind another gate.** After ``skip_if_nonfinite`` or ``loss_scale``, a micro-step
     that gate drops is not accumulated, but it still counts towards the window (the
     window closes every ``n`` calls, a count known without reading the device); the mean
@@ -112,7 +160,7 @@ def accumulate_every(
     window rather than dropped.
 
     Args:
-        n: window length, an int ``>= 1``.
+        n: window length, an int ``>= 1``, or a schedule of it (see above).
         mean: pass on the mean (default) or the sum of the window.
         accumulator_dtype: dtype of the sums; by default float32 for float16/bfloat16
             params and the param dtype otherwise. Updates are cast back to the gradient dtype.
@@ -131,9 +179,24 @@ def accumulate_every(
         >>> out, state = tx.update({"w": torch.tensor([3.0])}, state)
         >>> out["w"], bool(gc.applied(state))
         (tensor([2.]), True)
+
+        Windows of 1 micro-step for the first 2 windows, then of 3:
+
+        >>> tx = gc.accumulate_every(lambda windows: 1 if windows < 2 else 3)
+        >>> state = tx.init(params)
+        >>> opened = []
+        >>> for _ in range(8):
+        ...     _, state = tx.update({"w": torch.ones(1)}, state)
+        ...     opened.append(int(gc.applied(state)))
+        >>> opened, int(state.windows)
+        ([1, 1, 0, 0, 1, 0, 0, 1], 4)
     """
-    _checks.as_int(n, "n", "accumulate_every", "an int >= 1")
-    if n < 1:
+    schedule: Callable[[torch.Tensor], Any] | None = None
+    if callable(n) and not isinstance(n, torch.Tensor):
+        schedule = n
+    else:
+        _checks.as_int(n, "n", "accumulate_every", "an int >= 1 or a schedule of the window count")
+    if schedule is None and n < 1:  # type: ignore[operator]
         raise ValueError(f"accumulate_every: n must be >= 1, got {n}")
     _checks.as_bool(mean, "mean", "accumulate_every")
     if accumulator_dtype is not None and not (
@@ -144,16 +207,25 @@ def accumulate_every(
             f"got {accumulator_dtype!r}"
         )
 
+    def length_at(windows: torch.Tensor) -> torch.Tensor:
+        """The length of the window that starts after ``windows`` closed windows."""
+        if schedule is None:
+            return torch.full_like(windows, n)  # type: ignore[arg-type]
+        return _window_length(schedule, windows)
+
     def init(params: Any) -> AccumulateState:
         sums = _ops.buffers_like(params, accumulator_dtype)
         device = first_device(params)
+        windows = torch.zeros((), dtype=torch.int64)
         return AccumulateState(
             mini_step=torch.zeros((), dtype=torch.int64),
             accumulated=torch.zeros((), dtype=torch.int64, device=device),
             sums=sums,
             is_open=torch.zeros((), dtype=torch.bool),
             nonempty=torch.zeros((), dtype=torch.bool, device=device),
-            every=torch.tensor(n, dtype=torch.int64),
+            every=torch.tensor(0 if schedule is not None else n, dtype=torch.int64),
+            length=length_at(windows),
+            windows=windows,
         )
 
     def update(
@@ -184,11 +256,14 @@ def accumulate_every(
         )
 
         known_step = known_int(state.mini_step)
+        known_length = known_int(state.length)
         known_flush = flush if isinstance(flush, bool) else known_bool(flush)
-        if known_step is not None and known_flush is not None:
-            closing: bool | torch.Tensor = known_flush or known_step + 1 >= n
+        if known_step is not None and known_length is not None and known_flush is not None:
+            closing: bool | torch.Tensor = known_flush or known_step + 1 >= known_length
         else:
-            closing = torch.logical_or(torch.as_tensor(flush), step >= n)
+            closing = torch.logical_or(
+                torch.as_tensor(flush, device=step.device), step >= state.length
+            )
 
         if closing is False:
             new_state = AccumulateState(
@@ -198,6 +273,8 @@ def accumulate_every(
                 is_open=torch.zeros((), dtype=torch.bool),
                 nonempty=count > 0,
                 every=state.every,
+                length=state.length,
+                windows=state.windows,
             )
             # The incoming updates are in the sums now. The zeros emitted take no memory
             # and no pass over it (broadcast views of one zero; read-only), except small
@@ -214,6 +291,7 @@ def accumulate_every(
             zero_sums = _ops.zero_(new_sums)
         else:
             zero_sums = _ops.zeros_like(new_sums)
+        windows = safe_increment(state.windows)
         if closing is True:
             new_state = AccumulateState(
                 mini_step=torch.zeros_like(step),
@@ -222,6 +300,8 @@ def accumulate_every(
                 is_open=torch.ones((), dtype=torch.bool),
                 nonempty=nonempty,
                 every=state.every,
+                length=length_at(windows) if schedule is not None else state.length,
+                windows=windows,
             )
             return view.put(out), new_state
         # Window position is data (compiled, vmapped, or state moved off the host).
@@ -236,6 +316,10 @@ def accumulate_every(
             is_open=closing_t.to(state.is_open.device),
             nonempty=nonempty,
             every=state.every,
+            length=state.length if schedule is None else torch.where(
+                closing_t, length_at(windows), state.length
+            ),
+            windows=torch.where(closing_t, windows, state.windows),
         )
         return view.put(_ops.where(closing_t, out, _ops.zeros_like(out))), new_state
 
@@ -286,7 +370,7 @@ class SkipIfNonfiniteState(NamedTuple):
     total_skips: torch.Tensor
 
 
-def skip_if_nonfinite() -> GradientTransformation:
+def skip_if_nonfinite(max_consecutive_errors: int | None = None) -> GradientTransformation:
     """Gate: drop a step whose incoming updates contain nan or inf.
 
     On such a step it emits zeros, everything after it in a chain keeps its state
@@ -298,8 +382,33 @@ def skip_if_nonfinite() -> GradientTransformation:
     (FSDP2) gradients the flag is all-reduced (one scalar per step), so a nan in one rank's
     shard closes the step on every rank.
 
+    **Giving up.** With ``max_consecutive_errors=N``, the step that would be the
+    ``N + 1``-th non-finite step in a row raises ``FloatingPointError`` instead of being
+    skipped: the run stops loudly rather than skipping forever. This is the step on which
+    optax's ``apply_if_finite(inner, N)`` gives up by *passing the non-finite update on*;
+    gradchain raises instead, because that update would write nan/inf into every
+    parameter, and into every later checkpoint, while an exception leaves the parameters
+    and the optimizer state as they were after the last finite step (nothing has been
+    touched by the failing call: it returns nothing; in ``ChainedOptimizer`` the call is
+    discarded), so the run can be saved, inspected or resumed with a smaller learning
+    rate. The cost is a read of one int64 counter per step, only when ``N`` is set: free
+    when the state is on the CPU, one host-device sync per step on an accelerator (as
+    ``GradScaler``'s step). Under ``torch.compile`` the check is a
+    ``torch._assert_async`` in the graph (a ``RuntimeError`` at run time on the CPU, a
+    device-side assert on CUDA), and under ``torch.func.vmap`` it cannot be expressed, so
+    ``update`` refuses a batched state (read ``consecutive_skips`` per member instead).
+    Members before this gate in a chain have run when it raises; place it first.
+
+    Args:
+        max_consecutive_errors: ``None`` (default: skip for ever) or an int ``N >= 0``:
+            raise on the ``N + 1``-th consecutive non-finite step.
+
     Returns:
         A gate :class:`GradientTransformation` with :class:`SkipIfNonfiniteState`.
+
+    Raises:
+        FloatingPointError: (from ``update``) on the ``N + 1``-th consecutive non-finite
+            step, naming ``N`` and the total count of skipped steps.
 
     Example:
         >>> import torch, gradchain as gc
@@ -307,7 +416,52 @@ def skip_if_nonfinite() -> GradientTransformation:
         >>> out, state = tx.update({"w": torch.tensor([1.0, float("nan")])}, tx.init({}))
         >>> out["w"], bool(gc.applied(state)), int(state.total_skips)
         (tensor([0., 0.]), False, 1)
+
+        Give up after 2 non-finite steps in a row:
+
+        >>> tx = gc.skip_if_nonfinite(max_consecutive_errors=2)
+        >>> state = tx.init({})
+        >>> for _ in range(2):
+        ...     _, state = tx.update({"w": torch.tensor([float("inf")])}, state)
+        >>> tx.update({"w": torch.tensor([float("inf")])}, state)
+        Traceback (most recent call last):
+        ...
+        FloatingPointError: skip_if_nonfinite: 3 consecutive steps with non-finite updates ...
     """
+    who = "skip_if_nonfinite"
+    if max_consecutive_errors is not None:
+        if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int):
+            raise TypeError(
+                f"{who}: max_consecutive_errors must be None or an int >= 0, got "
+                f"{type(max_consecutive_errors).__name__}"
+            )
+        if max_consecutive_errors < 0:
+            raise ValueError(
+                f"{who}: max_consecutive_errors must be >= 0, got {max_consecutive_errors}"
+            )
+    limit = max_consecutive_errors
+
+    def give_up_check(consecutive: torch.Tensor, total: torch.Tensor) -> None:
+        """Raise when ``consecutive`` (this step's count) exceeds the limit."""
+        if limit is None:
+            return
+        over = consecutive > limit
+        message = (
+            f"{who}: {limit + 1} consecutive steps with non-finite updates (more than "
+            f"max_consecutive_errors={limit}); giving up rather than writing nan/inf into "
+            "the parameters. The parameters and the state are those after the last finite "
+            "step"
+        )
+        if torch.compiler.is_compiling():
+            torch._assert_async(torch.logical_not(over), message)
+            return
+        if torch._C._functorch.is_functorch_wrapped_tensor(over):
+            raise TypeError(
+                f"{who}: max_consecutive_errors cannot raise inside torch.func transforms "
+                "(vmap); use max_consecutive_errors=None and read consecutive_skips per member"
+            )
+        if bool(over):  # one read per step, only with a limit (see the docstring)
+            raise FloatingPointError(f"{message} ({int(total)} skipped steps in total)")
 
     def init(params: Any) -> SkipIfNonfiniteState:
         device = first_device(params)
@@ -327,8 +481,8 @@ def skip_if_nonfinite() -> GradientTransformation:
         **extra: Any,
     ) -> tuple[Any, SkipIfNonfiniteState]:
         del params
-        expect_state(state, SkipIfNonfiniteState, "skip_if_nonfinite")
-        donated, _ = donation(extra, "skip_if_nonfinite")
+        expect_state(state, SkipIfNonfiniteState, who)
+        donated, _ = donation(extra, who)
         view = Leaves(updates)
         gs = view.values
         finite = _ops.all_finite(gs).to(state.is_open.device)
@@ -340,6 +494,8 @@ def skip_if_nonfinite() -> GradientTransformation:
         )
         counters = keep_where_closed(gate_open, counters, (state.consecutive_skips,
                                                              state.total_skips))
+        # Before anything is emitted: a give-up raises with the inputs untouched.
+        give_up_check(*counters)
         out = _ops.where_zeros(finite, gs, donated)
         # On a step an earlier gate closed, the flag stays too (as when the chain skips us).
         is_open = keep_where_closed(gate_open, finite, state.is_open)

@@ -16,14 +16,44 @@ from gradchain._tree import named_nodes
 
 _T = TypeVar("_T", bound=type)
 
-__all__ = ["tree_get", "to_state_dict", "from_state_dict", "config_fields"]
+__all__ = ["tree_get", "to_state_dict", "from_state_dict", "config_fields", "named_entries"]
+
+_NAMED_ENTRIES: dict[type, str] = {}
+
+
+def named_entries(field: str) -> Callable[[_T], _T]:
+    """Class decorator: the keys of this dict-valued field of a state are names that
+    :func:`tree_get` finds, as it finds field names (a partition's labels, injected
+    hyperparameters). Only these dicts are searched: the dicts of a params-shaped tree (a
+    moment ``mu = {"w": ...}``) are not, so a parameter name never shadows a field.
+
+    Example:
+        >>> from typing import NamedTuple
+        >>> import torch
+        >>> from gradchain.state import named_entries, tree_get
+        >>> @named_entries("by_name")
+        ... class RegistryState(NamedTuple):
+        ...     by_name: dict
+        >>> tree_get((RegistryState({"lr": torch.tensor(0.1)}),), "lr")
+        tensor(0.1000)
+    """
+
+    def register(cls: _T) -> _T:
+        _NAMED_ENTRIES[cls] = field
+        return cls
+
+    return register
 
 
 def tree_get(state: Any, key: str | type) -> Any:
     """Read a field (by name) or a sub-state (by type) from anywhere in a chain state.
 
-    Raises ``KeyError`` when nothing matches and when more than one thing matches (the
-    message lists the paths, so you can index the state directly instead).
+    A name matches a field of a state NamedTuple (``"norm"``, ``"count"``), the name of a
+    member of a :func:`~gradchain.named_chain` (its state), a label of a
+    :func:`~gradchain.partition` (that member's state) and an injected hyperparameter
+    (``"lr"``, see :func:`~gradchain.inject_hyperparams`). Raises ``KeyError`` when nothing
+    matches and when more than one thing matches (the message lists the paths, so you can
+    narrow the search: ``tree_get(tree_get(state, "decay"), gc.ScaleByAdamState)``).
 
     Example:
         >>> import torch, gradchain as gc
@@ -40,8 +70,14 @@ def tree_get(state: Any, key: str | type) -> Any:
         if isinstance(key, type):
             if isinstance(node, key):
                 found.append((path, node))
-        elif key in node._fields:
-            found.append((f"{path}.{key}", getattr(node, key)))
+        else:
+            if key in node._fields:
+                found.append((f"{path}.{key}", getattr(node, key)))
+            entries = _NAMED_ENTRIES.get(type(node))
+            if entries is not None:
+                table = getattr(node, entries)
+                if isinstance(table, dict) and key in table:
+                    found.append((f"{path}.{entries}[{key!r}]", table[key]))
     what = key.__name__ if isinstance(key, type) else repr(key)
     if not found:
         raise KeyError(f"tree_get: no {what} in this state")

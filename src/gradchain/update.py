@@ -307,7 +307,9 @@ def update_and_apply_(
             _tree.flatten_like(spec, updates, "updates", "params"),
             None if flag is True else as_tensor(flag),
         )
-    # Rebuild the nested chain states from the inside out (down to the level that closed).
-    for head_states in reversed(heads):
-        new = (*head_states, new)
+    # Rebuild the nested chain states from the inside out (down to the level that closed),
+    # each of its own type (a named_chain's state is a NamedTuple).
+    for (_, level_state), head_states in reversed(list(zip(levels, heads))):
+        items = (*head_states, new)
+        new = level_state._make(items) if hasattr(level_state, "_fields") else items
     return new

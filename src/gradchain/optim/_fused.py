@@ -28,6 +28,7 @@ import torch
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from gradchain import _checks, _ops
+from gradchain._ops import known_float
 from gradchain._tree import PLAIN, flatten_like, group_by_device_dtype
 from gradchain.base import GradientTransformation, State
 from gradchain.transforms import ScaleByScheduleState
@@ -44,7 +45,8 @@ _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 def bind_fused(tx: GradientTransformation, plan: FusedPlan) -> GradientTransformation:
     """Record ``plan`` as the way ``tx`` runs inside ``update_and_apply_``; returns ``tx``."""
-    _PLANS[tx.update] = plan
+    if not torch.compiler.is_compiling():  # compiled code never runs a plan
+        _PLANS[tx.update] = plan
     return tx
 
 
@@ -91,6 +93,14 @@ def fused_rows(
     return idx
 
 
+def kernel_lr(lr: Any) -> float | torch.Tensor:
+    """A learning rate as torch's kernels take it: a Python float where it can be read for
+    free (a number, or a host tensor such as an injected hyperparameter: exactly the float
+    ``torch.optim`` would pass), else the tensor (the kernels' tensor-``lr`` overload)."""
+    known = known_float(lr)
+    return lr if known is None else known
+
+
 def found_inf(keep: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     """torch's ``found_inf`` argument for a ``keep`` flag (1.0 where the step is closed)."""
     return None if keep is None else (~keep).to(device, torch.float32)
@@ -116,25 +126,26 @@ def lr_state_fits(state: Any, size: int, lr: Any) -> bool:
 
 
 def step_lr(lr: Any, new_state: list[Any], keep: torch.Tensor | None) -> Any:
-    """The learning rate of this step; a schedule's count (the rule chain's last member,
-    in ``new_state``) advances where the step applies."""
+    """The learning rate of this step as the kernels take it (see :func:`kernel_lr`); a
+    schedule's count (the rule chain's last member, in ``new_state``) advances where the
+    step applies."""
     if not _checks.is_schedule(lr):
-        return lr
+        return kernel_lr(lr)
     lr_state = new_state[-1]
     new_state[-1] = lr_state._replace(count=tick(lr_state.count, keep))
-    return lr(lr_state.count)
+    return kernel_lr(lr(lr_state.count))
 
 
-def lr_arg(lr: Any, device: torch.device) -> Any:
-    """A learning rate as torch's fused kernels take it: a float, or a tensor on ``device``."""
-    return lr.to(device) if isinstance(lr, torch.Tensor) else float(lr)
+def lr_on(lr: Any, device: torch.device) -> Any:
+    """A kernel learning rate (from :func:`step_lr`) for the kernel call on ``device``."""
+    return lr.to(device) if isinstance(lr, torch.Tensor) else lr
 
 
 def kernel_groups(
     p_leaves: list[Any], grads: list[Any], rows: list[int], buffers: list[list[Any]]
 ) -> list[tuple[list[Any], ...]]:
-    """Columns (params, grads, each buffer) per (device, dtype) group at the rows of
-    :func:`fused_rows`: one kernel call each."""
+    """Columns (params, grads, each buffer) per (device, dtype) group at ``rows`` (from
+    :func:`fused_rows`): one kernel call each."""
     return group_by_device_dtype([(p_leaves[i], grads[i], *(b[i] for b in buffers)) for i in rows])
 
 

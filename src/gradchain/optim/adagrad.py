@@ -19,7 +19,7 @@ from gradchain.optim._fused import (
     found_inf,
     fused_rows,
     kernel_groups,
-    lr_arg,
+    lr_on,
     lr_state_fits,
     step_lr,
 )
@@ -232,7 +232,7 @@ def _adagrad_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
                 step_t = count.to(device, torch.float32)
                 torch._fused_adagrad_(
                     cols[0], cols[1], cols[2], [step_t] * len(cols[0]),
-                    lr=lr_arg(lr_now, device), grad_scale=None,
+                    lr=lr_on(lr_now, device), grad_scale=None,
                     found_inf=found_inf(keep, device), **hyper,
                 )
             # The sums were updated in place: the new state holds the same tensors.

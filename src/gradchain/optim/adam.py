@@ -10,14 +10,16 @@ conventions shared by every rule are on :mod:`gradchain.optim`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
 from gradchain import _checks, _ops
-from gradchain._tree import Leaves, flatten_like
+from gradchain._ops import known_float
+from gradchain._tree import Leaves, flatten_like, unflatten
 from gradchain.base import GradientTransformation, Params, Updates, donation, expect_state
-from gradchain.combine import chain
+from gradchain.combine import chain, is_params_function, masked
 from gradchain.optim._fused import (
     FusedPlan,
     FusedStep,
@@ -26,7 +28,7 @@ from gradchain.optim._fused import (
     found_inf,
     fused_rows,
     kernel_groups,
-    lr_arg,
+    lr_on,
     lr_state_fits,
     step_lr,
 )
@@ -192,7 +194,7 @@ def adam(
     lr: ScalarOrSchedule = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
     amsgrad: bool = False,
     maximize: bool = False,
 ) -> GradientTransformation:
@@ -240,9 +242,10 @@ def adamw(
     lr: ScalarOrSchedule = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 1e-2,
+    weight_decay: float | torch.Tensor = 1e-2,
     amsgrad: bool = False,
     maximize: bool = False,
+    mask: Any | Callable[[Params], Any] | None = None,
 ) -> GradientTransformation:
     """AdamW (decoupled weight decay), as ``torch.optim.AdamW`` (same arguments and defaults).
 
@@ -260,15 +263,25 @@ def adamw(
     inside the parity tolerance (1e-5 after 100 steps).
 
     ``chain(scale(-1) if maximize, scale_by_adam(*betas, eps, amsgrad),
-    add_decayed_weights(weight_decay) if weight_decay, scale_by_learning_rate(lr))``.
+    add_decayed_weights(weight_decay) if weight_decay, scale_by_learning_rate(lr))``;
+    with ``mask``, the decay is ``masked(add_decayed_weights(weight_decay), mask)``.
+
+    **No decay on biases and norms.** ``mask`` (optax's ``adamw(mask=...)``) is a tree of
+    bools shaped like the params, or a function ``params -> tree``: the weight decay
+    applies where it is ``True`` only. It is the two param groups of
+    ``AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])`` in one
+    transformation, and :func:`~gradchain.update_and_apply_` still runs it as torch's fused
+    kernel (one call per subset), equal to that optimizer with ``fused=True`` bit for bit.
 
     Args:
         lr: learning rate: float, 1-element tensor, or schedule of the update count.
         betas: ``(beta1, beta2)``, each in ``[0, 1)``.
         eps: term added to the denominator (>= 0).
-        weight_decay: decoupled weight decay factor (>= 0).
+        weight_decay: decoupled weight decay factor (>= 0): a float or a 1-element tensor.
         amsgrad: use the AMSGrad variant.
         maximize: maximize the objective instead of minimizing.
+        mask: where to decay: ``None`` (everywhere), a tree of bools shaped like the params,
+            or a function of the params giving one (see :func:`~gradchain.masked`).
 
     Returns:
         A :class:`~gradchain.GradientTransformation` (a chain) whose updates are added to
@@ -285,24 +298,38 @@ def adamw(
         >>> updates, state = tx.update({"w": torch.tensor([3.0, -0.5])}, tx.init(params), params)
         >>> gc.apply_updates(params, updates)["w"]  # p * (1 - 0.05) - 0.1 * sign(g)
         tensor([ 0.8500, -0.8500])
+
+        Decay on matrices only:
+
+        >>> tx = gc.adamw(lr=0.1, weight_decay=0.5,
+        ...               mask=lambda ps: {k: p.ndim > 1 for k, p in ps.items()})
+        >>> params = {"w": torch.ones(1, 2), "b": torch.ones(2)}
+        >>> grads = {"w": torch.ones(1, 2), "b": torch.ones(2)}
+        >>> updates, state = tx.update(grads, tx.init(params), params)
+        >>> updates["w"], updates["b"]
+        (tensor([[-0.1500, -0.1500]]), tensor([-0.1000, -0.1000]))
     """
-    return _adam_rule("adamw", True, lr, betas, eps, weight_decay, amsgrad, maximize)
+    return _adam_rule("adamw", True, lr, betas, eps, weight_decay, amsgrad, maximize, mask)
 
 
 def _adam_rule(
     fn: str, decoupled: bool, lr: ScalarOrSchedule, betas: tuple[float, float], eps: float,
-    weight_decay: float, amsgrad: bool, maximize: bool,
+    weight_decay: float | torch.Tensor, amsgrad: bool, maximize: bool, mask: Any = None,
 ) -> GradientTransformation:
     """``adam`` (L2 ``weight_decay`` added to the gradient) or ``adamw`` (``decoupled``:
-    the decay added to the direction), validated as torch validates them, as a chain
-    bound to torch's fused kernel."""
+    the decay added to the direction, where ``mask`` says), validated as torch validates
+    them, as a chain bound to torch's fused kernel."""
     amsgrad = _checks.as_bool(amsgrad, "amsgrad", fn)
     maximize = _checks.as_bool(maximize, "maximize", fn)
     lr = _checks.check_lr(lr, fn)
     eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
     b1, b2 = _checks.betas(betas, fn)
-    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
-    decay = [add_decayed_weights(weight_decay)] if weight_decay != 0 else []
+    weight_decay = _checks.nonneg_scalar(weight_decay, "weight_decay", "weight_decay value", fn)
+    decay = []
+    if _checks.maybe_nonzero(weight_decay):
+        decay = [add_decayed_weights(weight_decay)]
+        if mask is not None:
+            decay = [masked(decay[0], mask)]
     txs: list[GradientTransformation] = [scale(-1.0)] if maximize else []
     if not decoupled:
         txs += decay
@@ -314,7 +341,7 @@ def _adam_rule(
     return bind_fused(
         chain(*txs),
         _adam_plan(decoupled, lr, adam_at, len(txs), b1=b1, b2=b2, eps=eps,
-                   weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize),
+                   weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask),
     )
 
 
@@ -325,6 +352,7 @@ def _adam_plan(
     ``torch.optim.Adam/AdamW(fused=True)`` runs), for :func:`~gradchain.update_and_apply_`;
     see :mod:`gradchain.optim._fused`."""
     amsgrad = hyper["amsgrad"]
+    mask = hyper["mask"]
 
     def plan(state: Any, p_leaves: list[Any], g_leaves: list[Any], spec: Any) -> FusedStep | None:
         if not lr_state_fits(state, size, lr):
@@ -339,6 +367,12 @@ def _adam_plan(
                 buffers.append(flatten_like(spec, st.nu_max, "nu_max", "params"))
         except (TypeError, ValueError):
             return None
+        weight_decay = known_float(hyper["weight_decay"])  # the kernel takes a float
+        if weight_decay is None:
+            return None
+        decays = _decay_flags(mask, p_leaves, spec)
+        if decays is None:
+            return None  # a mask that does not fit: the generic path names the problem
         rows = fused_rows(p_leaves, g_leaves, buffers)
         if rows is None:
             return None
@@ -348,17 +382,22 @@ def _adam_plan(
             lr_now = step_lr(lr, new_state, keep)
             count = _ops.safe_increment(st.count)
             kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-            for cols in kernel_groups(p_leaves, grads, rows, buffers):
-                device = cols[0][0].device
-                step_t = count.to(device, torch.float32)
-                kernel(
-                    cols[0], cols[1], cols[2], cols[3], cols[4] if amsgrad else [],
-                    [step_t] * len(cols[0]),
-                    lr=lr_arg(lr_now, device),
-                    beta1=hyper["b1"], beta2=hyper["b2"], weight_decay=hyper["weight_decay"],
-                    eps=hyper["eps"], amsgrad=amsgrad, maximize=hyper["maximize"],
-                    found_inf=found_inf(keep, device),
-                )
+            # With a mask, the leaves without decay are a second group (torch's param group
+            # with weight_decay=0), each run by the same kernel.
+            for decayed in (True, False):
+                subset = [i for i in rows if decays[i] is decayed]
+                for cols in kernel_groups(p_leaves, grads, subset, buffers):
+                    device = cols[0][0].device
+                    step_t = count.to(device, torch.float32)
+                    kernel(
+                        cols[0], cols[1], cols[2], cols[3], cols[4] if amsgrad else [],
+                        [step_t] * len(cols[0]),
+                        lr=lr_on(lr_now, device),
+                        beta1=hyper["b1"], beta2=hyper["b2"],
+                        weight_decay=weight_decay if decayed else 0.0,
+                        eps=hyper["eps"], amsgrad=amsgrad, maximize=hyper["maximize"],
+                        found_inf=found_inf(keep, device),
+                    )
             # The moments were updated in place: the new state holds the same tensors.
             new_state[adam_at] = st._replace(count=advance(st.count, count, keep))
             return tuple(new_state)
@@ -366,3 +405,16 @@ def _adam_plan(
         return step
 
     return plan
+
+
+def _decay_flags(mask: Any, p_leaves: list[Any], spec: Any) -> list[bool] | None:
+    """Whether each leaf is decayed (``adamw``'s ``mask`` read for the params' leaves, as
+    :func:`~gradchain.masked` reads it); ``None`` when the mask does not fit."""
+    if mask is None:
+        return [True] * len(p_leaves)
+    try:
+        tree = mask(unflatten(spec, p_leaves)) if is_params_function(mask) else mask
+        flags = spec.flatten_up_to(tree)
+    except (TypeError, ValueError):
+        return None
+    return flags if all(isinstance(f, bool) for f in flags) else None

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from gradchain import _checks, _ops
-from gradchain._ops import known_bool
+from gradchain._ops import known_bool, known_float
 from gradchain._tree import Leaves, flatten_like
 from gradchain.base import GradientTransformation, Params, Updates, donation, expect_state
 from gradchain.combine import chain
@@ -34,7 +34,7 @@ from gradchain.optim._fused import (
     found_inf,
     fused_rows,
     kernel_groups,
-    lr_arg,
+    lr_on,
     lr_state_fits,
     step_lr,
     tick,
@@ -167,7 +167,7 @@ def sgd(
     lr: ScalarOrSchedule = 1e-3,
     momentum: float = 0.0,
     dampening: float = 0.0,
-    weight_decay: float = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
     nesterov: bool = False,
     maximize: bool = False,
 ) -> GradientTransformation:
@@ -216,7 +216,7 @@ def sgd(
     maximize = _checks.as_bool(maximize, "maximize", fn)
     lr = _checks.check_lr(lr, fn)
     momentum = _checks.nonneg(momentum, "momentum", "momentum value", fn)
-    weight_decay = _checks.nonneg(weight_decay, "weight_decay", "weight_decay value", fn)
+    weight_decay = _checks.nonneg_scalar(weight_decay, "weight_decay", "weight_decay value", fn)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(
             f"{fn}: nesterov=True requires momentum > 0 and dampening == 0, "
@@ -225,7 +225,7 @@ def sgd(
     txs: list[GradientTransformation] = []
     if maximize:
         txs.append(scale(-1.0))
-    if weight_decay != 0:
+    if _checks.maybe_nonzero(weight_decay):
         txs.append(add_decayed_weights(weight_decay))
     trace_at = None
     if momentum != 0:
@@ -245,6 +245,7 @@ def _sgd_plan(
 ) -> FusedPlan:
     """``sgd``'s binding to ``torch._fused_sgd_`` (what ``torch.optim.SGD(fused=True)``
     runs), for :func:`~gradchain.update_and_apply_`; see :mod:`gradchain.optim._fused`."""
+
     def plan(state: Any, p_leaves: list[Any], g_leaves: list[Any], spec: Any) -> FusedStep | None:
         if not lr_state_fits(state, size, lr):
             return None
@@ -264,6 +265,9 @@ def _sgd_plan(
                 buffers = [flatten_like(spec, tr.trace, "trace", "params")]
             except (TypeError, ValueError):
                 return None
+        weight_decay = known_float(hyper["weight_decay"])  # the kernel takes a float
+        if weight_decay is None:
+            return None
         rows = fused_rows(p_leaves, g_leaves, buffers)
         if rows is None:
             return None
@@ -275,8 +279,8 @@ def _sgd_plan(
                 device = cols[0][0].device
                 torch._fused_sgd_(
                     cols[0], cols[1], cols[2] if tr is not None else [],
-                    weight_decay=hyper["weight_decay"], momentum=hyper["momentum"],
-                    lr=lr_arg(lr_now, device),
+                    weight_decay=weight_decay, momentum=hyper["momentum"],
+                    lr=lr_on(lr_now, device),
                     dampening=hyper["dampening"], nesterov=hyper["nesterov"],
                     maximize=hyper["maximize"], is_first_step=bool(first),
                     found_inf=found_inf(keep, device),

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Flaky
 
 import gradchain
+from gradchain._tree import first_difference
 from gradchain.base import GradientTransformation
 from gradchain.testing import strategies as gst
 from gradchain.tree import flatten, from_state_dict, leaf_paths, to_state_dict, unflatten
@@ -198,23 +199,18 @@ def _kind(x: Any) -> str:
 
 def _structure_difference(a: Any, b: Any, path: str, fields: bool) -> tuple[str, str] | None:
     """The first place where the tree structures of ``a`` and ``b`` differ."""
-    a_leaf, b_leaf = _is_leaf(a), _is_leaf(b)
-    if a_leaf and b_leaf:
+    diff = first_difference(
+        a, b, strict=True, key_text=lambda node, k: _key(node, k, fields), where=path
+    )
+    if diff is None:
         return None
-    if a_leaf or b_leaf or type(a) is not type(b):
-        return path, f"expected {_kind(a)}, got {_kind(b)}"
-    la = optree.tree_flatten_one_level(a, none_is_leaf=True)
-    lb = optree.tree_flatten_one_level(b, none_is_leaf=True)
-    if list(la.entries) != list(lb.entries):
-        return path, (
-            f"expected a {type(a).__name__} with entries {list(la.entries)}, "
-            f"got entries {list(lb.entries)}"
-        )
-    for k, ca, cb in zip(la.entries, la.children, lb.children):
-        found = _structure_difference(ca, cb, path + _key(a, k, fields), fields)
-        if found is not None:
-            return found
-    return None
+    if diff.kind == "type":
+        return diff.where, f"expected {_kind(diff.expected)}, got {_kind(diff.got)}"
+    expected = list(optree.tree_flatten_one_level(diff.expected, none_is_leaf=True).entries)
+    got = list(optree.tree_flatten_one_level(diff.got, none_is_leaf=True).entries)
+    return diff.where, (
+        f"expected a {type(diff.expected).__name__} with entries {expected}, got entries {got}"
+    )
 
 
 # --------------------------------------------------------------------------- comparisons
