@@ -123,6 +123,13 @@ def inject_hyperparams(
     ============================  ===============================================
     ``sgd``                       ``lr``
     ``adam``, ``adamw``           ``lr``
+    ``adagrad``, ``adadelta``,    ``lr``
+    ``adamax``, ``nadam``,
+    ``radam``, ``rmsprop``,
+    ``asgd``, ``adafactor``,
+    ``muon``
+    ``rprop``                     none that matters: ``lr`` only sets the initial
+                                  step sizes (at ``init``), as in torch
     ``scale_by_learning_rate``    ``learning_rate``
     ``scale``                     ``step_size``
     ============================  ===============================================
