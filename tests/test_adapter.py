@@ -204,7 +204,8 @@ def test_params_without_grad_are_skipped_as_torch_does() -> None:
 def test_extra_keyword_arguments_reach_the_transformation() -> None:
     params = make_params()
     calls: list[dict] = []
-    opt = gc.ChainedOptimizer(torch.optim.SGD(params, lr=1.0), counting(gc.identity(), calls))
+    opt = gc.ChainedOptimizer(torch.optim.SGD(params, lr=1.0), counting(gc.identity(), calls),
+                              transactional=True)
     set_grads(params, 0)
     opt.step(flush=True, note="x")
     assert calls == [{"flush": True, "note": "x"}]

@@ -832,6 +832,7 @@ class FailingAdam(torch.optim.Adam):
 def _failing_opt(params: list[torch.nn.Parameter], tx: Any = None, **kw: Any) -> Any:
     inner = FailingAdam([{"params": params[:2]}, {"params": params[2:]}], lr=0.05)
     tx = tx or gc.chain(gc.accumulate_every(2), gc.clip_by_norm(0.5))
+    kw.setdefault("transactional", True)  # the opt-in undo these tests are about
     return gc.ChainedOptimizer(inner, tx, **kw)
 
 
@@ -895,7 +896,8 @@ def test_a_wrapped_step_that_fails_halfway_is_undone(
 
 
 def test_without_transactions_a_failing_wrapped_step_leaves_its_partial_update() -> None:
-    """What ``transactional=False`` gives up (and why the default is on)."""
+    """What ``transactional=False`` (the default) gives up: a wrapped step that fails halfway
+    stays half done, as with torch.optim itself."""
     params = _params()
     opt = _failing_opt(params, gc.clip_by_norm(0.5), transactional=False)
     _set_grads(params, 0)
@@ -983,7 +985,7 @@ def test_a_transformation_or_should_commit_that_fails_is_undone() -> None:
 def test_lbfgs_whose_closure_fails_on_a_later_evaluation_is_undone() -> None:
     params = _params()
     opt = gc.ChainedOptimizer(torch.optim.LBFGS(params, lr=0.5, max_iter=5),
-                              gc.clip_by_norm(10.0))
+                              gc.clip_by_norm(10.0), transactional=True)
     calls = {"n": 0, "fail_at": None}
 
     def closure() -> torch.Tensor:

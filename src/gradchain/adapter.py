@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -14,12 +15,100 @@ import torch
 
 from gradchain import gating
 from gradchain.base import GradientTransformation
+from gradchain.combine import chain_members
 from gradchain.gates import scale_loss
 from gradchain.state import from_state_dict, to_state_dict
+
+try:  # pickling a transformation (closures) by value; deepcopy does not need it
+    import cloudpickle as _cloudpickle
+except ImportError:  # pragma: no cover - cloudpickle ships with the dev extra
+    _cloudpickle = None
 
 __all__ = ["ChainedOptimizer"]
 
 _FORMAT = 1
+_GROUP_KEY = "gradchain"  # the chain state's key in param_groups[0] of the torch-shaped view
+
+# torch.optim.Optimizer's per-instance hook tables: like torch's own pickling, copies start
+# without hooks (hooks are often lambdas or bound to objects that are not copied).
+_HOOK_TABLES = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+# Per-process or per-instance attributes a copy rebuilds instead of copying: the weak
+# self-reference, the snapshot's scratch buffers, the profiler name, and an instance
+# ``step`` patched by an LR scheduler (it refers to the original object).
+_NOT_COPIED = (*_HOOK_TABLES, "_self_ref", "_snapshot_buffers", "_zero_grad_profile_name",
+               "step", "_grad_backup", "_grad_buffers", "_applied_grads")
+
+
+def _describe(transform: GradientTransformation) -> str:
+    """A short name for ``transform``: its factory's name, ``chain(...)`` of its members."""
+    members = chain_members(transform)
+    if members is not None:
+        return "chain(" + ", ".join(_describe(m) for m in members) + ")"
+    name = getattr(transform.update, "__qualname__", type(transform.update).__name__)
+    return name.split(".<locals>")[0]
+
+
+def _ptr(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage (of its local shard for a DTensor)."""
+    local = getattr(t, "_local_tensor", None)  # DTensor: a wrapper without storage
+    try:
+        return (t if local is None else local).untyped_storage().data_ptr()
+    except RuntimeError:  # another storage-less tensor subclass
+        return None
+
+
+def _storages(tree: Any) -> set[int | None]:
+    """The storage addresses of the tensors in ``tree``."""
+    return {
+        _ptr(x) for x in optree.tree_leaves(tree, none_is_leaf=True) if isinstance(x, torch.Tensor)
+    }
+
+
+def _grad_marks(groups: list[list[torch.Tensor]]) -> list[tuple[Any, int] | None]:
+    """A weak reference and the version counter of every ``.grad`` (weak: a freed gradient
+    must not be kept alive, nor mistaken for a new one at the same address)."""
+    return [
+        None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+        for group in groups
+        for p in group
+    ]
+
+
+def _untouched(marks: list[tuple[Any, int] | None], grads: list[torch.Tensor | None]) -> bool:
+    """Whether ``grads`` are the very tensors of ``marks``, not written since."""
+    if len(marks) != len(grads):
+        return False
+    for mark, g in zip(marks, grads):
+        if mark is None or g is None:
+            if mark is not g:
+                return False
+        elif mark[0]() is not g or g._version != mark[1]:
+            return False
+    return True
+
+
+class _ByValue:
+    """A transformation pickled by value (its functions are closures, which plain pickle
+    stores by name and cannot find again): ``cloudpickle`` bytes, loaded back on unpickle."""
+
+    def __init__(self, transform: GradientTransformation) -> None:
+        self.transform = transform
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if _cloudpickle is None:
+            raise TypeError(
+                "ChainedOptimizer: pickling the adapter stores its transformation (closures) "
+                "by value, which needs the cloudpickle package (pip install cloudpickle); "
+                "copy.deepcopy works without it, and a checkpoint should use state_dict()"
+            )
+        return (_cloudpickle.loads, (_cloudpickle.dumps(self.transform),))
 
 
 def _merge_states(old: Any, new: Any) -> Any:
@@ -139,38 +228,53 @@ class ChainedOptimizer(torch.optim.Optimizer):
       non-finite), so they cannot be counted twice.
     * Optimizers that re-evaluate the closure (``torch.optim.LBFGS``) get the transformation
       applied at every evaluation; a transformation with gates is refused for them.
-    * **Transactional.** If anything raises during ``step()`` (the closure, the
-      transformation, ``should_commit``, the wrapped optimizer's step, even
-      ``KeyboardInterrupt``), the parameters, their ``.grad``, the transformation state and
-      the wrapped optimizer's state and ``param_groups`` are restored to what they were
-      before the call, and the exception propagates; ``step()`` can then be retried. The
-      wrapped step updates the parameters and its state in place, so, to undo it, applied
-      steps first copy the parameters and the optimizer's state tensors, one pass over that
-      memory (held-back steps copy nothing): on one CPU thread +28% on a foreach Adam step,
-      +56% on an SGD-with-momentum step and about +100% on a fused AdamW step (42M
-      parameters; see the Performance page). On accelerators the copy is
-      transient; on CPU it goes into buffers kept between steps (a fresh large CPU
-      allocation page-faults, which cost more than the copy). With a closure, gradients
-      that already exist are copied too (a closure may zero or accumulate into them in
-      place). ``transactional=False`` skips these copies and is the fast path:
-      a failure inside the wrapped step may then leave the parameters and its state
-      partly updated, as with ``torch.optim`` itself, and the gradients are donated to the
-      transformation (``donate="updates"``, see :func:`~gradchain.donation`), which then
-      clips or unscales them in place as ``clip_grad_norm_`` and ``GradScaler.unscale_``
-      do: after a step that raises or is refused, ``.grad`` holds unspecified values
-      (call ``zero_grad()``). Parameters, wrapped state and transformation state are still
-      unchanged by failures and refusals before the wrapped step.
-      ``clip_by_norm(error_if_nonfinite=True)``'s ``RuntimeError`` is a refusal, like
-      ``should_commit``: inside :meth:`no_sync` it also moves the window back into the
-      accumulator, so that ``zero_grad()`` and the next micro-batch carry on.
+    * **Failures and refusals change nothing** (design.md §3). Everything that can refuse
+      or fail is decided before the wrapped step starts: the closure, the transformation
+      (run purely; its new state is kept aside), the gate and clip-error flags, and
+      ``should_commit``. If one raises (even ``KeyboardInterrupt``) or refuses, the
+      parameters, the wrapped optimizer's state and ``param_groups`` and the
+      transformation state stay exactly as before the call, and the step can be retried;
+      nothing is copied for this. The gradients are donated to the transformation
+      (``donate="updates"``, see :func:`~gradchain.donation`), which clips or unscales
+      them in place as ``clip_grad_norm_`` and ``GradScaler.unscale_`` do, so after a
+      refusal ``.grad`` may hold processed values (call ``zero_grad()``).
+      ``clip_by_norm(error_if_nonfinite=True)``'s ``RuntimeError`` is such a refusal:
+      inside :meth:`no_sync` it also moves the window back into the accumulator, so that
+      ``zero_grad()`` and the next micro-batch carry on.
+    * **transactional=True** (opt-in) also undoes a wrapped step that fails halfway (a
+      failure inside ``torch.optim`` leaves it half done otherwise, as without the
+      adapter): applied steps first copy the parameters, the optimizer's state tensors
+      and the gradients, and restore all of them, ``.grad`` included, if anything raises.
+      That is one copy of the optimizer's memory per applied step (held-back steps copy
+      nothing; on accelerators the copies are transient, on CPU they go into buffers kept
+      between steps, since a fresh large CPU allocation page-faults). With a closure,
+      gradients that already exist are copied too. See the Reliability page for figures.
+    * **A drop-in torch.optim.Optimizer.** The processed gradients are written into the
+      existing ``.grad`` tensors in place (the objects survive a step, as with the bare
+      optimizer); ``copy.deepcopy``, ``pickle`` and ``torch.save`` round-trip it, chain
+      included (pickling stores the transformation's closures by value and needs
+      ``cloudpickle``; copies start without hooks, as torch's do); the four state-dict
+      hook kinds run in torch's order; torch's global step hooks and this adapter's
+      step hooks run once per ``step()`` (the wrapped optimizer's own step hooks run
+      when it steps; the global ones are not run a second time for it).
+    * **torch.distributed.checkpoint.** :meth:`state_dict` also has torch's keys
+      (``"state"``, ``"param_groups"``, with the chain state in the first group), so
+      ``get_optimizer_state_dict(model, opt)`` / ``set_optimizer_state_dict`` work with
+      the adapter itself. Their initialisation step (wrapped state empty, every lr 0,
+      every gradient zero) makes the wrapped optimizer's state without touching the
+      chain, and that placeholder state is dropped at the first real step, so a
+      checkpoint taken at any point, the first accumulation window included, leaves the
+      run bit-identical.
 
     Args:
         optimizer: the ``torch.optim.Optimizer`` to wrap.
         transform: a gradchain transformation whose output is written into ``.grad``
             (gradient processing: clip, accumulate, scale, skip; not an update rule).
         should_commit: optional callable returning a bool, asked before each wrapped step.
-        transactional: undo a ``step()`` that raises (see above); ``False`` saves a copy of
-            the parameters and optimizer state per applied step.
+        transactional: also undo a wrapped step that raises halfway (see above), at the
+            cost of a copy of the parameters, optimizer state and gradients per applied
+            step. Default ``False``: failures and refusals before the wrapped step still
+            change nothing.
 
     Example:
         >>> import torch, gradchain as gc
@@ -196,8 +300,14 @@ class ChainedOptimizer(torch.optim.Optimizer):
         transform: GradientTransformation,
         *,
         should_commit: Callable[[], bool] | None = None,
-        transactional: bool = True,
+        transactional: bool = False,
     ) -> None:
+        if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"ChainedOptimizer: optimizer is the class {optimizer.__name__}, not an "
+                f"optimizer; pass an instance, e.g. {optimizer.__name__}(model.parameters(), "
+                "lr=...)"
+            )
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"ChainedOptimizer: optimizer must be a torch.optim.Optimizer, "
@@ -228,19 +338,61 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self.transform = transform
         self.should_commit = should_commit
         self.transactional = transactional
-        self._snapshot_buffers: list[torch.Tensor] = []  # see _Snapshot
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
         self._warned_capturable_if_run_uncaptured = True
+        self._rebuild_local()
         self.tx_state = transform.init(self._param_tree())
         self._last_applied = False
-        self._self_ref = weakref.ref(self)
         self._before_seed: Any = None  # the state before no_sync moved the window into .grad
+        # The wrapped optimizer's state was made by an initialisation step (DCP's), not by a
+        # real one: the first applied step clears it, so it starts as in a run without it.
+        self._placeholder = False
+
+    def _rebuild_local(self) -> None:
+        """The per-instance attributes a new object and a copy start with (``_NOT_COPIED``)."""
+        for name in _HOOK_TABLES:
+            setattr(self, name, OrderedDict())
+        self._snapshot_buffers: list[torch.Tensor] = []  # see _Snapshot
+        # (.grad tensor, its value before this step wrote into it), transactional only
+        self._grad_backup: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._grad_buffers: list[torch.Tensor] = []  # kept CPU buffers for _grad_backup
+        self._self_ref = weakref.ref(self)
+        # (weak reference, version) of each .grad after the last applied step: a step()
+        # that finds them untouched was called twice without a backward in between
+        self._applied_grads: list[tuple[Any, int] | None] | None = None
+        self._patch_step_function()
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
+        """Everything but hooks and per-instance scratch (see ``_NOT_COPIED``); the
+        transformation goes by value (its functions are closures; needs ``cloudpickle``)."""
+        real = self._real()
+        state = {k: v for k, v in real.__dict__.items() if k not in _NOT_COPIED}
+        state["transform"] = _ByValue(real.transform)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # type: ignore[override]
+        transform = state["transform"]
+        if isinstance(transform, _ByValue):  # a copy made in this process
+            transform = transform.transform
+        self.__dict__.update(state, transform=transform)
+        self._rebuild_local()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ChainedOptimizer:
+        """A deep copy as torch makes one of an optimizer (parameters and both states copied,
+        hooks not), sharing the transformation (pure functions) and ``should_commit``."""
+        real = self._real()
+        new = ChainedOptimizer.__new__(ChainedOptimizer)
+        memo[id(real)] = new
+        memo[id(self)] = new
+        if real.should_commit is not None:
+            memo.setdefault(id(real.should_commit), real.should_commit)
+        state = {
+            k: copy.deepcopy(v, memo) if k != "transform" else v
+            for k, v in real.__dict__.items()
+            if k not in _NOT_COPIED
+        }
+        new.__setstate__(state)
+        return new
 
     # ------------------------------------------------------------------ torch.optim surface
     @property  # type: ignore[override]
@@ -268,7 +420,12 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self.optimizer.defaults = value
 
     def __repr__(self) -> str:
-        return f"ChainedOptimizer({self.optimizer!r})"
+        real = self._real()
+        inner = "\n  ".join(repr(real.optimizer).splitlines())
+        return (
+            f"ChainedOptimizer(\n  transform={_describe(real.transform)},\n"
+            f"  transactional={real.transactional},\n  optimizer={inner}\n)"
+        )
 
     def _real(self) -> ChainedOptimizer:
         """``self``, or, when a method is called on a proxy that subclasses this class and
@@ -386,9 +543,10 @@ class ChainedOptimizer(torch.optim.Optimizer):
     def _param_tree(self) -> list[list[torch.Tensor]]:
         return [[p.detach() for p in group] for group in self._params()]
 
-    def _run_transform(self, state: Any, **extra: Any) -> tuple[list[list[Any]], Any]:
-        params = self._params()
-        grads = [[p.grad for p in group] for group in params]
+    def _run_transform(
+        self, state: Any, groups: list[list[torch.Tensor]], **extra: Any
+    ) -> tuple[list[list[Any]], Any]:
+        grads = [[p.grad for p in group] for group in groups]
         for i, group in enumerate(grads):
             for j, g in enumerate(group):
                 if g is not None and g.layout is not torch.strided:
@@ -405,10 +563,10 @@ class ChainedOptimizer(torch.optim.Optimizer):
         if not self.transactional:
             # The transformation's state is never donated: a refused step keeps the old one.
             extra["donate"] = "updates"
+        # The parameters go in as they are (no per-step detach): update runs without grad
+        # and never writes them.
         with torch.no_grad():
-            updates, new_state = self.transform.update(
-                grads, state, self._param_tree(), **extra
-            )
+            updates, new_state = self.transform.update(grads, state, groups, **extra)
         return updates, new_state
 
     @staticmethod
@@ -435,16 +593,89 @@ class ChainedOptimizer(torch.optim.Optimizer):
             )
         return bool(values[0]) if isinstance(flag, torch.Tensor) else bool(flag)
 
-    def _write_grads(self, updates: list[list[Any]]) -> None:
+    def _write_grads(
+        self, groups: list[list[torch.Tensor]], updates: list[list[Any]], new_state: Any
+    ) -> None:
+        """Write the processed gradients into the existing ``.grad`` tensors, in place, so
+        the tensor objects survive the step as with the bare optimizer (references held
+        elsewhere, CUDA graphs). A ``.grad`` is replaced instead only where it cannot take
+        the values: there is none, its shape differs, or the new transformation state
+        shares its memory (a transformation may keep donated memory in its state).
+
+        Transactional, every ``.grad`` handed to the wrapped step is first copied into
+        ``_grad_backup`` (restored if the step raises)."""
+        backup = self._grad_backup if self.transactional else None
+        kept: set[int | None] | None = None  # storages of the new state, on demand
         with torch.no_grad():
-            for group, ugroup in zip(self._params(), updates):
+            for group, ugroup in zip(groups, updates):
                 for p, u in zip(group, ugroup):
-                    if u is not None:
-                        if self.transactional and u is p.grad:
-                            # Passed through unchanged: the wrapped step must not get the
-                            # caller's tensor, which a failed step could leave modified.
-                            u = u.clone()  # type: ignore[union-attr]
-                        p.grad = u.to(p.dtype) if u.dtype != p.dtype else u
+                    if u is None:
+                        continue
+                    g = p.grad
+                    if backup is not None and g is not None:
+                        backup.append((g, self._backup_buffer(len(backup), g).copy_(g)))
+                    if u is g:  # donated and processed in place (or passed through)
+                        continue
+                    if g is not None and g.shape == u.shape and g.layout is torch.strided:
+                        if kept is None:
+                            kept = _storages(new_state)
+                        ptr = _ptr(g)
+                        if ptr is not None and ptr not in kept and ptr != _ptr(u):
+                            g.copy_(u)
+                            continue
+                    p.grad = u.to(p.dtype) if u.dtype != p.dtype else u
+
+    def _backup_buffer(self, i: int, g: torch.Tensor) -> torch.Tensor:
+        """The ``i``-th buffer for a copy of ``g``: on CPU kept from step to step (a fresh
+        large CPU allocation page-faults, see ``_Snapshot``), elsewhere a new one."""
+        if g.device.type != "cpu" or type(g) is not torch.Tensor:
+            return torch.empty_like(g)
+        bufs = self._grad_buffers
+        if i < len(bufs):
+            buf = bufs[i]
+            if buf.shape == g.shape and buf.dtype == g.dtype and buf.stride() == g.stride():
+                return buf
+            bufs[i] = buf = torch.empty_like(g)
+            return buf
+        buf = torch.empty_like(g)
+        bufs.append(buf)
+        return buf
+
+    def _wrapped_step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """The wrapped optimizer's ``step``, with its own (local) step hooks and profiler
+        range but without torch's global step hooks: those ran once already, for this
+        adapter's ``step()``, so profilers and step counters see one step per call.
+
+        An instance-level ``step`` (patched on the wrapped optimizer by someone else, e.g. an
+        LR scheduler built on it) is called as it is, global hooks included."""
+        opt = self.optimizer
+        fn = getattr(type(opt), "step", None)
+        raw = getattr(fn, "__wrapped__", None) if getattr(fn, "hooked", False) else None
+        if raw is None or "step" in vars(opt):
+            return opt.step() if closure is None else opt.step(closure)
+        args: tuple[Any, ...] = (opt,) if closure is None else (opt, closure)
+        kwargs: dict[str, Any] = {}
+        profiling = torch.autograd._profiler_enabled()
+        scope = (
+            torch.autograd.profiler.record_function(f"Optimizer.step#{type(opt).__name__}.step")
+            if profiling
+            else contextlib.nullcontext()
+        )
+        with scope:
+            for pre_hook in tuple(opt._optimizer_step_pre_hooks.values()):
+                result = pre_hook(opt, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(
+                            f"{fn} must return None or a tuple of (new_args, new_kwargs), "
+                            f"but got {result}."
+                        )
+                    args, kwargs = result
+            out = raw(*args, **kwargs)
+            opt._optimizer_step_code()
+            for post_hook in tuple(opt._optimizer_step_post_hooks.values()):
+                post_hook(opt, args, kwargs)
+        return out
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, **extra: Any) -> Any:  # type: ignore[override]
@@ -452,41 +683,104 @@ class ChainedOptimizer(torch.optim.Optimizer):
         gradients, and call the wrapped ``step()`` if the step applies. Extra keyword
         arguments (e.g. ``flush=True``) reach the transformation. Returns the loss.
 
-        If anything raises, everything is restored to what it was before the call (see
-        *Transactional* above) and the exception propagates."""
-        params = [p for group in self._params() for p in group]
+        If anything raises before the wrapped step, the parameters and both states are as
+        before the call (``.grad`` may hold processed values); with ``transactional=True``
+        a failure inside the wrapped step is undone too, ``.grad`` included. The exception
+        propagates."""
+        groups = self._params()
+        params = [p for group in groups for p in group]
         grads = [p.grad for p in params]
-        versions = [None if g is None else g._version for g in grads]
         # A closure may zero or accumulate into existing gradients in place: keep values.
         grad_values = (
-            [None if g is None else g.clone() for g in grads]
+            [None if g is None else (g._version, g.clone()) for g in grads]
             if closure is not None and self.transactional
             else None
         )
+        if closure is None and all(g is None for g in grads):
+            # torch.optim skips parameters without gradients; a chain would still count the
+            # call (an accumulation window would advance on nothing): do nothing, loudly.
+            warnings.warn(
+                "ChainedOptimizer.step: no parameter has a gradient (call loss.backward() "
+                "before step()); nothing was done and the chain state did not advance",
+                UserWarning,
+                stacklevel=3,
+            )
+            self._last_applied = False
+            return None
+        if closure is None and self._applied_grads is not None and _untouched(
+            self._applied_grads, grads
+        ):
+            warnings.warn(
+                "ChainedOptimizer.step: called again with the gradients of the last applied "
+                "step, untouched since (no zero_grad() and backward() in between); they are "
+                "applied a second time",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self._is_initialisation_step(closure, extra):
+            # DCP's _init_optim_state: make the wrapped optimizer's state (zero gradients, lr
+            # 0) without touching the chain; the first real step starts from scratch.
+            self._wrapped_step()
+            self._placeholder = True
+            return None
         saved = (self.tx_state, self._before_seed, self._last_applied)
+        placeholder = self._placeholder
         snapshot: list[_Snapshot] = []  # taken just before the wrapped step, if transactional
+        self._grad_backup.clear()
         try:
             if self._reevaluates:
-                return self._step_reevaluating(closure, snapshot, **extra)
-            return self._step(closure, snapshot, **extra)
+                return self._step_reevaluating(closure, groups, snapshot, **extra)
+            return self._step(closure, groups, snapshot, **extra)
         except BaseException as err:
             if snapshot:
                 snapshot[0].restore()
+            for written, before in reversed(self._grad_backup):
+                written.copy_(before)
             self.tx_state, self._before_seed, self._last_applied = saved
+            self._placeholder = placeholder
             if isinstance(err, _NonfiniteNormError) and saved[1] is not None:
                 # A refusal: move the window back into the accumulator (see no_sync), so
                 # that it is not lost with the gradients the caller will discard.
                 self.tx_state, self._before_seed = saved[1], None
-            for p, g, v, value in zip(
-                params, grads, versions, grad_values or [None] * len(params)
-            ):
+            for p, g, kept in zip(params, grads, grad_values or [None] * len(params)):
                 p.grad = g
-                if g is not None and value is not None and g._version != v:
-                    g.copy_(value)
+                if g is not None and kept is not None and g._version != kept[0]:
+                    g.copy_(kept[1])
             raise
+        finally:
+            self._grad_backup.clear()
+
+    def _is_initialisation_step(self, closure: Any, extra: dict[str, Any]) -> bool:
+        """Whether this call is an optimizer-state initialisation, as
+        ``torch.distributed.checkpoint.state_dict`` makes one before reading or loading a
+        state dict (``_init_optim_state``): the wrapped optimizer has no state yet, every
+        group's lr is 0 and every trainable parameter has an all-zero gradient. The host
+        checks come first; the zero check (one device read) runs only when they hold,
+        i.e. at most on the steps before the first applied one with every lr at 0."""
+        if closure is not None or extra or self.optimizer.state:
+            return False
+        groups = self.optimizer.param_groups
+        if not groups or not all("lr" in g and float(g["lr"]) == 0.0 for g in groups):
+            return False
+        grads = [p.grad for g in groups for p in g["params"] if p.requires_grad]
+        if not grads or any(g is None for g in grads):
+            return False
+        device = grads[0].device
+        nonzero = torch.stack([torch.count_nonzero(g).to(device) for g in grads]).sum()
+        return int(nonzero) == 0
+
+    def _drop_placeholder(self) -> None:
+        """Before the first real wrapped step: forget state an initialisation step made."""
+        if self._placeholder:
+            self.optimizer.state.clear()
+            self._placeholder = False
 
     def _step(
-        self, closure: Callable[[], Any] | None, snapshot: list[_Snapshot], **extra: Any
+        self,
+        closure: Callable[[], Any] | None,
+        groups: list[list[torch.Tensor]],
+        snapshot: list[_Snapshot],
+        **extra: Any,
     ) -> Any:
         loss = None
         if closure is not None:
@@ -495,7 +789,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         # A refused call restores the state as it was before no_sync moved the window into
         # .grad, so that the window is not lost with the discarded gradients.
         before_seed, self._before_seed = self._before_seed, None
-        updates, new_state = self._run_transform(self.tx_state, **extra)
+        updates, new_state = self._run_transform(self.tx_state, groups, **extra)
         applies = self._decide(new_state, self.tx_state)
         if not applies:
             self.tx_state = new_state
@@ -503,7 +797,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
             # The chain consumed these gradients (into its accumulator, or dropped them as
             # non-finite): clear them, so a loop that skips zero_grad() on held-back steps
             # does not count them twice.
-            for group in self._params():
+            for group in groups:
                 for p in group:
                     p.grad = None
             return loss
@@ -512,16 +806,22 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 self.tx_state = before_seed
             self._last_applied = False
             return loss
-        self._write_grads(updates)
+        self._write_grads(groups, updates, new_state)
         if self.transactional:
             snapshot.append(_Snapshot(self.optimizer, self._snapshot_buffers))
-        self.optimizer.step()
+        self._drop_placeholder()
+        self._wrapped_step()
         self.tx_state = new_state
         self._last_applied = True
+        self._applied_grads = _grad_marks(groups)
         return loss
 
     def _step_reevaluating(
-        self, closure: Callable[[], Any] | None, snapshot: list[_Snapshot], **extra: Any
+        self,
+        closure: Callable[[], Any] | None,
+        groups: list[list[torch.Tensor]],
+        snapshot: list[_Snapshot],
+        **extra: Any,
     ) -> Any:
         if closure is None:
             raise ValueError(
@@ -536,56 +836,92 @@ class ChainedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
             old = box["state"]
-            updates, box["state"] = self._run_transform(old, **extra)
+            updates, box["state"] = self._run_transform(old, groups, **extra)
             self._decide(box["state"], old)
-            self._write_grads(updates)
+            self._write_grads(groups, updates, box["state"])
             return loss
 
         if self.transactional:
             snapshot.append(_Snapshot(self.optimizer, self._snapshot_buffers))
-        loss = self.optimizer.step(wrapped)
+        self._drop_placeholder()
+        loss = self._wrapped_step(wrapped)
         self.tx_state = box["state"]
         self._last_applied = True
         return loss
 
     # ------------------------------------------------------------------ checkpoints
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "group_sizes": [len(g) for g in self._params()],
+            "shapes": [[list(p.shape) for p in g] for g in self._params()],
+            "placeholder": self._placeholder,
+        }
+
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The wrapped optimizer's state dict and the transformation state, as plain data
-        (loads with ``torch.load(..., weights_only=True)``)."""
+        (loads with ``torch.load(..., weights_only=True)``).
+
+        Keys: ``"optimizer"`` (the wrapped optimizer's ``state_dict()``), ``"transform"``
+        (:func:`~gradchain.to_state_dict` of the chain state) and ``"gradchain"`` (format,
+        group sizes and shapes, checked on load); and, for tools that read a torch optimizer
+        state dict (``torch.distributed.checkpoint.state_dict``, FSDP), torch's own keys
+        ``"state"`` (the same object as ``["optimizer"]["state"]``) and ``"param_groups"``,
+        whose first group also carries the chain state under ``"gradchain"``. Either form,
+        the whole dict or just ``{"state", "param_groups"}``, loads back.
+
+        State-dict hooks run as in torch: pre-hooks with the adapter, then post-hooks
+        with the adapter and the dict (a hook's return value replaces the dict)."""
         if self._real() is not self:
             return self._real().state_dict()
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "transform": to_state_dict(self.tx_state),
-            "gradchain": {
-                "format": _FORMAT,
-                "group_sizes": [len(g) for g in self._params()],
-                "shapes": [[list(p.shape) for p in g] for g in self._params()],
-            },
+        for pre_hook in tuple(self._optimizer_state_dict_pre_hooks.values()):
+            pre_hook(self)
+        inner = self.optimizer.state_dict()
+        transform = to_state_dict(self.tx_state)
+        meta = self._meta()
+        groups = [dict(g) for g in inner["param_groups"]]
+        if groups:
+            groups[0][_GROUP_KEY] = {**meta, "transform": transform}
+        state_dict: dict[str, Any] = {
+            "state": inner["state"],
+            "param_groups": groups,
+            "optimizer": inner,
+            "transform": transform,
+            "gradchain": meta,
         }
+        for post_hook in tuple(self._optimizer_state_dict_post_hooks.values()):
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore both states. A state dict from another chain or parameter set is refused
-        with a ``ValueError`` naming the mismatch, and nothing is changed."""
+        with a ``ValueError`` naming the mismatch, and nothing is changed. Accepts the dict
+        :meth:`state_dict` returns, or its torch-shaped part ``{"state", "param_groups"}``
+        (what ``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` passes).
+
+        Load-state-dict hooks run as in torch: pre-hooks with the adapter and (a shallow
+        copy of) the dict, whose return value replaces it, then post-hooks with the
+        adapter."""
         if self._real() is not self:
             return self._real().load_state_dict(state_dict)
-        if not isinstance(state_dict, dict) or not {"optimizer", "transform", "gradchain"} <= set(
-            state_dict
-        ):
-            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
-            raise ValueError(
-                "ChainedOptimizer.load_state_dict: expected a dict with keys 'optimizer', "
-                f"'transform' and 'gradchain' (from ChainedOptimizer.state_dict()), got {keys}"
-            )
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()  # shallow, as torch: hooks may edit it
+        for pre_hook in tuple(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        inner, transform, meta = self._split_state_dict(state_dict)
         sizes = [len(g) for g in self._params()]
-        saved = state_dict["gradchain"].get("group_sizes")
+        saved = meta.get("group_sizes")
         if saved != sizes:
             raise ValueError(
                 "ChainedOptimizer.load_state_dict: the saved parameter groups have sizes "
                 f"{saved}, this optimizer's have {sizes}"
             )
         # torch.optim loads per-parameter state of any shape, so check shapes here.
-        saved_shapes = state_dict["gradchain"].get("shapes")
+        saved_shapes = meta.get("shapes")
         if saved_shapes is not None:
             for i, (group, saved_group) in enumerate(zip(self._params(), saved_shapes)):
                 for j, (p, shape) in enumerate(zip(group, saved_group)):
@@ -595,6 +931,36 @@ class ChainedOptimizer(torch.optim.Optimizer):
                             f"[{i}]['params'][{j}] was saved with shape {tuple(shape)}, "
                             f"this optimizer's has shape {tuple(p.shape)}"
                         )
-        new_tx_state = from_state_dict(self.tx_state, state_dict["transform"])
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        new_tx_state = from_state_dict(self.tx_state, transform)
+        self.optimizer.load_state_dict(inner)
         self.tx_state = new_tx_state
+        self._placeholder = bool(meta.get("placeholder", False))
+        for post_hook in tuple(self._optimizer_load_state_dict_post_hooks.values()):
+            post_hook(self)
+
+    @staticmethod
+    def _split_state_dict(state_dict: Any) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+        """``(wrapped optimizer's state dict, transformation state, meta)`` from either form
+        of :meth:`state_dict`'s output."""
+        if isinstance(state_dict, dict) and {"optimizer", "transform", "gradchain"} <= set(
+            state_dict
+        ):
+            return state_dict["optimizer"], state_dict["transform"], state_dict["gradchain"]
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if (
+            isinstance(groups, list)
+            and groups
+            and isinstance(groups[0], dict)
+            and isinstance(groups[0].get(_GROUP_KEY), dict)
+            and "state" in state_dict
+        ):
+            meta = dict(groups[0][_GROUP_KEY])
+            transform = meta.pop("transform")
+            first = {k: v for k, v in groups[0].items() if k != _GROUP_KEY}
+            inner = {"state": state_dict["state"], "param_groups": [first, *groups[1:]]}
+            return inner, transform, meta
+        keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+        raise ValueError(
+            "ChainedOptimizer.load_state_dict: expected a dict with keys 'optimizer', "
+            f"'transform' and 'gradchain' (from ChainedOptimizer.state_dict()), got {keys}"
+        )

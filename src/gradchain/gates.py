@@ -20,7 +20,14 @@ from gradchain import _checks, _ops
 from gradchain._ops import LOW_PRECISION, first_device, known_bool, known_int, safe_increment
 from gradchain._tree import Leaves, named_nodes
 from gradchain.base import GradientTransformation, donation, expect_state
-from gradchain.gating import Window, gate_state, keep_where_closed, mark_gate, select_tree
+from gradchain.gating import (
+    Window,
+    expect_chain_state,
+    gate_state,
+    keep_where_closed,
+    mark_gate,
+    select_tree,
+)
 from gradchain.state import config_fields
 
 __all__ = [
@@ -703,6 +710,9 @@ def scale_loss(loss: torch.Tensor, state: Any) -> torch.Tensor:
         >>> gc.scale_loss(torch.tensor(0.5), gc.sgd(lr=0.1).init({"w": torch.zeros(1)}))
         tensor(0.5000)
     """
+    expect_chain_state(
+        state, "scale_loss", "call opt.scale_loss(loss) (or gc.scale_loss(loss, opt.tx_state))"
+    )
     found = [node for _, node in named_nodes(state) if isinstance(node, LossScaleState)]
     if not found:
         return loss

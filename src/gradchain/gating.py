@@ -30,7 +30,7 @@ import torch
 from gradchain import _ops
 from gradchain._ops import known_bool, known_int
 from gradchain._tree import Leaves, flatten, named_nodes, unflatten
-from gradchain.base import GradientTransformation, State, Updates
+from gradchain.base import GradientTransformation, State, Updates, is_transformation
 
 Flag = torch.Tensor | bool  # a gate decision: a Python bool when known on the host
 
@@ -251,6 +251,21 @@ def fold_flags(host: Flag, data: Flag, state: State, read_host: bool = True) -> 
     return host, data
 
 
+def expect_chain_state(state: Any, who: str, fix: str) -> None:
+    """Raise ``TypeError`` when ``state`` is an optimizer or a transformation where the
+    state of a chain is expected (a silent ``False`` or an unscaled loss otherwise);
+    ``fix`` says what to pass instead."""
+    if isinstance(state, torch.optim.Optimizer):
+        raise TypeError(
+            f"{who}: got the optimizer {type(state).__name__}, not a chain state; {fix}"
+        )
+    if is_transformation(state):
+        raise TypeError(
+            f"{who}: got a GradientTransformation, not its state; pass the state that "
+            "tx.init() / tx.update() returned"
+        )
+
+
 def applied(state: State) -> torch.Tensor:
     """Whether the last ``update`` that produced ``state`` was applied: every gate open.
 
@@ -269,6 +284,7 @@ def applied(state: State) -> torch.Tensor:
         >>> bool(gc.applied(state))
         True
     """
+    expect_chain_state(state, "applied", "use opt.last_step_applied (or gc.applied(opt.tx_state))")
     return as_tensor(and_flags(*fold_flags(True, True, state, read_host=False)))
 
 

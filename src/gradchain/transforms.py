@@ -4,8 +4,9 @@ Building blocks that update rules (:mod:`gradchain.optim`) and users' chains sha
 ``scale``, ``scale_by_learning_rate``, ``add_decayed_weights``; and optax's processing
 transforms: ``zero_nans``, ``ema`` (of the updates), ``centralize``, ``add_noise``,
 ``set_to_zero``, ``freeze``, ``apply_every``, ``skip_large_updates`` (a gate),
-``conditionally_mask``, ``lookahead``, and ``param_ema`` (an average of the *parameters*,
-with :func:`ema_params` to read it). Each of the latter follows its optax namesake on the
+``conditionally_mask``, ``lookahead``, ``param_ema`` (an average of the *parameters*,
+with :func:`ema_params` to read it), and ``scale_by_trust_ratio`` (LARS's and LAMB's
+layer-wise trust ratio). Each of the latter follows its optax namesake on the
 same inputs (tested in float64) unless its docstring says otherwise. They output updates
 to be added to the params with :func:`~gradchain.apply_updates`.
 
@@ -75,6 +76,7 @@ __all__ = [
     "ParamEmaState",
     "param_ema",
     "ema_params",
+    "scale_by_trust_ratio",
 ]
 
 ScalarOrSchedule = float | torch.Tensor | Schedule
@@ -1224,3 +1226,98 @@ def ema_params(state: Any) -> Any:
         {'w': tensor([1., 1.])}
     """
     return tree_get(state, ParamEmaState).ema
+
+
+# --------------------------------------------------------------------------- trust ratio
+def _norms(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The 2-norm of each tensor (flattened), in float32 at least, one foreach kernel per
+    (device, dtype) group where foreach serves."""
+    out: list[Any] = [None] * len(xs)
+    for idx in _ops.groups(xs):
+        group = _ops.pick(xs, idx)
+        acc = _ops.acc_dtype(group[0].dtype)
+        if acc == group[0].dtype and _ops._fe(group):
+            norms = list(torch._foreach_norm(group))
+        else:
+            norms = [torch.linalg.vector_norm(x, dtype=acc) for x in group]
+        _ops.scatter(out, idx, norms)
+    return out
+
+
+def scale_by_trust_ratio(
+    min_norm: float = 0.0, trust_coefficient: float = 1.0, eps: float = 0.0
+) -> GradientTransformation:
+    """Scale each leaf's update by its trust ratio, the ratio of the param's norm to the
+    update's (layer-wise adaptation, as LARS and LAMB do), as ``optax.scale_by_trust_ratio``.
+
+    For each leaf, with :math:`\\|\\cdot\\|` the 2-norm of the flattened tensor:
+
+    .. math::
+        r = c\\, \\frac{\\max(\\|p\\|, n_{\\min})}{\\max(\\|u\\|, n_{\\min}) + \\epsilon}, \\qquad
+        u \\leftarrow r\\, u
+
+    and :math:`r = 1` where either norm (after the floor :math:`n_{\\min}`) is zero, so a
+    zero-initialised param still moves. The norms are computed in float32 at least
+    (float32 for float16/bfloat16 leaves), one ``torch._foreach_norm`` per (device, dtype)
+    group; no host-device sync.
+
+    Args:
+        min_norm: floor :math:`n_{\\min}` for both norms (>= 0; default no floor).
+        trust_coefficient: the multiplier :math:`c` (>= 0).
+        eps: added to the update's norm in the denominator (>= 0).
+
+    Returns:
+        A stateless :class:`~gradchain.GradientTransformation`. Its ``update`` needs
+        ``params``.
+
+    Raises:
+        ValueError: a negative argument; at ``update``, ``params`` is ``None``.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> tx = gc.scale_by_trust_ratio()
+        >>> params = {"w": torch.tensor([3.0, 4.0]), "z": torch.zeros(2)}
+        >>> grads = {"w": torch.tensor([0.0, 0.5]), "z": torch.ones(2)}
+        >>> tx.update(grads, tx.init(params), params)[0]  # |p| / |g| = 5 / 0.5; z: ratio 1
+        {'w': tensor([0., 5.]), 'z': tensor([1., 1.])}
+    """
+    fn = "scale_by_trust_ratio"
+    min_norm = _checks.nonneg(min_norm, "min_norm", "min_norm value", fn)
+    trust_coefficient = _checks.nonneg(
+        trust_coefficient, "trust_coefficient", "trust_coefficient value", fn
+    )
+    eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(
+        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, EmptyState]:
+        view = Leaves(updates)
+        us = view.values
+        if not us:
+            return updates, state
+        if params is None:
+            raise ValueError(
+                f"{fn}: params is None; the trust ratio needs the parameters, call "
+                "tx.update(grads, state, params)"
+            )
+        ps = view.take(params, "params", dtype=False)
+        out: list[Any] = [None] * len(us)
+        for idx in _ops.groups(us):
+            u = _ops.pick(us, idx)
+            acc = _ops.acc_dtype(u[0].dtype)
+            u_norm = torch.stack([n.to(acc) for n in _norms(u)])
+            p_norm = torch.stack([n.to(device=u[0].device, dtype=acc) for n in _norms(_ops.pick(ps, idx))])
+            if min_norm > 0:
+                u_norm = torch.clamp(u_norm, min=min_norm)
+                p_norm = torch.clamp(p_norm, min=min_norm)
+            ratio = trust_coefficient * p_norm / (u_norm + eps)
+            ratio = torch.where((p_norm == 0) | (u_norm == 0), torch.ones_like(ratio), ratio)
+            scaled = _ops.mul_list(u, list(torch.unbind(ratio)))
+            _ops.scatter(out, idx, _ops.cast(scaled, [x.dtype for x in u]))
+        return view.put(out), state
+
+    return GradientTransformation(init, update)

@@ -1,7 +1,9 @@
 """Update rules: the pure twin of each ``torch.optim`` algorithm, one module per algorithm
 (``sgd.py``: ``trace``, ``sgd``; ``adam.py``: ``scale_by_adam``, ``adam``, ``adamw``;
 ``adagrad.py``, ``adadelta.py``, ``adamax.py``, ``nadam.py``, ``radam.py``, ``rmsprop.py``,
-``rprop.py``, ``asgd.py``, ``adafactor.py``, ``muon.py``: ``scale_by_<name>``, ``<name>``), each
+``rprop.py``, ``asgd.py``, ``adafactor.py``, ``muon.py``: ``scale_by_<name>``, ``<name>``;
+rules torch does not ship: ``lion.py``, ``lamb.py``, ``lars.py``, ``schedule_free.py``;
+and ``from_torch.py``, any ``torch.optim.Optimizer`` as a transformation), each
 with its building blocks, its torch-named alias (a short :func:`gradchain.chain` of
 blocks) and its binding to torch's own kernel for :func:`gradchain.update_and_apply_`
 (see :mod:`gradchain.optim._fused`).
@@ -49,11 +51,21 @@ from gradchain.optim.adagrad import ScaleByAdagradState, adagrad, scale_by_adagr
 from gradchain.optim.adam import ScaleByAdamState, adam, adamw, scale_by_adam
 from gradchain.optim.adamax import ScaleByAdamaxState, adamax, scale_by_adamax
 from gradchain.optim.asgd import ScaleByAsgdState, asgd, scale_by_asgd
+from gradchain.optim.from_torch import FromTorchState, from_torch
+from gradchain.optim.lamb import lamb
+from gradchain.optim.lars import lars
+from gradchain.optim.lion import ScaleByLionState, lion, scale_by_lion
 from gradchain.optim.muon import ScaleByMuonState, muon, scale_by_muon
 from gradchain.optim.nadam import ScaleByNadamState, nadam, scale_by_nadam
 from gradchain.optim.radam import ScaleByRadamState, radam, scale_by_radam
 from gradchain.optim.rmsprop import ScaleByRmspropState, rmsprop, scale_by_rmsprop
 from gradchain.optim.rprop import ScaleByRpropState, rprop, scale_by_rprop
+from gradchain.optim.schedule_free import (
+    ScheduleFreeState,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+    schedule_free_sgd,
+)
 from gradchain.optim.sgd import TraceState, sgd, trace
 
 __all__ = [
@@ -94,4 +106,17 @@ __all__ = [
     "scale_by_adam",
     "sgd",
     "trace",
+    # rules torch does not ship (docs/optimizers-modern.md)
+    "ScaleByLionState",
+    "scale_by_lion",
+    "lion",
+    "lamb",
+    "lars",
+    "ScheduleFreeState",
+    "schedule_free_adamw",
+    "schedule_free_sgd",
+    "schedule_free_eval_params",
+    # any torch.optim.Optimizer as a transformation
+    "FromTorchState",
+    "from_torch",
 ]
