@@ -454,6 +454,17 @@ def test_compile_law(name):
                          compile_examples=2, compile_backend="aot_eager")
 
 
+
+def test_compile_law_of_the_rest_in_one_chain():
+    """The transformations not compiled above trace as one graph too (one compile for all)."""
+    tx = gc.chain(zero_nans(), centralize(), gc.adaptive_grad_clip(0.1),
+                  gc.clip_by_block_rms(1.0), ema(0.9), gc.sgd(0.1), freeze(_freeze_mask),
+                  param_ema(0.9))
+    check_transformation(tx, purity=False, determinism=False, extra_kwargs=False,
+                         none_passthrough=False, update_structure=False,
+                         state_structure=False, round_trip=False, compile=True,
+                         compile_examples=2, compile_backend="aot_eager")
+
 def test_add_noise_inductor_bits_equal_eager():
     """The generator's int64 arithmetic wraps the same way in inductor's C++ as in eager."""
     torch._dynamo.reset()
@@ -465,6 +476,29 @@ def test_add_noise_inductor_bits_equal_eager():
         (ue, se), (uc, sc) = tx.update(g, se), compiled(g, sc)
         assert torch.equal(ue["w"], uc["w"]) and torch.equal(ue["b"], uc["b"])
     torch._dynamo.reset()
+
+
+def test_skip_large_updates_in_chained_optimizer_skips_the_wrapped_step():
+    model = torch.nn.Linear(2, 1)
+    opt = gc.ChainedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                              gc.chain(skip_large_updates(1.0)))
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    opt.step()
+    assert not opt.last_step_applied
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.1)
+    opt.step()
+    assert opt.last_step_applied
+    assert not torch.equal(model.weight.detach(), before[0])
+
+
+def test_freeze_accepts_a_0d_bool_tensor():
+    g = {"w": torch.ones(2)}
+    assert torch.equal(freeze(torch.tensor(True)).update(g, None)[0]["w"], torch.zeros(2))
+    assert freeze(torch.tensor(False)).update(g, None)[0]["w"] is g["w"]
 
 
 if __name__ == "__main__":  # print the parity figures

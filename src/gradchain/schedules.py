@@ -45,6 +45,9 @@ from typing import Any
 
 import torch
 
+from gradchain import _checks
+from gradchain._ops import scalar_dtype
+
 __all__ = [
     "Schedule",
     "constant_schedule",
@@ -71,14 +74,10 @@ Schedule = Callable[[Count], ScheduleValue]
 
 
 # --------------------------------------------------------------------------- helpers
-def _compute_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
 def _as_float_tensor(count: Count) -> tuple[torch.Tensor, bool]:
     """``count`` as a float tensor for the maths, and whether the caller gave a tensor."""
     if isinstance(count, torch.Tensor):
-        return count.to(_compute_dtype(count.device)), True
+        return count.to(scalar_dtype(count.device)), True
     if isinstance(count, bool) or not isinstance(count, int):
         raise TypeError(
             f"schedule: count must be an int or an integer tensor, got {type(count).__name__}"
@@ -105,11 +104,9 @@ def _check_nonneg_int(
 
 
 def _check_float(name: str, value: object, fn: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{fn}: {name} must be finite, got {value}")
-    return float(value)
+    v = _checks.as_float(value, name, fn)
+    _checks.finite(v, name, fn)
+    return v
 
 
 def _check_value(name: str, value: object, fn: str) -> float:

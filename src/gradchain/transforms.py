@@ -35,7 +35,7 @@ from gradchain._ops import (
     scalar_dtype,
     zero_count,
 )
-from gradchain._tree import Leaves, flatten, unflatten
+from gradchain._tree import Leaves, flatten, leaf_paths, unflatten
 from gradchain.base import (
     EmptyState,
     GradientTransformation,
@@ -44,6 +44,7 @@ from gradchain.base import (
     donation,
     expect_state,
     identity,
+    is_transformation,
 )
 from gradchain.combine import masked
 from gradchain.gating import gate_state, mark_gate, select_tree
@@ -288,7 +289,8 @@ def _copy_tree(params: Params, dtype: Callable[[torch.dtype], torch.dtype]) -> P
         elif isinstance(p, torch.Tensor):
             out.append(p.detach().to(dtype(p.dtype), copy=True))
         else:
-            raise TypeError(f"params leaf {i}: expected a torch.Tensor or None, got {type(p).__name__}")
+            raise TypeError(f"params{leaf_paths(params)[i]}: expected a torch.Tensor or None, "
+                            f"got {type(p).__name__}")
     return unflatten(spec, out)
 
 
@@ -301,7 +303,7 @@ def _check_decay(value: object, name: str, fn: str) -> float:
 
 
 def _check_transformation(value: object, name: str, fn: str) -> GradientTransformation:
-    if not (isinstance(value, tuple) and len(value) == 2 and all(map(callable, value))):
+    if not is_transformation(value):
         raise TypeError(
             f"{fn}: {name} must be a GradientTransformation (init, update), "
             f"got {type(value).__name__}"
@@ -695,8 +697,8 @@ def freeze(mask: bool | Any) -> GradientTransformation:
     frozen params exactly where they are, as optax does.
 
     Args:
-        mask: ``True`` (freeze everything), ``False`` (freeze nothing), or a tree of
-            Python bools with the params' structure (one per leaf), or a callable
+        mask: ``True`` (freeze everything), ``False`` (freeze nothing; a 0-dim bool
+            tensor is read as either), or a tree of Python bools with the params' structure (one per leaf), or a callable
             ``params -> mask`` (see :func:`gradchain.masked`).
 
     Returns:
@@ -710,6 +712,8 @@ def freeze(mask: bool | Any) -> GradientTransformation:
         >>> out
         {'w': tensor([0., 0.]), 'b': tensor([-0.1000])}
     """
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.ndim == 0:
+        mask = bool(mask)  # optax accepts a 0-d bool array; read once, at construction
     if mask is True:
         return set_to_zero()
     if mask is False:
@@ -1156,7 +1160,8 @@ def param_ema(decay: float, track: str = "next") -> GradientTransformation:
       optimizer's step and sees gradients, not steps: the average then includes the
       params up to the one before the latest step (one step behind).
 
-    Read the average with :func:`ema_params` (or ``gc.tree_get(state, "ema")``); evaluate
+    Read the average with :func:`ema_params` (``ema_params(opt.tx_state)`` for a
+    ``ChainedOptimizer``, whose average is a list of lists like its param groups); evaluate
     a model with it through ``torch.func.functional_call(model, ema_params(state), x)``.
 
     Args:

@@ -197,12 +197,24 @@ def test_compile_and_vmap_fail_with_a_message_naming_from_torch() -> None:
     params = {"w": torch.ones(3)}
     tx = from_torch(torch.optim.Adam, lr=1e-2)
     state = tx.init(params)
-    with pytest.raises(Exception, match=r"from_torch\(Adam\): cannot run under torch.compile"):
+    with pytest.raises(Exception, match=r"from_torch\(Adam\) cannot run under torch.compile"):
         torch.compile(tx.update, fullgraph=True, backend="eager")({"w": torch.ones(3)}, state, params)
     with pytest.raises(TypeError, match=r"from_torch\(Adam\): cannot run under torch.func"):
         torch.func.vmap(lambda g: tx.update({"w": g}, state, params)[0]["w"])(torch.ones(2, 3))
-    with pytest.raises(LawViolation, match="from_torch"):
+    with pytest.raises(LawViolation, match=r"law 'vmap'.*from_torch\(Adam\)"):
         check_transformation(tx, vmap=True, max_examples=2, params=params)
+    with pytest.raises(LawViolation, match=r"law 'compile'.*from_torch\(Adam\)"):
+        check_transformation(tx, compile=True, compile_examples=1, max_examples=2, params=params,
+                             compile_backend="eager")
+
+
+def test_a_chain_compiled_without_fullgraph_runs_it_eagerly() -> None:
+    params = {"w": torch.ones(3)}
+    tx = gc.chain(gc.clip_by_norm(1.0), from_torch(torch.optim.Adam, lr=1e-2))
+    grads = {"w": torch.tensor([1.0, -2.0, 3.0])}
+    compiled, _ = torch.compile(tx.update, backend="eager")(grads, tx.init(params), params)
+    eager, _ = tx.update(grads, tx.init(params), params)
+    assert torch.equal(compiled["w"], eager["w"])
 
 
 def test_from_torch_obeys_the_eager_laws() -> None:

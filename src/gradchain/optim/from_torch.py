@@ -35,8 +35,10 @@ so the params are bit for bit torch's in every case (tested over 30 steps of
 **Where it cannot be pure in torch's sense.** The step is Python code on stateful
 objects, with host reads (``.item()``, Python branches on counts) and in-place kernels:
 
-* ``torch.compile``: ``update`` raises ``TypeError`` (naming ``from_torch``) when traced;
-  compile the other members of the chain, or the model, instead;
+* ``torch.compile``: ``update`` is never traced (``torch.compiler.disable``): with
+  ``fullgraph=True`` compiling it, or a chain holding it, fails with dynamo's error, which
+  gives the reason (naming ``from_torch``); without ``fullgraph`` it is a graph break and
+  runs eagerly between the compiled graphs of the other members;
 * ``torch.func`` transforms (``vmap`` ensembles, ``grad`` through ``update``): ``update``
   raises ``TypeError`` for functorch-wrapped inputs; the updates are not differentiable
   (they are computed on detached copies);
@@ -66,6 +68,7 @@ the gradient processing in front::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -215,7 +218,8 @@ def from_torch(
 
     Raises:
         TypeError: ``optimizer_class`` is not a ``torch.optim.Optimizer`` subclass; at
-            ``update``, under ``torch.compile`` or a ``torch.func`` transform.
+            ``update``, under a ``torch.func`` transform (and ``torch.compile`` with
+            ``fullgraph=True`` refuses to trace it, with a message naming ``from_torch``).
         ValueError: ``optimizer_class`` is ``LBFGS``; invalid hyperparameters (the
             optimizer's own error, raised here, before any state exists).
 
@@ -317,16 +321,9 @@ def from_torch(
             slots=slots,
         )
 
-    def update(
+    def eager_update(
         updates: Updates, state: FromTorchState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, FromTorchState]:
-        if torch.compiler.is_compiling():
-            raise TypeError(
-                f"{name}: cannot run under torch.compile: it steps a stateful "
-                f"{optimizer_class.__name__} on copies of the params (Python control flow, "
-                "host reads, in-place kernels); compile the other members of the chain, or "
-                "wrap the optimizer in gc.ChainedOptimizer"
-            )
         expect_state(state, FromTorchState, name)
         if params is None:
             raise ValueError(
@@ -477,7 +474,32 @@ def from_torch(
                 "the first step"
             )
 
+    # Never traced: under torch.compile(fullgraph=True) a call to it fails with this reason
+    # (dynamo's error names it); without fullgraph it is a graph break and runs eagerly.
+    not_traced = _disable(eager_update, f"{name} cannot run under torch.compile: {_NOT_TRACED}")
+
+    def update(
+        updates: Updates, state: FromTorchState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, FromTorchState]:
+        return not_traced(updates, state, params, **extra)  # type: ignore[no-any-return]
+
     return bind_fused(GradientTransformation(init, update), plan)
+
+
+_NOT_TRACED = (
+    "it steps a stateful torch.optim.Optimizer on copies of the params (Python control "
+    "flow, host reads, in-place kernels); compile the other members of the chain "
+    "(fullgraph=False runs it eagerly between graphs), or wrap the optimizer in "
+    "gc.ChainedOptimizer"
+)
+_DISABLE_TAKES_REASON = "reason" in inspect.signature(torch.compiler.disable).parameters
+
+
+def _disable(fn: Callable[..., Any], reason: str) -> Callable[..., Any]:
+    """``torch.compiler.disable(fn)``, with ``reason`` where this torch takes one."""
+    if _DISABLE_TAKES_REASON:
+        return torch.compiler.disable(fn, reason=reason)
+    return torch.compiler.disable(fn)
 
 
 def _same(a: Any, b: Any) -> bool:
