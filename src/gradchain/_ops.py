@@ -385,13 +385,14 @@ def div_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
 
 
 def rdiv_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
-    """``s / x`` for owned ``xs``, computed as ``1 / (x / s)`` (torch's RAdam order; a zero
-    ``s`` gives zeros, not nans, wherever ``x`` is nonzero)."""
+    """``s / x`` for owned ``xs``: with foreach kernels as ``1 / (x / s)`` (torch's foreach
+    RAdam order, bit for bit), leaf by leaf (autograd, vmap) as ``s / x``, whose gradient
+    stays finite at ``s = 0`` (the reciprocal form's is ``0 * inf``)."""
     if _fe(xs, scalar=s):
         torch._foreach_div_(xs, s)
         torch._foreach_reciprocal_(xs)
         return xs
-    return [torch.reciprocal(x / s) for x in xs]
+    return [s / x for x in xs]
 
 
 def add_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:

@@ -119,14 +119,21 @@ def inject_hyperparams(
     :mod:`gradchain.optim` do for their learning rate, every one of them (tested by
     discovery: a rule added there is checked too); which arguments may be tensors:
 
-    ==========================================  =====================================
-    rule                                        hyperparameters that may be injected
-    ==========================================  =====================================
-    every rule in :mod:`gradchain.optim`        ``lr`` (``learning_rate``)
-    ``sgd``, ``adam``, ``adamw``                also ``weight_decay``
-    ``scale_by_learning_rate``                  ``learning_rate``
-    ``scale``, ``add_decayed_weights``          ``step_size``, ``weight_decay``
-    ==========================================  =====================================
+    ============================  ===============================================
+    rule                          hyperparameters that may be injected
+    ============================  ===============================================
+    ``sgd``, ``adam``, ``adamw``  ``lr``, ``weight_decay``
+    ``adagrad``, ``adadelta``,    ``lr``
+    ``adamax``, ``nadam``,
+    ``radam``, ``rmsprop``,
+    ``asgd``, ``adafactor``,
+    ``muon``
+    ``rprop``                     none that matters: ``lr`` only sets the initial
+                                  step sizes (at ``init``), as in torch
+    ``scale_by_learning_rate``    ``learning_rate``
+    ``scale``                     ``step_size``
+    ``add_decayed_weights``       ``weight_decay``
+    ============================  ===============================================
 
     A factory that reads an injected value as a Python number (e.g. to decide its
     structure) raises when called with a tensor; list that argument in ``static_args``.

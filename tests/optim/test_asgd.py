@@ -88,7 +88,7 @@ def test_invalid_arguments_raise_like_torch(kwargs: dict[str, Any]) -> None:
 
 
 def test_laws() -> None:
-    check_transformation(scale_by_asgd(0.1, lambd=1e-2, t0=1.0), vmap=True)
+    check_transformation(scale_by_asgd(0.1, lambd=1e-2, t0=1.0), vmap=True, max_examples=15)
     check_transformation(asgd(weight_decay=0.1, maximize=True), max_examples=10)
 
 

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import hypothesis
 import optree
 import pytest
 import torch
 from _optim_parity import DTYPE_IDS, DTYPES, RTOL, check_binding, check_mid_run_reload, run_parity
+from hypothesis import Phase
 
 import gradchain as gc
 from gradchain.optim.muon import muon, scale_by_muon
-from gradchain.testing import check_transformation
+from gradchain.testing import LawViolation, check_transformation
 
 SHAPES = {"w": (7, 5), "v": (4, 9), "q": (6, 6)}  # tall, wide and square
 CASES = [
@@ -87,3 +89,20 @@ def test_update_and_apply_is_torch_bit_for_bit(kwargs: dict[str, Any], dtype: to
                                                ) -> None:
     """update_and_apply_ runs torch's Muon step (it has no foreach or fused kernel): equal bit for bit."""
     check_binding(torch.optim.Muon, muon(**kwargs), kwargs, dtype, {}, none_leaf=True, shapes=SHAPES)
+
+
+def test_vmap_law_fails_clearly_at_its_default_tolerance() -> None:
+    # Why the law needs rtol=atol=0.1 here: batched bfloat16 matmuls (bmm) round unlike one
+    # matmul per member, and Newton-Schulz amplifies it. A concrete case, then the law.
+    tx = scale_by_muon()
+    g = torch.tensor([[0.0, 0.0], [3.0, 5.0]])
+    grads = torch.stack([g, g * -0.5])
+    state = tx.init({"c": torch.zeros(2, 2)})
+    states = optree.tree_map(lambda x: torch.stack([x, x]), state)
+    batched = torch.func.vmap(lambda g, s: tx.update({"c": g}, s)[0]["c"])(grads, states)
+    loop = torch.stack([tx.update({"c": grads[i]}, state)[0]["c"] for i in range(2)])
+    assert 0.02 < (batched - loop).abs().max() < 0.1
+    params = {"a": torch.zeros(3, 2), "c": torch.zeros(2, 2, dtype=torch.bfloat16)}
+    with pytest.raises(LawViolation, match="law 'vmap' violated"):
+        check_transformation(tx, params=params, vmap=True, max_examples=30,
+                             settings=hypothesis.settings(phases=[Phase.generate]))

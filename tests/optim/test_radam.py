@@ -60,7 +60,7 @@ def test_invalid_arguments_raise_like_torch(kwargs: dict[str, Any]) -> None:
 def test_laws() -> None:
     check_transformation(scale_by_radam(b2=0.8), vmap=True, compile=True, compile_examples=2,
                          compile_backend="aot_eager",
-                         steps=5)
+                         steps=5, max_examples=15)
     check_transformation(radam(weight_decay=0.1, maximize=True), max_examples=10)
 
 

@@ -61,7 +61,7 @@ def test_invalid_arguments_raise_like_torch(kwargs: dict[str, Any]) -> None:
 
 def test_laws() -> None:
     check_transformation(scale_by_rmsprop(centered=True), vmap=True, compile=True,
-                         compile_examples=2, compile_backend="aot_eager")
+                         compile_examples=2, compile_backend="aot_eager", max_examples=15)
     check_transformation(rmsprop(momentum=0.9, weight_decay=0.1, maximize=True),
                          max_examples=10)
 

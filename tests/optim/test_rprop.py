@@ -69,7 +69,7 @@ def test_invalid_arguments_raise_like_torch(kwargs: dict[str, Any]) -> None:
 
 
 def test_laws() -> None:
-    check_transformation(scale_by_rprop(0.1), vmap=True)
+    check_transformation(scale_by_rprop(0.1), vmap=True, max_examples=15)
     check_transformation(rprop(maximize=True), max_examples=10)
 
 

@@ -239,10 +239,10 @@ def torch_rule_plan(
                 new_state[-1] = lr_state._replace(count=_ops.safe_increment(lr_state.count))
             elif scheduled:
                 lr_now = lr(st.count)
-            else:
-                # A constant tensor lr (an injected hyperparameter) as the float torch's
-                # optimizer would be given, where it can be read for free.
-                lr_now = kernel_lr(lr)
+            # A host tensor (an injected hyperparameter, a schedule's value) is read for free:
+            # torch's code then computes with the Python float its param groups hold (with a
+            # tensor, some rules take another arithmetic path).
+            lr_now = kernel_lr(lr_now)
             replaced = kernel(
                 [p_leaves[i] for i in rows], [grads[i] for i in rows],
                 [[b[i] for i in rows] for b in buffers], step_tensors(st.count, len(rows)),

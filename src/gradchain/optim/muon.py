@@ -116,13 +116,13 @@ def _check(
     return momentum, nesterov, coefs, eps, ns_steps  # type: ignore[return-value]
 
 
-def _require_matrices(tree: Any, fn: str) -> None:
+def _require_matrices(tree: Any, fn: str, name: str = "params") -> None:
     leaves, _ = flatten(tree)
     for i, p in enumerate(leaves):
         if isinstance(p, torch.Tensor) and p.dim() != 2:
             path = leaf_paths(tree)[i]
             raise ValueError(
-                f"{fn}: params{path} has shape {tuple(p.shape)}; Muon orthogonalizes 2-D "
+                f"{fn}: {name}{path} has shape {tuple(p.shape)}; Muon orthogonalizes 2-D "
                 "matrices only. Send the other parameters to another rule, e.g. "
                 "gc.partition({'muon': gc.muon(...), 'adamw': gc.adamw(...)}, lambda ps: "
                 "optree.tree_map(lambda p: 'muon' if p.ndim == 2 else 'adamw', ps))"
@@ -201,7 +201,7 @@ def scale_by_muon(
         del params
         expect_state(state, ScaleByMuonState, fn)
         donation(extra, fn)
-        _require_matrices(updates, fn)
+        _require_matrices(updates, fn, "updates")
         view = Leaves(updates)
         bufs: list[Any] = view.take(state.momentum, "momentum")
         out: list[Any] = []
