@@ -29,6 +29,7 @@ import torch
 from gradchain import _checks, _ops
 from gradchain._ops import (
     acc_dtype,
+    buffers_like,
     first_device,
     known_bool,
     safe_increment,
@@ -447,14 +448,7 @@ def ema(
                         f"got {accumulator_dtype!r}")
 
     def init(params: Params) -> EmaState:
-        leaves, spec = flatten(params)
-        out = [
-            None if p is None else torch.zeros_like(
-                p, dtype=accumulator_dtype or acc_dtype(p.dtype),
-                memory_format=torch.preserve_format)
-            for p in leaves
-        ]
-        return EmaState(count=zero_count(params), ema=unflatten(spec, out))
+        return EmaState(count=zero_count(params), ema=buffers_like(params, accumulator_dtype))
 
     def update(
         updates: Updates, state: EmaState, params: Params | None = None, **extra: Any
@@ -778,10 +772,7 @@ def apply_every(k: int = 1) -> GradientTransformation:
         raise ValueError(f"{fn}: k must be >= 1, got {k}")
 
     def init(params: Params) -> ApplyEveryState:
-        leaves, spec = flatten(params)
-        acc = [None if p is None else torch.zeros_like(p, dtype=acc_dtype(p.dtype))
-               for p in leaves]
-        return ApplyEveryState(count=zero_count(params), grad_acc=unflatten(spec, acc))
+        return ApplyEveryState(count=zero_count(params), grad_acc=buffers_like(params))
 
     def update(
         updates: Updates, state: ApplyEveryState, params: Params | None = None, **extra: Any

@@ -106,7 +106,7 @@ def _schedule_free(
         return ScheduleFreeState(
             count=zeros,
             z=_copy_like(params),
-            nu=(_ops_zeros_like(params) if b2 is not None else ()),
+            nu=(_ops.buffers_like(params) if b2 is not None else ()),
             weight_sum=torch.zeros((), dtype=f64, device=device),
             lr_max=torch.full((), -1.0, dtype=f64, device=device),
             b1=torch.full((), b1, dtype=f64, device=device),
@@ -173,11 +173,6 @@ def _schedule_free(
     return GradientTransformation(init, update)
 
 
-def _ops_zeros_like(params: Params) -> Params:
-    leaves, spec = flatten(params)
-    return unflatten(spec, [
-        None if p is None else torch.zeros_like(p, dtype=_ops.acc_dtype(p.dtype)) for p in leaves
-    ])
 
 
 def _check_schedule_args(
