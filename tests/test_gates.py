@@ -574,6 +574,43 @@ def test_compiled_update_matches_eager(name):
     assert_compiled_matches_eager(compiled, tx, PARAMS, _steps_with_nonfinite(5))
 
 
+GATED_CHAINS = {
+    "skip+accumulate": lambda: gc.chain(
+        gc.skip_if_nonfinite(), gc.accumulate_every(2), gc.clip_by_norm(1.0), gc.adamw(1e-2)
+    ),
+    "accumulate": lambda: gc.chain(gc.accumulate_every(3), gc.clip_by_norm(1.0), gc.adam(1e-2)),
+    "loss_scale": lambda: gc.chain(
+        gc.loss_scale(init_scale=4.0, growth_interval=2), gc.clip_by_norm(1.0), gc.sgd(0.1, 0.9)
+    ),
+    "nested": lambda: gc.chain(
+        gc.skip_if_nonfinite(), gc.chain(gc.accumulate_every(2), gc.adamw(1e-2))
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(GATED_CHAINS))
+def test_gated_chain_compiles_whole_without_recompiles(name):
+    """A gated chain under torch.compile(fullgraph=True) is one graph for closed and
+    applied steps (window steps, skipped non-finite steps, a None gradient) and gives the
+    eager results; the rest of the chain behind the last gate is a torch.cond branch."""
+    torch._dynamo.reset()
+    tx = GATED_CHAINS[name]()
+    params = dict(PARAMS, n=torch.zeros(2, dtype=torch.float64))
+    # Non-finite steps only where a gate keeps them out of the state (a nan float64 0-dim
+    # state value recompiles: dynamo specializes such values, gates or not).
+    bad_at = () if name == "accumulate" else (1, 4)
+    steps = [dict(g, n=None if i == 2 else torch.full((2,), float(i), dtype=torch.float64))
+             for i, g in enumerate(_steps_with_nonfinite(7, bad_at=bad_at))]
+    counts = torch._dynamo.utils.counters["stats"]
+    before = counts["unique_graphs"]
+    compiled = torch.compile(tx.update, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert_compiled_matches_eager(compiled, tx, params, steps[:2] + steps[3:])
+    assert counts["unique_graphs"] - before == 1
+    # A None gradient is another structure: one more graph, the same results.
+    assert_compiled_matches_eager(compiled, tx, params, steps[2:4])
+
+
 @pytest.mark.parametrize("name", list(GATES))
 def test_vmap_over_a_batch_of_states_matches_a_loop(name):
     tx = GATES[name]()

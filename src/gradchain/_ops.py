@@ -97,6 +97,20 @@ def known_float(t: float | torch.Tensor) -> float | None:
 def _fe(*lists: list[torch.Tensor], scalar: object = None) -> bool:
     if torch.compiler.is_compiling():
         return bool(lists and lists[0])
+    return _fe_eager(*lists, scalar=scalar)
+
+
+def _fe_(*lists: list[torch.Tensor], scalar: object = None) -> bool:
+    """Whether an owned in-place foreach kernel serves: eager only. Traced, the in-place
+    form buys nothing (inductor plans the memory) and ``torch.cond`` refuses a list
+    mutation inside a branch, so the owned helpers below return the out-of-place foreach
+    result instead (the same graph after functionalization)."""
+    if torch.compiler.is_compiling():
+        return False
+    return _fe_eager(*lists, scalar=scalar)
+
+
+def _fe_eager(*lists: list[torch.Tensor], scalar: object = None) -> bool:
     if isinstance(scalar, torch.Tensor) and (
         scalar.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(scalar)
     ):
@@ -350,53 +364,55 @@ def _sharded_all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
 # otherwise (autograd may have saved them, vmap, torch.func) new tensors are returned.
 # Always use the return value.
 def mul_(xs: list[torch.Tensor], s: Scalar) -> TList:
-    if _fe(xs, scalar=s):
+    if _fe_(xs, scalar=s):
         torch._foreach_mul_(xs, s)
         return xs
-    return [x * s for x in xs]
+    return mul(xs, s) if torch.compiler.is_compiling() else [x * s for x in xs]
 
 
 def mul_list_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
-    if _fe(xs, ys):
+    if _fe_(xs, ys):
         torch._foreach_mul_(xs, ys)
         return xs
     return mul_list(xs, ys)
 
 
 def add_(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: float = 1.0) -> TList:
-    if _fe(xs, ys):
+    if _fe_(xs, ys):
         torch._foreach_add_(xs, ys, alpha=alpha)
         return xs
     return add(xs, ys, alpha=alpha)
 
 
 def div_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
-    if _fe(xs, ys):
+    if _fe_(xs, ys):
         torch._foreach_div_(xs, ys)
         return xs
-    return [x / y for x, y in zip(xs, ys)]
+    return div(xs, ys) if torch.compiler.is_compiling() else [x / y for x, y in zip(xs, ys)]
 
 
 def div_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
-    if _fe(xs, scalar=s):
+    if _fe_(xs, scalar=s):
         torch._foreach_div_(xs, s)
         return xs
-    return [x / s for x in xs]
+    return div_scalar(xs, s) if torch.compiler.is_compiling() else [x / s for x in xs]
 
 
 def rdiv_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
     """``s / x`` for owned ``xs``: with foreach kernels as ``1 / (x / s)`` (torch's foreach
     RAdam order, bit for bit), leaf by leaf (autograd, vmap) as ``s / x``, whose gradient
     stays finite at ``s = 0`` (the reciprocal form's is ``0 * inf``)."""
-    if _fe(xs, scalar=s):
+    if _fe_(xs, scalar=s):
         torch._foreach_div_(xs, s)
         torch._foreach_reciprocal_(xs)
         return xs
+    if torch.compiler.is_compiling():
+        return list(torch._foreach_reciprocal(torch._foreach_div(xs, s)))
     return [s / x for x in xs]
 
 
 def add_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
-    if _fe(xs, scalar=s) and not isinstance(s, torch.Tensor):
+    if _fe_(xs, scalar=s) and not isinstance(s, torch.Tensor):
         torch._foreach_add_(xs, s)
         return xs
     return [x + s for x in xs]
@@ -405,21 +421,21 @@ def add_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
 def addcmul_(
     xs: list[torch.Tensor], ys: list[torch.Tensor], zs: list[torch.Tensor], value: float
 ) -> TList:
-    if _fe(xs, ys, zs):
+    if _fe_(xs, ys, zs):
         torch._foreach_addcmul_(xs, ys, zs, value=value)
         return xs
     return [torch.addcmul(x, y, z, value=value) for x, y, z in zip(xs, ys, zs)]
 
 
 def lerp_(xs: list[torch.Tensor], ys: list[torch.Tensor], weight: float) -> TList:
-    if _fe(xs, ys):
+    if _fe_(xs, ys):
         torch._foreach_lerp_(xs, ys, weight)
         return xs
     return lerp(xs, ys, weight)
 
 
 def clamp_(xs: list[torch.Tensor], lo: float, hi: float) -> TList:
-    if _fe(xs):
+    if _fe_(xs):
         torch._foreach_clamp_min_(xs, lo)
         torch._foreach_clamp_max_(xs, hi)
         return xs
@@ -429,7 +445,7 @@ def clamp_(xs: list[torch.Tensor], lo: float, hi: float) -> TList:
 def copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> TList:
     """``src``'s values in ``dst``'s memory when foreach serves, else in fresh tensors;
     never aliasing ``src``."""
-    if _fe(dst, src):
+    if _fe_(dst, src):
         torch._foreach_copy_(dst, src)
         return dst
     return [s.clone() for s in src]
@@ -437,7 +453,7 @@ def copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> TList:
 
 def sqrt_into(dst: list[torch.Tensor], xs: list[torch.Tensor]) -> TList:
     """``sqrt(x)`` written into ``dst`` (owned, same dtypes) when foreach serves, else fresh."""
-    if _fe(dst, xs) and not torch.compiler.is_compiling():
+    if _fe_(dst, xs) and not torch.compiler.is_compiling():
         for d, x in zip(dst, xs):
             torch.sqrt(x, out=d)
         return dst
@@ -446,7 +462,7 @@ def sqrt_into(dst: list[torch.Tensor], xs: list[torch.Tensor]) -> TList:
 
 def rdiv_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     """``y / x`` written into the owned ``xs`` when foreach serves, else fresh."""
-    if _fe(xs, ys) and not torch.compiler.is_compiling():
+    if _fe_(xs, ys) and not torch.compiler.is_compiling():
         for x, y in zip(xs, ys):
             torch.div(y, x, out=x)
         return xs
@@ -454,14 +470,14 @@ def rdiv_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
 
 
 def maximum_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
-    if _fe(xs, ys):
+    if _fe_(xs, ys):
         torch._foreach_maximum_(xs, ys)
         return xs
     return maximum(xs, ys)
 
 
 def zero_(xs: list[torch.Tensor]) -> TList:
-    if _fe(xs):
+    if _fe_(xs):
         torch._foreach_zero_(xs)
         return xs
     return zeros_like(xs)

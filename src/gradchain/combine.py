@@ -41,7 +41,7 @@ from gradchain.base import (
     donation,
     is_transformation,
 )
-from gradchain.gating import CHAIN_STATE_ATTR, GateWalk, is_gate, mark_gate
+from gradchain.gating import CHAIN_STATE_ATTR, GateWalk, is_gate, mark_gate, run_branches
 from gradchain.state import named_entries
 
 __all__ = [
@@ -97,6 +97,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 f"got {type(t).__name__}"
             )
     gates = tuple(is_gate(t) for t in transforms)
+    last_gate = max((i for i, g in enumerate(gates) if g), default=-1)
 
     def init(params: Params) -> tuple[State, ...]:
         return tuple(t.init(params) for t in transforms)
@@ -116,23 +117,49 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         # user's transformation may return memory it keeps in its state): see Ownership.
         give_updates, give_state = donation(extra, "chain")
         owner = Ownership(None if give_updates else updates, None if give_state else state, params)
-        owned = give_updates
+        return run(0, updates, state, walk, give_updates, give_state, owner, params, extra)
+
+    def run(
+        start: int, updates: Updates, states: tuple[State, ...], walk: GateWalk, owned: bool,
+        give_state: bool, owner: Ownership | None, params: Params | None, extra: dict[str, Any],
+    ) -> tuple[Updates, tuple[State, ...]]:
+        """Members ``start..`` on ``updates`` and their ``states``, under ``walk``."""
         new_states: list[State] = []
-        for i, (t, s) in enumerate(zip(transforms, state)):
+        for i in range(start, len(transforms)):
+            t, s = transforms[i], states[i - start]
             if walk.skips(gates[i]):
                 new_states.append(s)
                 continue
             mode = DONATE_MODE[(owned, give_state and walk.state_survives(gates[i]))]
             updates, new_s = walk.call(t, gates[i], updates, s, params, {**extra, "donate": mode})
             new_states.append(new_s)
-            owned = i + 1 < len(transforms) and owner.owns(updates, new_states)
+            owned = owner is not None and i + 1 < len(transforms) and owner.owns(
+                updates, new_states
+            )
             if gates[i]:
                 walk.fold(new_s)
                 if walk.closed_on_host:
                     # A window is closed, known without reading the device: the rest of
                     # the chain is not run. A closed gate emits zeros: this chain's output.
-                    new_states.extend(state[i + 1 :])
+                    new_states.extend(states[i + 1 - start :])
                     return updates, tuple(new_states)
+                branch = walk.branch() if last_gate == i and i + 1 < len(transforms) else None
+                if branch is not None:
+                    # Traced, with a flag readable on the host: the rest of the chain is a
+                    # branch of torch.cond, computed only on steps the flag opens. Once, at
+                    # the last gate (nested branches would copy the states at every level).
+                    pred, keep = branch
+                    rest = states[i + 1 - start :]
+
+                    def when_open(
+                        u: Updates, ss: tuple[State, ...], at: int = i + 1,
+                        flag: torch.Tensor | None = keep,
+                    ) -> tuple[Updates, tuple[State, ...]]:
+                        inner = GateWalk(gate_open=flag)
+                        return run(at, u, ss, inner, False, False, None, params, extra)
+
+                    updates, rest = run_branches(pred, when_open, updates, rest)
+                    return updates, (*new_states, *rest)
         return walk.finish(updates, owned), tuple(new_states)
 
     if any(gates):

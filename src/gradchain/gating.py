@@ -29,7 +29,7 @@ import torch
 
 from gradchain import _ops
 from gradchain._ops import known_bool, known_int
-from gradchain._tree import Leaves, flatten, named_nodes, unflatten
+from gradchain._tree import Leaves, flatten, flatten_like, named_nodes, unflatten
 from gradchain.base import GradientTransformation, State, Updates, is_transformation
 
 Flag = torch.Tensor | bool  # a gate decision: a Python bool when known on the host
@@ -46,6 +46,7 @@ __all__ = [
     "known_int",
     "mark_gate",
     "new_errors",
+    "run_branches",
     "step_flag",
 ]
 
@@ -475,11 +476,15 @@ class GateWalk:
     ) -> tuple[Updates, State]:
         """Run one member under the walk; a plain member behind an undecided flag keeps its
         old state where the flag is closed (selected, no sync)."""
-        keywords = self.keywords()
-        new_u, new_s = tx.update(updates, state, params, **keywords, **extra)
-        flag = keywords["gate_open"]
-        if flag is not None and not is_gate:
-            new_s = select_tree(flag, new_s, state)
+        if is_gate:
+            return tx.update(updates, state, params, **self.keywords(), **extra)
+        # A plain member runs as if open (a nested chain of plain members would otherwise
+        # select its members' states, and this walk the same states again): its new state
+        # is selected once, here.
+        new_u, new_s = tx.update(updates, state, params, **extra)
+        flag = self.open()
+        if flag is not True:
+            new_s = select_tree(as_tensor(flag), new_s, state)
         return new_u, new_s
 
     def state_survives(self, is_gate: bool) -> bool:
@@ -494,3 +499,70 @@ class GateWalk:
     def finish(self, updates: Updates, donated: bool = False) -> Updates:
         """The output: ``updates`` where the step is open, zeros where closed."""
         return zeros_where_closed(self.open(), updates, donated)
+
+    def branch(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """While tracing (``torch.compile``), the part of the flag that can be read on the
+        host for free (a 0-dim bool on the CPU: an accumulation window's position, or any
+        flag of a CPU run), and the flag that remains when it is true (for the
+        ``GateWalk(gate_open=...)`` of the rest, made inside the branch); ``None`` when no
+        part can be branched on (eager mode reads such flags directly; on an accelerator
+        a data flag stays a select, no sync).
+
+        The rest of a chain behind it then runs under :func:`run_branches`
+        (``torch.cond``): its maths is done only on steps the flag opens, and its state is
+        not selected leaf by leaf.
+        """
+        if not torch.compiler.is_compiling():
+            return None
+        parts = [f for f in (self.host, self.data) if isinstance(f, torch.Tensor)]
+        on_host = [f for f in parts if f.device.type == "cpu" and f.numel() == 1]
+        if not on_host:
+            return None
+        pred = on_host[0] if len(on_host) == 1 else torch.logical_and(*on_host)
+        keep = [f for f in parts if not any(f is h for h in on_host)]
+        # The host part is settled inside the branch; a data flag on an accelerator stays.
+        return pred, keep[0] if keep else None
+
+
+def run_branches(
+    pred: torch.Tensor,
+    when_open: Callable[[Updates, tuple[State, ...]], tuple[Updates, tuple[State, ...]]],
+    updates: Updates,
+    states: tuple[State, ...],
+) -> tuple[Updates, tuple[State, ...]]:
+    """``when_open(updates, states)`` where the 0-dim bool ``pred`` is true, else zeros
+    shaped like ``updates`` and ``states`` unchanged, as one ``torch.cond`` (traced code).
+
+    Both branches return fresh tensors (``torch.cond`` allows no aliasing of its inputs;
+    inductor writes a fresh result straight into its copy), and ``when_open`` must keep
+    the structure, shapes and dtypes of the updates and the states, as every built-in does.
+    """
+    leaves, spec = flatten((updates, states))
+    n_updates = len(flatten(updates)[0])
+    at = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+
+    def rebuild(tensors: tuple[torch.Tensor, ...]) -> Any:
+        filled = list(leaves)
+        for i, t in zip(at, tensors):
+            filled[i] = t
+        return unflatten(spec, filled)
+
+    def on_open(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        u, ss = rebuild(tensors)
+        got: list[Any] = flatten_like(spec, when_open(u, ss), "(updates, states) after a gate",
+                                      "(updates, states) before it")
+        if any(not isinstance(got[i], torch.Tensor) for i in at):
+            raise TypeError(
+                "chain under torch.compile: the members after a gate must return a tensor "
+                "wherever they were given one (updates and states)"
+            )
+        return tuple(got[i].clone() for i in at)
+
+    def on_closed(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(
+            torch.zeros_like(t) if i < n_updates else t.clone() for i, t in zip(at, tensors)
+        )
+
+    out = torch.cond(pred, on_open, on_closed, tuple(leaves[i] for i in at))
+    result: tuple[Updates, tuple[State, ...]] = rebuild(tuple(out))
+    return result
