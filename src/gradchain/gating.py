@@ -29,7 +29,14 @@ import torch
 
 from gradchain import _ops
 from gradchain._ops import known_bool, known_int
-from gradchain._tree import Leaves, flatten, flatten_like, named_nodes, unflatten
+from gradchain._tree import (
+    Leaves,
+    flatten,
+    flatten_like,
+    group_by_device_dtype,
+    named_nodes,
+    unflatten,
+)
 from gradchain.base import GradientTransformation, State, Updates, is_transformation
 
 Flag = torch.Tensor | bool  # a gate decision: a Python bool when known on the host
@@ -559,9 +566,18 @@ def run_branches(
         return tuple(got[i].clone() for i in at)
 
     def on_closed(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(
-            torch.zeros_like(t) if i < n_updates else t.clone() for i, t in zip(at, tensors)
-        )
+        out = [torch.zeros_like(t) if i < n_updates else t for i, t in zip(at, tensors)]
+        # The kept states, copied (no aliasing in a branch): floating leaves by one
+        # ``x * 1`` per (device, dtype) group (exact, nan and -0. included), so inductor
+        # emits a loop per shape, not per leaf.
+        rows = [(t, k) for k, (i, t) in enumerate(zip(at, tensors))
+                if i >= n_updates and t.is_floating_point()]
+        fresh = {k for k, i in enumerate(at) if i < n_updates}
+        for ts, ks in group_by_device_dtype(rows):
+            for k, copy in zip(ks, torch._foreach_mul(ts, 1.0)):
+                out[k] = copy
+                fresh.add(k)
+        return tuple(t if k in fresh else t.clone() for k, t in enumerate(out))
 
     out = torch.cond(pred, on_open, on_closed, tuple(leaves[i] for i in at))
     result: tuple[Updates, tuple[State, ...]] = rebuild(tuple(out))
