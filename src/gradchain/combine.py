@@ -41,7 +41,14 @@ from gradchain.base import (
     donation,
     is_transformation,
 )
-from gradchain.gating import CHAIN_STATE_ATTR, GateWalk, is_gate, mark_gate, run_branches
+from gradchain.gating import (
+    CHAIN_STATE_ATTR,
+    GateWalk,
+    is_gate,
+    mark_gate,
+    run_branches,
+    window_closes,
+)
 from gradchain.state import named_entries
 
 __all__ = [
@@ -97,7 +104,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 f"got {type(t).__name__}"
             )
     gates = tuple(is_gate(t) for t in transforms)
-    last_gate = max((i for i, g in enumerate(gates) if g), default=-1)
+    last_gate = ([i for i, g in enumerate(gates) if g] or [-1])[-1]  # traceable (no max default)
 
     def init(params: Params) -> tuple[State, ...]:
         return tuple(t.init(params) for t in transforms)
@@ -122,22 +129,36 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def run(
         start: int, updates: Updates, states: tuple[State, ...], walk: GateWalk, owned: bool,
         give_state: bool, owner: Ownership | None, params: Params | None, extra: dict[str, Any],
+        closes: bool | None = None,
     ) -> tuple[Updates, tuple[State, ...]]:
-        """Members ``start..`` on ``updates`` and their ``states``, under ``walk``."""
+        """Members ``start..`` on ``updates`` and their ``states``, under ``walk``;
+        ``closes``: inside a window branch, whether member ``start``'s window closes."""
         new_states: list[State] = []
         for i in range(start, len(transforms)):
             t, s = transforms[i], states[i - start]
             if walk.skips(gates[i]):
                 new_states.append(s)
                 continue
+            pred = window_closes(s, extra) if gates[i] and closes is None else None
+            if pred is not None:
+                # Traced, a window position on the host: the gate and the rest of the
+                # chain are two branches of torch.cond, the window closing or not.
+                u, ss = window_branch(i, pred, updates, states[i - start :], walk, params, extra)
+                return u, (*new_states, *ss)
             mode = DONATE_MODE[(owned, give_state and walk.state_survives(gates[i]))]
-            updates, new_s = walk.call(t, gates[i], updates, s, params, {**extra, "donate": mode})
+            head = {"window_closes": closes} if i == start and closes is not None else {}
+            data_before = walk.data
+            updates, new_s = walk.call(
+                t, gates[i], updates, s, params, {**extra, **head, "donate": mode}
+            )
             new_states.append(new_s)
             owned = owner is not None and i + 1 < len(transforms) and owner.owns(
                 updates, new_states
             )
             if gates[i]:
                 walk.fold(new_s)
+                if head.get("window_closes") is True:
+                    walk.opened_window(data_before)
                 if walk.closed_on_host:
                     # A window is closed, known without reading the device: the rest of
                     # the chain is not run. A closed gate emits zeros: this chain's output.
@@ -161,6 +182,28 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                     updates, rest = run_branches(pred, when_open, updates, rest)
                     return updates, (*new_states, *rest)
         return walk.finish(updates, owned), tuple(new_states)
+
+    def window_branch(
+        i: int, pred: torch.Tensor, updates: Updates, states: tuple[State, ...],
+        walk: GateWalk, params: Params | None, extra: dict[str, Any],
+    ) -> tuple[Updates, tuple[State, ...]]:
+        """Members ``i..`` (``i`` a windowed gate) as ``torch.cond(pred, ...)``: where the
+        window closes, all of them with the gate knowing it; else the gate alone (it adds
+        the micro-step and emits zeros) and the rest keep their states."""
+        host = None if walk.host is True else walk.host
+        data = None if walk.data is True else walk.data
+
+        def when_open(u: Updates, ss: tuple[State, ...]) -> tuple[Updates, tuple[State, ...]]:
+            inner = GateWalk(gate_open=data, host_open=host)
+            return run(i, u, ss, inner, False, False, None, params, extra, closes=True)
+
+        def when_closed(u: Updates, ss: tuple[State, ...]) -> tuple[Updates, tuple[State, ...]]:
+            inner = GateWalk(gate_open=data, host_open=host)
+            u, s = inner.call(transforms[i], True, u, ss[0], params,
+                              {**extra, "window_closes": False, "donate": False})
+            return u, (s, *ss[1:])
+
+        return run_branches(pred, when_open, updates, states, when_closed)
 
     if any(gates):
         mark_gate(update)

@@ -242,6 +242,7 @@ def accumulate_every(
         *,
         gate_open: torch.Tensor | None = None,
         flush: bool | torch.Tensor = False,
+        window_closes: bool | None = None,
         **extra: Any,
     ) -> tuple[Any, AccumulateState]:
         del params
@@ -265,8 +266,12 @@ def accumulate_every(
         known_step = known_int(state.mini_step)
         known_length = known_int(state.length)
         known_flush = flush if isinstance(flush, bool) else known_bool(flush)
-        if known_step is not None and known_length is not None and known_flush is not None:
-            closing: bool | torch.Tensor = known_flush or known_step + 1 >= known_length
+        if window_closes is not None:
+            # A chain traced under torch.compile branched on this window (see
+            # gating.window_closes): inside each branch, whether it closes is known.
+            closing: bool | torch.Tensor = window_closes
+        elif known_step is not None and known_length is not None and known_flush is not None:
+            closing = known_flush or known_step + 1 >= known_length
         else:
             closing = torch.logical_or(
                 torch.as_tensor(flush, device=step.device), step >= state.length

@@ -54,6 +54,7 @@ __all__ = [
     "new_errors",
     "run_branches",
     "step_flag",
+    "window_closes",
 ]
 
 _GATE_ATTR = "_gradchain_gate"
@@ -515,6 +516,14 @@ class GateWalk:
         """The output: ``updates`` where the step is open, zeros where closed."""
         return zeros_where_closed(self.open(), updates, donated)
 
+    def opened_window(self, data_before: Flag) -> None:
+        """Inside the branch where a windowed gate closes its window (see
+        :func:`window_closes`): its host flag is open, and so is its data flag when no
+        earlier gate had one (every micro-step of the window was accumulated)."""
+        self.host = True
+        if data_before is True:
+            self.data = True
+
     def branch(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """While tracing (``torch.compile``), the part of the flag that can be read on the
         host for free (a 0-dim bool on the CPU: an accumulation window's position, or any
@@ -539,18 +548,46 @@ class GateWalk:
         return pred, keep[0] if keep else None
 
 
+def window_closes(state: State, extra: dict[str, Any]) -> torch.Tensor | None:
+    """While tracing (``torch.compile``), for the state of a windowed gate
+    (``accumulate_every``) whose window position lives on the host: whether this call
+    closes its window (``position + 1 >= length``, or ``flush``), a 0-dim CPU bool that a
+    chain branches on with ``torch.cond``, so that each branch runs the gate with the
+    answer known (keyword ``window_closes``) and computes no select; ``None`` otherwise."""
+    if not torch.compiler.is_compiling():
+        return None
+    spec = _GATE_STATES.get(type(state))
+    if spec is None or spec.window is None:
+        return None
+    position = getattr(state, spec.window.position)
+    length = getattr(state, spec.window.length)
+    flush = extra.get("flush", False)
+    parts = [position, length] + ([flush] if isinstance(flush, torch.Tensor) else [])
+    if any(p.device.type != "cpu" or p.numel() != 1 for p in parts):
+        return None
+    closes = (position + 1 >= length).reshape(())
+    if flush is True:
+        closes = torch.ones_like(closes)
+    elif isinstance(flush, torch.Tensor):
+        closes = torch.logical_or(closes, flush.to(torch.bool).reshape(()))
+    return closes
+
+
 def run_branches(
     pred: torch.Tensor,
     when_open: Callable[[Updates, tuple[State, ...]], tuple[Updates, tuple[State, ...]]],
     updates: Updates,
     states: tuple[State, ...],
+    when_closed: Callable[[Updates, tuple[State, ...]], tuple[Updates, tuple[State, ...]]]
+    | None = None,
 ) -> tuple[Updates, tuple[State, ...]]:
-    """``when_open(updates, states)`` where the 0-dim bool ``pred`` is true, else zeros
-    shaped like ``updates`` and ``states`` unchanged, as one ``torch.cond`` (traced code).
+    """``when_open(updates, states)`` where the 0-dim bool ``pred`` is true, else
+    ``when_closed(updates, states)`` (by default: zeros shaped like ``updates`` and
+    ``states`` unchanged), as one ``torch.cond`` (traced code).
 
     Both branches return fresh tensors (``torch.cond`` allows no aliasing of its inputs;
-    inductor writes a fresh result straight into its copy), and ``when_open`` must keep
-    the structure, shapes and dtypes of the updates and the states, as every built-in does.
+    inductor writes a fresh result straight into its copy), and both must keep the
+    structure, shapes and dtypes of the updates and the states, as every built-in does.
     """
     leaves, spec = flatten((updates, states))
     n_updates = len(flatten(updates)[0])
@@ -574,6 +611,11 @@ def run_branches(
         return tuple(got[i].clone() for i in at)
 
     def on_closed(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if when_closed is not None:
+            u, ss = rebuild(tensors)
+            got: list[Any] = flatten_like(spec, when_closed(u, ss), "(updates, states)",
+                                          "(updates, states) before it")
+            return tuple(got[i].clone() for i in at)
         out = [torch.zeros_like(t) if i < n_updates else t for i, t in zip(at, tensors)]
         # The kept states, copied (no aliasing in a branch): floating leaves by one
         # ``x * 1`` per (device, dtype) group (exact, nan and -0. included), so inductor
