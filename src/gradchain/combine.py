@@ -82,8 +82,16 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
       selected with ``torch.where``, so there is no host-device sync, and the cost of a
       skipped step is that of an applied one.
 
-    Under ``torch.compile`` and ``torch.func`` transforms every flag is treated as data,
-    so the same chain traces with ``fullgraph=True`` and batches under ``vmap``.
+    Under ``torch.func`` transforms every flag is treated as data, so the same chain
+    batches under ``vmap``. Under ``torch.compile`` (``fullgraph=True`` works) a flag that
+    lives on the host (an accumulation window's position; any flag when the run is on the
+    CPU) becomes a ``torch.cond``: a window gate and the rest of the chain are two
+    branches (the window closes or not), and behind the last gate the rest of the chain is
+    computed only in the branch where the step is open, so a closed step costs a copy of
+    the later members' states instead of their maths, and no per-leaf select is traced.
+    Flags on an accelerator stay selects (no sync). The members after a gate must then
+    return updates and states of the structure, shapes and dtypes they were given (every
+    built-in does) and must not modify their inputs (the protocol's purity).
 
     Later gates receive the combined flag of the gates before them as the extra keyword
     ``gate_open`` and keep their own state on steps an earlier gate closed.

@@ -135,10 +135,13 @@ def accumulate_every(
     **Performance.** The window position ``mini_step`` is a host (CPU) int64 tensor, so
     in eager mode the chain knows, without a host-device sync, that a micro-step does not
     close the window and skips the rest of the chain entirely: a micro-step costs one
-    add into the accumulator. Under ``torch.compile`` or ``vmap`` the position is data;
-    the rest of the chain is then computed and discarded with ``torch.where`` (correct,
-    traceable, but the tail costs its full price on every micro-step). If you move the
-    state to an accelerator, the same happens; keep ``mini_step`` on the host. The zeros
+    add into the accumulator. Under ``torch.compile`` a chain branches on the position
+    with ``torch.cond`` (read on the host, no sync): a micro-step runs the add and copies
+    the later members' states, the closing call runs the rest of the chain (see
+    :func:`~gradchain.chain`). Under ``vmap`` the position is data; the rest of the chain
+    is then computed and discarded with ``torch.where`` (correct, but the tail costs its
+    full price on every micro-step). If you move the state to an accelerator, the same
+    happens; keep ``mini_step`` on the host. The zeros
     a micro-step emits take no memory: they are broadcast views of one 0-dim zero per
     (device, dtype), made once per run (read-only; ``clone()`` one before writing into
     it; a leaf of one element or none gets a fresh zero instead).
