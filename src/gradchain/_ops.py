@@ -348,12 +348,9 @@ def all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
     if torch.compiler.is_compiling():
         # Traced: a pure max-reduction per leaf (nan and inf propagate through max). The
         # in-place AMP kernel below would be functionalized into copies of every gradient.
-        if all(x.device.type == "cpu" for x in xs):
-            # One extern call (inductor emits no loop per leaf): aten's CPU inf-norm
-            # propagates nan, as linalg.vector_norm does.
-            norms = list(torch._foreach_norm(xs, float("inf")))
-        else:
-            norms = [torch.linalg.vector_norm(x, float("inf")) for x in xs]  # exact in any dtype
+        # (Not ``_foreach_norm(xs, inf)``: one extern call, but aten's CPU inf-norm is not
+        # vectorized, 8x slower than inductor's reductions on the small benchmark set.)
+        norms = [torch.linalg.vector_norm(x, float("inf")) for x in xs]  # exact in any dtype
         return torch.stack([torch.isfinite(n).to(device) for n in norms]).all()
     if _fe(xs) and _HAS_AMP_CHECK:
         # GradScaler's fused kernel: with an inverse scale of 1 it only reads (no write),
