@@ -497,7 +497,7 @@ class GateWalk:
         # A plain member runs as if open (a nested chain of plain members would otherwise
         # select its members' states, and this walk the same states again): its new state
         # is selected once, here.
-        new_u, new_s = tx.update(updates, state, params, **extra)
+        new_u, new_s = tx.update(updates, state, params, gate_open=None, host_open=None, **extra)
         flag = self.open()
         if flag is not True:
             new_s = select_tree(as_tensor(flag), new_s, state)
