@@ -57,7 +57,8 @@ def use_foreach(tensors: Sequence[torch.Tensor]) -> bool:
         return False
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return False
-    return type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter)
+    # By exact type: a DTensor parameter (FSDP2's) passes isinstance(t, nn.Parameter).
+    return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
 
 
 def is_broadcast_view(x: torch.Tensor) -> bool:
@@ -360,6 +361,12 @@ def mul_list_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     if _fe(xs, ys):
         torch._foreach_mul_(xs, ys)
         return xs
+    if _dist.has_dtensor(xs):
+        # DTensors (FSDP2 gradients clipped in place): one kernel over the local shards.
+        shards = _dist.inplace_shards(xs, ys)
+        if shards is not None:
+            torch._foreach_mul_(*shards)
+            return xs
     return mul_list(xs, ys)
 
 
