@@ -567,36 +567,44 @@ def _sharded_global_norm(
     """:func:`global_norm` when some leaves are DTensors: a plain tensor, equal on all ranks.
 
     Each rank takes the norms of its local shards; per group of leaves sharded alike
-    (see :mod:`gradchain._dist`) the sum of their ``p``-th powers (the max for ``inf``) is
-    all-reduced once. For ``inf`` a nan flag travels in the same all-reduce, since a max
-    reduction may drop a nan.
+    (see :mod:`gradchain._dist`) they are all-reduced once. For a finite ``p`` that is
+    what torch does for DTensors (``clip_grad_norm_`` on FSDP2 gradients, DTensor's norm
+    partial): the ``p``-th powers of the leaves' local norms are summed over the ranks
+    (one all-reduce of a vector), their ``p``-th roots are the leaves' norms, and the norm
+    of those is the group's; so the result is torch's bit for bit (for float32 and float64
+    gradients, which torch's norms keep). For ``inf`` the max is all-reduced, with a nan
+    flag in the same all-reduce, since a max reduction may drop a nan.
     """
     plain, groups = _dist.local_parts(ts, exact=True)
     inf = math.isinf(p)
 
-    def part(norms: list[torch.Tensor], on: torch.device) -> torch.Tensor:
-        # This rank's share: max (inf) or sum of p-th powers of ``norms``; 0 for none.
+    def norm_of(norms: list[torch.Tensor], on: torch.device) -> torch.Tensor:
         if not norms:
             return torch.zeros((), dtype=dtype, device=on)
         stacked = torch.stack(norms)
-        return stacked.max() if inf else stacked.pow(p).sum()
+        return stacked.max() if inf else torch.linalg.vector_norm(stacked, p)
 
     parts: list[torch.Tensor] = []
     if plain:  # replicated by the user's contract: counted once, not reduced
-        parts.append(part(_leaf_norms(plain, p, dtype, device), device))
+        parts.append(norm_of(_leaf_norms(plain, p, dtype, device), device))
     for mesh, dims, locals_ in groups:
         on = locals_[0].device
-        local = part(_leaf_norms([x for x in locals_ if x.numel() > 0], p, dtype, on), on)
         if inf:
+            # An inf-norm of an empty shard raises (a max has no identity): left out.
+            local = norm_of(_leaf_norms([x for x in locals_ if x.numel() > 0], p, dtype, on), on)
             isnan = torch.isnan(local)
             packed = torch.stack([torch.where(isnan, 0.0, local), isnan.to(dtype)])
             packed = _dist.all_reduce(packed, mesh, dims, "max")
             local = torch.where(packed[1] > 0, torch.nan, packed[0])
         else:
-            local = _dist.all_reduce(local, mesh, dims, "sum")
+            # Every rank has a norm (0 for an empty shard) for every leaf, in one order.
+            powers = torch.stack(_leaf_norms(locals_, p, dtype, on)).pow(p)
+            leaf_norms = _dist.all_reduce(powers, mesh, dims, "sum").pow(1.0 / p)
+            local = torch.linalg.vector_norm(leaf_norms, p)
         parts.append(local.to(device))
-    total = torch.stack(parts)
-    return total.max() if inf else total.sum().pow(1.0 / p)
+    if len(parts) == 1:
+        return parts[0]
+    return norm_of(parts, device)
 
 
 # --------------------------------------------------------------------------- counters, dtypes, groups

@@ -431,6 +431,101 @@ def train_matches_unsharded(mesh: Any, tmp: str) -> None:
                 assert isinstance(st["exp_avg"], DTensor)
 
 
+def _step_on(mesh: Any, kind: str, tx: Any = None, steps: int = 4, poison: int = -1) -> Any:
+    """Train a sharded copy of ``make_model(2)`` for ``steps`` steps with ``kind``: "torch
+    foreach" / "torch fused" (clip_grad_norm_ + AdamW), "new" (``update_and_apply_``) or
+    "old" (``tx.update(donate=True)`` + ``apply_updates_``: the leaf-by-leaf DTensor path).
+    Returns (model, state or optimizer, all-reduces per step, the moments at init)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    import gradchain as gc
+
+    rank, world = mesh.get_rank(), mesh.size()
+    x, y = batches(steps, 3, world, seed=5)
+    model = shard(make_model(2), mesh)
+    live = dict(model.named_parameters())
+    if kind.startswith("torch"):
+        decay = [p for p in live.values() if p.ndim > 1]
+        rest = [p for p in live.values() if p.ndim <= 1]
+        groups = [{"params": decay}, {"params": rest, "weight_decay": 0.0 if tx else 0.1}]
+        state: Any = torch.optim.AdamW(
+            groups, lr=0.05, weight_decay=0.1, **{kind.split()[1]: True}
+        )
+        first = None
+    else:
+        state = tx.init(live)
+        first = gc.tree_get(state, "mu")
+    counts = []
+    for s in range(steps):
+        loss = torch.nn.functional.mse_loss(
+            model(local_slice(x[s], rank, 3)), local_slice(y[s], rank, 3)
+        )
+        if s == poison:
+            loss = loss * float("nan")
+        loss.backward()
+        grads = {k: p.grad for k, p in live.items()}
+        mode = CommDebugMode()
+        with mode:
+            if kind.startswith("torch"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05, foreach=True)
+                state.step()
+            elif kind == "new":
+                state = gc.update_and_apply_(tx, grads, state, live)
+            else:
+                updates, state = tx.update(grads, state, live, donate=True)
+                gc.apply_updates_(live, updates)
+        counts.append(mode.get_total_counts())
+        model.zero_grad()
+    return model, state, counts, first
+
+
+@check
+def shards_match_torch(mesh: Any, tmp: str) -> dict[str, Any]:
+    """update_and_apply_ on FSDP2 params runs torch's fused AdamW over the local shards:
+    bit for bit clip_grad_norm_ + AdamW(fused=True) on the same sharded model (also with
+    a no-decay mask: two param groups), within rounding of AdamW(foreach=True) and of the
+    leaf-by-leaf DTensor path; one all-reduce per step; the moments stay the DTensors the
+    state was made with (updated in place), laid out as the params. A gate before the rule
+    (a nan step) skips the kernel on every rank, as the leaf-by-leaf path does."""
+    from torch.distributed.tensor import DTensor
+
+    import gradchain as gc
+
+    out: dict[str, Any] = {}
+    for masked in (False, True):
+        mask = {k: p.ndim > 1 for k, p in make_model(2).named_parameters()} if masked else None
+        tx = gc.chain(gc.clip_by_norm(0.05), gc.adamw(lr=0.05, weight_decay=0.1, mask=mask))
+        new, state, counts, first = _step_on(mesh, "new", tx)
+        fused, opt, _, _ = _step_on(mesh, "torch fused", masked)
+        foreach, _, _, _ = _step_on(mesh, "torch foreach", masked)
+        old, _, _, _ = _step_on(mesh, "old", tx)
+        assert counts == [1, 1, 1, 1], counts
+        mu, nu = gc.tree_get(state, "mu"), gc.tree_get(state, "nu")
+        for (k, p), f, e, o in zip(
+            new.named_parameters(), fused.parameters(), foreach.parameters(), old.parameters()
+        ):
+            assert isinstance(p, DTensor) and isinstance(mu[k], DTensor)
+            assert mu[k] is first[k] and mu[k].placements == p.placements, k
+            assert torch.equal(p.to_local(), f.to_local()), (masked, k)
+            assert torch.equal(mu[k].to_local(), opt.state[f]["exp_avg"].to_local()), k
+            assert torch.equal(nu[k].to_local(), opt.state[f]["exp_avg_sq"].to_local()), k
+            assert_close(p.detach(), e.detach(), rtol=1e-12, atol=1e-15)
+            assert_close(p.detach(), o.detach(), rtol=1e-12, atol=1e-15)
+        out[f"masked={masked}"] = counts
+
+    # A nan step closes skip_if_nonfinite on every rank: the kernel is skipped (found_inf).
+    tx = gc.chain(gc.skip_if_nonfinite(), gc.clip_by_norm(0.05), gc.adamw(0.05))
+    new, state, counts, _ = _step_on(mesh, "new", tx, poison=1)
+    old, old_state, _, _ = _step_on(mesh, "old", tx, poison=1)
+    assert int(gc.tree_get(state, "count")) == int(gc.tree_get(old_state, "count")) == 3
+    # The finite flag and the norm; on the nan step the closed gate skips the clip.
+    assert counts == [2, 1, 2, 2], counts
+    for p, o in zip(new.parameters(), old.parameters()):
+        assert_close(p.detach(), o.detach(), rtol=1e-12, atol=1e-15)
+    out["gated"] = counts
+    return out
+
+
 @check
 def checkpoint_resume(mesh: Any, tmp: str) -> dict[str, Any]:
     """Save model + transformation state with torch.distributed.checkpoint (DCP) after k

@@ -37,6 +37,7 @@ CHECKS = [
     "gates_agree",
     "collective_counts",
     "train_matches_unsharded",
+    "shards_match_torch",
     "checkpoint_resume",
 ]
 
