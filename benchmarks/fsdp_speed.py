@@ -21,6 +21,8 @@ Usage::
     python benchmarks/fsdp_speed.py                     # width 256, 6 layers
     python benchmarks/fsdp_speed.py --width 64 --layers 12 --rounds 20
     python benchmarks/fsdp_speed.py --smoke             # tiny, one round: checks it runs
+    python benchmarks/fsdp_speed.py --rows old          # torch and the old path only
+    torchrun --nproc-per-node 2 benchmarks/fsdp_speed.py   # as ranks of a torchrun job
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ def build(width: int, layers: int, mesh: Any, rank: int) -> torch.nn.Module:
     return model
 
 
-def contenders(width: int, layers: int, mesh: Any, rank: int) -> dict[str, Callable[[], None]]:
+def contenders(
+    width: int, layers: int, mesh: Any, rank: int, rows: list[str]
+) -> dict[str, Callable[[], None]]:
     fns: dict[str, Callable[[], None]] = {}
 
     m_torch = build(width, layers, mesh, rank)
@@ -83,12 +87,15 @@ def contenders(width: int, layers: int, mesh: Any, rank: int) -> dict[str, Calla
 
     m_old = build(width, layers, mesh, rank)
     live_old = dict(m_old.named_parameters())
-    old_state = [tx.init(live_old)]
+    # Detached views of the params (their shards are the params' memory): what the
+    # functional recipe passes, and what runs on releases before the local-shard path.
+    old_params = {k: p.detach() for k, p in live_old.items()}
+    old_state = [tx.init(old_params)]
 
     def old_step() -> None:
         grads = {k: p.grad for k, p in live_old.items()}
-        updates, old_state[0] = tx.update(grads, old_state[0], live_old, donate=True)
-        gc.apply_updates_(live_old, updates)
+        updates, old_state[0] = tx.update(grads, old_state[0], old_params, donate=True)
+        gc.apply_updates_(old_params, updates)
 
     fns["old"] = old_step
 
@@ -100,7 +107,7 @@ def contenders(width: int, layers: int, mesh: Any, rank: int) -> dict[str, Calla
         opt_fused.step()
 
     fns["torch fused"] = fused_step
-    return fns
+    return {k: fns[k] for k in rows}
 
 
 def timed(fn: Callable[[], None], inner: int) -> float:
@@ -111,9 +118,10 @@ def timed(fn: Callable[[], None], inner: int) -> float:
     return (time.perf_counter() - start) / inner
 
 
-def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
+def worker(rank: int, world: int, port: int | None, args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if port is not None:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
@@ -121,7 +129,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
-    fns = contenders(args.width, args.layers, mesh, rank)
+    fns = contenders(args.width, args.layers, mesh, rank, ["torch", *args.rows])
     for fn in fns.values():  # warm-up (state creation, DTensor's caches)
         for _ in range(args.warmup):
             fn()
@@ -166,9 +174,15 @@ def main() -> None:
     parser.add_argument("--inner", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny MLP, one round")
+    parser.add_argument("--rows", default="new,old,torch fused",
+                        help="comma-separated rows besides torch: new, old, torch fused")
     args = parser.parse_args()
+    args.rows = [r for r in args.rows.split(",") if r and r != "torch"]
     if args.smoke:
         args.width, args.layers, args.rounds, args.inner, args.warmup = 8, 2, 1, 1, 1
+    if "RANK" in os.environ:  # started by torchrun (or the tests' launcher): one rank
+        worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None, args)
+        return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
