@@ -353,7 +353,7 @@ def _train(
         if mesh is not None:
             model = shard(model, mesh)
     params = dict(model.named_parameters())
-    if style == "functional":
+    if style in ("functional", "fast"):
         tx = gc.chain(
             gc.loss_scale(2.0**10),
             gc.clip_by_norm(1.0),
@@ -376,11 +376,15 @@ def _train(
         loss = torch.nn.functional.mse_loss(model(xb), yb)
         if s == POISONED_STEP:  # an overflow: loss_scale drops this micro-step everywhere
             loss = loss * float("inf")
-        if style == "functional":
+        if style in ("functional", "fast"):
             gc.scale_loss(loss, state).backward()
             grads = {k: p.grad for k, p in params.items()}
-            updates, state = tx.update(grads, state, {k: p.detach() for k, p in params.items()})
-            gc.apply_updates_(params, updates)
+            if style == "fast":  # update_and_apply_: adamw's fused kernel on the shards
+                state = gc.update_and_apply_(tx, grads, state, params)
+            else:
+                detached = {k: p.detach() for k, p in params.items()}
+                updates, state = tx.update(grads, state, detached)
+                gc.apply_updates_(params, updates)
             for p in params.values():
                 p.grad = None
         else:
@@ -393,19 +397,20 @@ def _train(
 @check
 def train_matches_unsharded(mesh: Any, tmp: str) -> None:
     """A full FSDP2 run (loss_scale, clip, accumulate(2), adamw) equals the unsharded one,
-    functional and through ChainedOptimizer; moments are sharded like the params."""
+    functional (pure update, and update_and_apply_) and through ChainedOptimizer; moments
+    are sharded like the params."""
     from torch.distributed.tensor import DTensor
 
     import gradchain as gc
 
-    for style in ("functional", "optimizer"):
+    for style in ("functional", "fast", "optimizer"):
         model, state, opt = _train(mesh, 6, style)
         ref, ref_state, ref_opt = _train(None, 6, style)
         for (k, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
             assert isinstance(p, DTensor)
             assert not torch.equal(r.detach(), make_model(1).get_parameter(k).detach())
             assert_close(p.detach(), r.detach(), rtol=1e-10, atol=1e-12)
-        if style == "functional":
+        if style in ("functional", "fast"):
             assert int(gc.tree_get(state, "count")) == 3  # adam ran on 3 windows
             assert float(gc.tree_get(state, "scale")) == 2.0**9  # backed off once
             assert_close(
