@@ -531,6 +531,86 @@ def shards_match_torch(mesh: Any, tmp: str) -> dict[str, Any]:
     return out
 
 
+# (gradchain rule, torch.optim class, kwargs for both, torch's implementation). torch has no
+# DTensor support for SGD and Adagrad with fused=True (no sharding strategy for _fused_sgd_ /
+# _fused_adagrad_): gradchain's kernels on the shards are compared there with the foreach
+# twins, within rounding; the others bit for bit. torch's Rprop runs on no DTensor (foreach:
+# no strategy for _foreach_copy_; single tensor: index_put_), so gradchain's rprop on the
+# shards is compared with gradchain's leaf-by-leaf DTensor path (None below), within rounding.
+ROUNDING_ONLY = {"sgd", "adagrad", "rprop"}
+RULES_ON_SHARDS = [
+    ("sgd", "SGD", {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.1}, {"foreach": True}),
+    ("adagrad", "Adagrad", {"lr": 0.05}, {"foreach": True}),
+    ("adam", "Adam", {"lr": 0.05, "amsgrad": True}, {"fused": True}),
+    ("nadam", "NAdam", {"lr": 0.05}, {"foreach": True}),
+    ("radam", "RAdam", {"lr": 0.05, "weight_decay": 0.1}, {"foreach": True}),
+    ("adamax", "Adamax", {"lr": 0.05}, {"foreach": True}),
+    ("adadelta", "Adadelta", {"lr": 0.5}, {"foreach": True}),
+    ("rmsprop", "RMSprop", {"lr": 0.01, "momentum": 0.9, "centered": True}, {"foreach": True}),
+    ("rprop", None, {"lr": 0.01}, {}),
+    ("asgd", "ASGD", {"lr": 0.05, "t0": 1.0}, {"foreach": True}),
+]
+
+
+class _Leafwise:
+    """gradchain's leaf-by-leaf DTensor path (``tx.update`` + ``apply_updates_`` on detached
+    params) with an optimizer's ``step()``."""
+
+    def __init__(self, tx: Any, model: Any) -> None:
+        self.tx, self.model = tx, model
+        self.params = {k: p.detach() for k, p in model.named_parameters()}
+        self.state = tx.init(self.params)
+
+    def step(self) -> None:
+        import gradchain as gc
+
+        grads = {k: p.grad for k, p in self.model.named_parameters()}
+        updates, self.state = self.tx.update(grads, self.state, self.params)
+        gc.apply_updates_(self.params, updates)
+
+
+@check
+def rules_on_shards(mesh: Any, tmp: str) -> list[str]:
+    """Every rule marked elementwise runs through update_and_apply_ on the local shards of
+    FSDP2 params, equal bit for bit to its torch.optim twin (fused or foreach) on the same
+    sharded model over 3 steps; its state stays DTensors laid out as the params."""
+    from torch.distributed.tensor import DTensor
+
+    import gradchain as gc
+
+    rank, world = mesh.get_rank(), mesh.size()
+    x, y = batches(3, 3, world, seed=9)
+    done = []
+    for name, cls, kwargs, impl in RULES_ON_SHARDS:
+        ours, theirs = shard(make_model(3), mesh), shard(make_model(3), mesh)
+        live = dict(ours.named_parameters())
+        tx = getattr(gc, name)(**kwargs)
+        state = tx.init(live)
+        if cls is None:
+            opt: Any = _Leafwise(getattr(gc, name)(**kwargs), theirs)
+        else:
+            opt = getattr(torch.optim, cls)(theirs.parameters(), **kwargs, **impl)
+        for s in range(3):
+            for model in (ours, theirs):
+                torch.nn.functional.mse_loss(
+                    model(local_slice(x[s], rank, 3)), local_slice(y[s], rank, 3)
+                ).backward()
+            state = gc.update_and_apply_(tx, {k: p.grad for k, p in live.items()}, state, live)
+            opt.step()
+            ours.zero_grad()
+            theirs.zero_grad()
+        for (k, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            if name in ROUNDING_ONLY:
+                assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-15)
+            else:
+                assert torch.equal(p.to_local(), q.to_local()), (name, k)
+        for leaf in _leaves(state):
+            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+                assert isinstance(leaf, DTensor) and leaf.placements == p.placements, name
+        done.append(name)
+    return done
+
+
 @check
 def checkpoint_resume(mesh: Any, tmp: str) -> dict[str, Any]:
     """Save model + transformation state with torch.distributed.checkpoint (DCP) after k

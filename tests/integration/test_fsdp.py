@@ -39,6 +39,7 @@ CHECKS = [
     "collective_counts",
     "train_matches_unsharded",
     "shards_match_torch",
+    "rules_on_shards",
     "checkpoint_resume",
 ]
 
