@@ -234,38 +234,64 @@ def zeros_like(xs: list[torch.Tensor]) -> TList:
     return [torch.zeros_like(x) for x in xs]
 
 
-# Below this many elements, zeroing a donated leaf in place (one foreach kernel for all of
-# them) is cheaper than making a broadcast view of it (a few microseconds per tensor).
-_VIEW_MIN_NUMEL = 1 << 15
-
-
 def zeros_view(xs: list[torch.Tensor], donated: bool = False) -> TList:
     """Zeros shaped like ``xs`` that take no memory: one 0-dim zero per (device, dtype),
     broadcast (``expand``) to each shape. Read-only: writing into one raises (clone first).
 
-    With ``donated`` (the caller gives ``xs`` up), small leaves are zeroed in place
-    instead, in one foreach kernel: cheaper than a view each, and as read-only to trust.
+    The views depend on the metadata alone, and no one can write into them, so they are
+    memoized on it (:class:`~gradchain._tree.MetaMemo`): a gate that holds micro-steps
+    back makes them once per run. A leaf whose view could be written (one element or
+    none: nothing overlaps) gets a fresh zero on every call. ``donated`` (the caller gives
+    ``xs`` up) changes nothing since the views are memoized: zeroing donated leaves in
+    place, which it used to select for small leaves, is now the slower choice.
     """
-    zero: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-    out: list[torch.Tensor | None] = [None] * len(xs)
-    small: list[int] = []
-    for i, x in enumerate(xs):
+    del donated
+    if not xs:
+        return []
+    views: list[torch.Tensor | None] | Any = MISS
+    plain = all(type(x) is torch.Tensor or type(x) is torch.nn.Parameter for x in xs)
+    compiling = torch.compiler.is_compiling()
+    if plain and not compiling:
+        views = _ZEROS.get(len(xs), xs)
+    if views is MISS:
+        views = _zero_views(xs)
+        if plain and not compiling:
+            _ZEROS.put(len(xs), xs, views)
+    out: list[torch.Tensor | None] = list(views)
+    fresh: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+    for i, v in enumerate(out):
+        if v is not None:
+            continue
+        x = xs[i]
         if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
             # A subclass (DTensor: sharded, with placements) keeps its type: real zeros.
             out[i] = torch.zeros_like(x)
             continue
-        if donated and x.numel() < _VIEW_MIN_NUMEL:
-            small.append(i)
-            continue
-        key = (x.device, x.dtype)
-        z = zero.get(key)
+        z = fresh.get((x.device, x.dtype))
         if z is None:
-            z = zero[key] = torch.zeros((), dtype=x.dtype, device=x.device)
+            z = fresh[(x.device, x.dtype)] = torch.zeros((), dtype=x.dtype, device=x.device)
         out[i] = z.expand(x.shape)
-    if small:
-        for i, x in zip(small, zero_([xs[i] for i in small])):
-            out[i] = x
     return out  # type: ignore[return-value]
+
+
+_ZEROS = MetaMemo(16)
+
+
+def _zero_views(xs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """:func:`zeros_view`'s read-only broadcast views; ``None`` where a leaf needs a fresh
+    zero (a subclass, or a view that could be written)."""
+    zero: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+    views: list[torch.Tensor | None] = [None] * len(xs)
+    for i, x in enumerate(xs):
+        if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
+            continue
+        z = zero.get((x.device, x.dtype))
+        if z is None:
+            z = zero[(x.device, x.dtype)] = torch.zeros((), dtype=x.dtype, device=x.device)
+        view = z.expand(x.shape)
+        if is_broadcast_view(view):
+            views[i] = view
+    return views
 
 
 def unscale_check_(xs: list[torch.Tensor], inv: torch.Tensor) -> torch.Tensor | None:

@@ -250,11 +250,17 @@ class Leaves:
         # Metadata only (no device read, traceable). Whole-list checks first (cheap); the
         # leaf-by-leaf loop only runs to name the first bad leaf.
         values = self.values
-        if not (
+        compiling = torch.compiler.is_compiling()
+        if not values or (not compiling and _VALID.get(len(values), values) is True):
+            return  # these metadata passed before (see MetaMemo)
+        if (
             {type(g) for g in values} <= PLAIN
             and all(map(torch.is_floating_point, values))
             and {g.layout for g in values} <= _STRIDED_ONLY
         ):
+            if not compiling:
+                _VALID.put(len(values), values, True)
+        else:
             for i, g in zip(self.index, values):
                 if not (
                     isinstance(g, torch.Tensor) and g.is_floating_point() and g.layout is _STRIDED
@@ -303,14 +309,23 @@ class Leaves:
 
     def _fits(self, taken: list[Any], dtype: bool) -> bool:
         """The common case of :meth:`take`'s check, by whole-list comparisons: plain
-        tensors of the gradients' shapes, devices and (with ``dtype``) exact dtypes."""
+        tensors of the gradients' shapes, devices and (with ``dtype``) exact dtypes.
+        Memoized on the metadata of both lists (see :class:`MetaMemo`)."""
         values = self.values
-        return (
+        compiling = torch.compiler.is_compiling()
+        key = (len(values), dtype)
+        both = [*values, *taken]
+        if not compiling and _FITS.get(key, both) is True:
+            return True
+        fits = (
             {type(s) for s in taken} <= PLAIN
             and [s.shape for s in taken] == [g.shape for g in values]
             and (not dtype or [s.dtype for s in taken] == [g.dtype for g in values])
             and [s.device for s in taken] == [g.device for g in values]
         )
+        if fits and not compiling:
+            _FITS.put(key, both, True)
+        return fits
 
     def take_all(self, tree: Any, name: str = "params") -> list[Any]:
         """All leaves of ``tree`` (same structure as the updates), ``None`` included."""
@@ -387,6 +402,8 @@ class MetaMemo:
 
 
 MISS: Any = object()  # :meth:`MetaMemo.get` found nothing usable
+_VALID = MetaMemo(16)  # update lists that passed Leaves' validation
+_FITS = MetaMemo(16)  # (updates, state) list pairs that passed Leaves.take's check
 
 
 _STRIDED = torch.strided
