@@ -528,6 +528,16 @@ def shards_match_torch(mesh: Any, tmp: str) -> dict[str, Any]:
     for p, o in zip(new.parameters(), old.parameters()):
         assert_close(p.detach(), o.detach(), rtol=1e-12, atol=1e-15)
     out["gated"] = counts
+
+    # A rule whose binding is not marked elementwise (here inject_hyperparams) takes the
+    # generic path of update_and_apply_ on the live DTensor params: the same result.
+    tx = gc.chain(
+        gc.clip_by_norm(0.05), gc.inject_hyperparams(gc.adamw)(lr=0.05, weight_decay=0.1)
+    )
+    new, _, _, _ = _step_on(mesh, "new", tx)
+    old, _, _, _ = _step_on(mesh, "old", tx)
+    for p, o in zip(new.parameters(), old.parameters()):
+        assert torch.equal(p.to_local(), o.to_local())
     return out
 
 
