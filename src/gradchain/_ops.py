@@ -736,7 +736,9 @@ def layout(xs: Sequence[torch.Tensor]) -> Layout:
     if torch.compiler.is_compiling():
         return _layout(xs)
     first = xs[0]
-    key = (len(xs), first.dtype, first.device, torch.is_grad_enabled())
+    # (The type: FSDP2's DTensor gradients and their local shards, both met on every step,
+    # keep an entry each.)
+    key = (len(xs), first.dtype, first.device, torch.is_grad_enabled(), type(first))
     found = _LAYOUTS.get(key, xs)
     if found is MISS:
         found = _LAYOUTS.put(key, xs, _layout(xs))

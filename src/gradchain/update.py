@@ -285,9 +285,11 @@ def update_and_apply_(
     p_leaves, spec = _tree.flatten(params)
     g_leaves = _tree.flatten_like(spec, grads, "grads", "params")
     _check_updates_fit(spec, p_leaves, g_leaves, fn)
-    found = _fused_step(tx, state, spec, p_leaves, g_leaves)
-    if found is None and _dist.has_dtensor(p_leaves):
-        # FSDP2 / DTensor params: an elementwise kernel runs on the local shards.
+    # FSDP2 / DTensor params: an elementwise kernel runs on the local shards. (FSDP2 shards
+    # every param, so the first tells; a tree that mixes in DTensors later gets there too.)
+    sharded = bool(p_leaves) and _dist.is_dtensor(p_leaves[0])
+    found = None if sharded else _fused_step(tx, state, spec, p_leaves, g_leaves)
+    if found is None and (sharded or _dist.has_dtensor(p_leaves)):
         found = _fused_step(tx, state, spec, p_leaves, g_leaves, sharded_plan_of)
     if found is None:
         updates, new_state = tx.update(grads, state, params, donate=True, **extra)
