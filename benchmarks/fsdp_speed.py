@@ -9,8 +9,10 @@ alternating between the contenders:
 * ``torch``: ``clip_grad_norm_(foreach=True)`` + ``AdamW(foreach=True)`` (the reference);
 * ``new``: ``update_and_apply_(chain(clip_by_norm(1.0), adamw(...)))``: the clip on the
   DTensor gradients (one all-reduce), torch's fused AdamW kernel over the local shards;
-* ``old``: the same chain leaf by leaf through DTensor (``tx.update(donate=True)`` +
-  ``apply_updates_``: the path ``update_and_apply_`` took on DTensor params before);
+* ``old``: the same chain as the pure update (``tx.update(donate=True)`` +
+  ``apply_updates_``: the path ``update_and_apply_`` took on DTensor params before; its
+  in-place maths now runs over the local shards too, the rest leaf by leaf through
+  DTensor);
 * ``torch fused``: ``clip_grad_norm_(foreach=True)`` + ``AdamW(fused=True)``, for scale.
 
 Rank 0 prints medians of the per-step time (wall, including the wait for the other rank
@@ -151,7 +153,7 @@ def worker(rank: int, world: int, port: int | None, args: argparse.Namespace) ->
         labels = {
             "torch": "torch clip_grad_norm_ + AdamW(foreach=True)",
             "new": "gradchain update_and_apply_(clip, adamw)",
-            "old": "gradchain leaf by leaf (old DTensor path)",
+            "old": "gradchain update(donate) + apply_updates_",
             "torch fused": "torch clip_grad_norm_ + AdamW(fused=True)",
         }
         for name in names:

@@ -375,10 +375,28 @@ def _sharded_all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
 # state. They are updated in place when foreach serves (plain eager tensors, no autograd),
 # saving an allocation per leaf (on CPU a fresh large tensor costs far more than the maths);
 # otherwise (autograd may have saved them, vmap, torch.func) new tensors are returned.
-# Always use the return value.
+# DTensors (FSDP2) are updated in place through their local shards, with the same foreach
+# kernels as plain tensors (see _dist.inplace_shards), instead of DTensor's dispatch per
+# leaf. Always use the return value.
+def _shards(lists: tuple[list[torch.Tensor], ...], *args: Any) -> tuple[TList, ...] | None:
+    """The local shards of DTensor ``lists`` for an in-place foreach kernel on the first
+    (``args``: its scalars, plain), or ``None`` (then the caller takes its leafwise path)."""
+    xs = lists[0]
+    if not xs or not _dist.is_dtensor(xs[0]):
+        return None
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor) and (_dist.is_dtensor(a) or (grad and a.requires_grad)):
+            return None
+    return _dist.inplace_shards(*lists)
+
+
 def mul_(xs: list[torch.Tensor], s: Scalar) -> TList:
     if _fe(xs, scalar=s):
         torch._foreach_mul_(xs, s)
+        return xs
+    if (sh := _shards((xs,), s)) is not None:
+        torch._foreach_mul_(sh[0], s)
         return xs
     return [x * s for x in xs]
 
@@ -387,18 +405,18 @@ def mul_list_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     if _fe(xs, ys):
         torch._foreach_mul_(xs, ys)
         return xs
-    if _dist.has_dtensor(xs):
-        # DTensors (FSDP2 gradients clipped in place): one kernel over the local shards.
-        shards = _dist.inplace_shards(xs, ys)
-        if shards is not None:
-            torch._foreach_mul_(*shards)
-            return xs
+    if (sh := _shards((xs, ys))) is not None:  # e.g. FSDP2 gradients clipped in place
+        torch._foreach_mul_(sh[0], sh[1])
+        return xs
     return mul_list(xs, ys)
 
 
 def add_(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: float = 1.0) -> TList:
     if _fe(xs, ys):
         torch._foreach_add_(xs, ys, alpha=alpha)
+        return xs
+    if (sh := _shards((xs, ys))) is not None:
+        torch._foreach_add_(sh[0], sh[1], alpha=alpha)
         return xs
     return add(xs, ys, alpha=alpha)
 
@@ -407,12 +425,18 @@ def div_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     if _fe(xs, ys):
         torch._foreach_div_(xs, ys)
         return xs
+    if (sh := _shards((xs, ys))) is not None:
+        torch._foreach_div_(sh[0], sh[1])
+        return xs
     return [x / y for x, y in zip(xs, ys)]
 
 
 def div_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
     if _fe(xs, scalar=s):
         torch._foreach_div_(xs, s)
+        return xs
+    if (sh := _shards((xs,), s)) is not None:
+        torch._foreach_div_(sh[0], s)
         return xs
     return [x / s for x in xs]
 
@@ -425,12 +449,19 @@ def rdiv_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
         torch._foreach_div_(xs, s)
         torch._foreach_reciprocal_(xs)
         return xs
+    if (sh := _shards((xs,), s)) is not None:
+        torch._foreach_div_(sh[0], s)
+        torch._foreach_reciprocal_(sh[0])
+        return xs
     return [s / x for x in xs]
 
 
 def add_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
     if _fe(xs, scalar=s) and not isinstance(s, torch.Tensor):
         torch._foreach_add_(xs, s)
+        return xs
+    if not isinstance(s, torch.Tensor) and (sh := _shards((xs,))) is not None:
+        torch._foreach_add_(sh[0], s)
         return xs
     return [x + s for x in xs]
 
@@ -441,12 +472,18 @@ def addcmul_(
     if _fe(xs, ys, zs):
         torch._foreach_addcmul_(xs, ys, zs, value=value)
         return xs
+    if (sh := _shards((xs, ys, zs))) is not None:
+        torch._foreach_addcmul_(sh[0], sh[1], sh[2], value=value)
+        return xs
     return [torch.addcmul(x, y, z, value=value) for x, y, z in zip(xs, ys, zs)]
 
 
 def lerp_(xs: list[torch.Tensor], ys: list[torch.Tensor], weight: float) -> TList:
     if _fe(xs, ys):
         torch._foreach_lerp_(xs, ys, weight)
+        return xs
+    if (sh := _shards((xs, ys), weight)) is not None:
+        torch._foreach_lerp_(sh[0], sh[1], weight)
         return xs
     return lerp(xs, ys, weight)
 
@@ -455,6 +492,10 @@ def clamp_(xs: list[torch.Tensor], lo: float, hi: float) -> TList:
     if _fe(xs):
         torch._foreach_clamp_min_(xs, lo)
         torch._foreach_clamp_max_(xs, hi)
+        return xs
+    if (sh := _shards((xs,))) is not None:
+        torch._foreach_clamp_min_(sh[0], lo)
+        torch._foreach_clamp_max_(sh[0], hi)
         return xs
     return clamp(xs, lo, hi)
 
@@ -465,6 +506,9 @@ def copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> TList:
     if _fe(dst, src):
         torch._foreach_copy_(dst, src)
         return dst
+    if (sh := _shards((dst, src))) is not None:
+        torch._foreach_copy_(sh[0], sh[1])
+        return dst
     return [s.clone() for s in src]
 
 
@@ -472,6 +516,10 @@ def sqrt_into(dst: list[torch.Tensor], xs: list[torch.Tensor]) -> TList:
     """``sqrt(x)`` written into ``dst`` (owned, same dtypes) when foreach serves, else fresh."""
     if _fe(dst, xs) and not torch.compiler.is_compiling():
         for d, x in zip(dst, xs):
+            torch.sqrt(x, out=d)
+        return dst
+    if not torch.compiler.is_compiling() and (sh := _shards((dst, xs))) is not None:
+        for d, x in zip(sh[0], sh[1]):
             torch.sqrt(x, out=d)
         return dst
     return sqrt(xs)
@@ -483,6 +531,10 @@ def rdiv_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
         for x, y in zip(xs, ys):
             torch.div(y, x, out=x)
         return xs
+    if not torch.compiler.is_compiling() and (sh := _shards((xs, ys))) is not None:
+        for x, y in zip(sh[0], sh[1]):
+            torch.div(y, x, out=x)
+        return xs
     return div(ys, xs)
 
 
@@ -490,12 +542,18 @@ def maximum_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     if _fe(xs, ys):
         torch._foreach_maximum_(xs, ys)
         return xs
+    if (sh := _shards((xs, ys))) is not None:
+        torch._foreach_maximum_(sh[0], sh[1])
+        return xs
     return maximum(xs, ys)
 
 
 def zero_(xs: list[torch.Tensor]) -> TList:
     if _fe(xs):
         torch._foreach_zero_(xs)
+        return xs
+    if (sh := _shards((xs,))) is not None:
+        torch._foreach_zero_(sh[0])
         return xs
     return zeros_like(xs)
 

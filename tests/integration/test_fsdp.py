@@ -118,6 +118,6 @@ def test_fsdp_speed_benchmark_smoke() -> None:
     assert "smoke run" in out, out
     for row in ("torch clip_grad_norm_ + AdamW(foreach=True)",
                 "gradchain update_and_apply_(clip, adamw)",
-                "gradchain leaf by leaf (old DTensor path)",
+                "gradchain update(donate) + apply_updates_",
                 "torch clip_grad_norm_ + AdamW(fused=True)"):
         assert re.search(rf"{re.escape(row)}\s+[\d.]+\s+[\d.]+", out), (row, out)
