@@ -775,10 +775,12 @@ class Layout(NamedTuple):
     keys: list[tuple[torch.device, torch.dtype]]  # one (device, dtype) per group
     groups: list[list[int]]  # positions per group, in first-seen order
     dtypes: list[torch.dtype]  # per tensor
-    foreach: bool  # torch._foreach_* serve every group (see use_foreach)
+    foreach: bool  # torch._foreach_* serve every tensor (see use_foreach)
     low: bool  # a float16 or bfloat16 tensor is among them
     sharded: bool  # a DTensor is among them
     norm_dtype: torch.dtype  # float32, or float64 when a tensor is float64
+    broadcast: bool  # a broadcast view (see is_broadcast_view) is among them
+    meta: bool  # a tensor on the meta device is among them
 
 
 _LAYOUTS = MetaMemo(32)
@@ -810,10 +812,12 @@ def _layout(xs: Sequence[torch.Tensor]) -> Layout:
     dtypes = [x.dtype for x in xs]
     return Layout(
         keys=list(found), groups=list(found.values()), dtypes=dtypes,
-        foreach=all(use_foreach([xs[i] for i in idx]) for idx in found.values()),
+        foreach=all(use_foreach([x]) for x in xs),
         low=torch.float16 in dtypes or torch.bfloat16 in dtypes,
         sharded=_dist.has_dtensor(xs),
         norm_dtype=torch.float64 if torch.float64 in dtypes else torch.float32,
+        broadcast=any(map(is_broadcast_view, xs)),
+        meta=any(device.type == "meta" for device, _ in found),
     )
 
 
