@@ -239,7 +239,10 @@ def update_and_apply_(
     tensors of one floating dtype on a device torch has the fused kernels for (CPU, CUDA,
     …) (and, for ``sgd`` with ``dampening``, where its first step is known without a sync:
     CPU state); otherwise, and under ``torch.compile``, the call takes the unfused path
-    above, with the same meaning.
+    above, with the same meaning. On DTensor params (FSDP2 ``fully_shard``) whose
+    gradients and moments are laid out alike, an elementwise rule's kernel runs over the
+    local shards, one call for all of them (see "The step on local shards" in the docs'
+    Scaling out page).
 
     The other rules of :mod:`gradchain.optim` are bound the same way to torch's own code
     for them: ``adagrad`` to ``torch._fused_adagrad_``; ``adadelta``, ``adamax``,
