@@ -641,7 +641,7 @@ def _leaf_norms(
     order when they are in one (device, dtype) group, else group by group."""
     lay = layout(ts) if lay is None else lay
     if len(lay.groups) == 1 and lay.foreach:
-        found = list(torch._foreach_norm(ts, p, dtype=dtype))
+        found = list(torch._foreach_norm(list(ts), p, dtype=dtype))
         return found if lay.keys[0][0] == device else [n.to(device) for n in found]
     norms: list[torch.Tensor] = []
     for (group_device, _), idx in zip(lay.keys, lay.groups):
