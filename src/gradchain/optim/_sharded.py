@@ -36,7 +36,8 @@ _ELEMENTWISE: weakref.WeakSet[FusedPlan] = weakref.WeakSet()
 def elementwise(plan: FusedPlan) -> FusedPlan:
     """Mark ``plan``'s kernel as elementwise over params, gradients and the state's
     params-shaped buffers (so it may run on DTensor local shards); returns ``plan``."""
-    _ELEMENTWISE.add(plan)
+    if not torch.compiler.is_compiling():  # compiled code never runs a plan (bind_fused)
+        _ELEMENTWISE.add(plan)
     return plan
 
 
