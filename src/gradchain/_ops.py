@@ -248,18 +248,15 @@ def zeros_like(xs: list[torch.Tensor]) -> TList:
     return [torch.zeros_like(x) for x in xs]
 
 
-def zeros_view(xs: list[torch.Tensor], donated: bool = False) -> TList:
+def zeros_view(xs: list[torch.Tensor]) -> TList:
     """Zeros shaped like ``xs`` that take no memory: one 0-dim zero per (device, dtype),
     broadcast (``expand``) to each shape. Read-only: writing into one raises (clone first).
 
     The views depend on the metadata alone, and no one can write into them, so they are
     memoized on it (:class:`~gradchain._tree.MetaMemo`): a gate that holds micro-steps
     back makes them once per run. A leaf whose view could be written (one element or
-    none: nothing overlaps) gets a fresh zero on every call. ``donated`` (the caller gives
-    ``xs`` up) changes nothing since the views are memoized: zeroing donated leaves in
-    place, which it used to select for small leaves, is now the slower choice.
+    none: nothing overlaps) gets a fresh zero on every call.
     """
-    del donated
     if not xs:
         return []
     views: list[torch.Tensor | None] | Any = MISS

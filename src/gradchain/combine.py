@@ -189,7 +189,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
                     updates, rest = run_branches(pred, when_open, updates, rest)
                     return updates, (*new_states, *rest)
-        return walk.finish(updates, owned), tuple(new_states)
+        return walk.finish(updates), tuple(new_states)
 
     def window_branch(
         i: int, pred: torch.Tensor, updates: Updates, states: tuple[State, ...],

@@ -250,7 +250,7 @@ def accumulate_every(
     ) -> tuple[Any, AccumulateState]:
         del params
         expect_state(state, AccumulateState, "accumulate_every")
-        donated_u, donated_s = donation(extra, "accumulate_every")
+        _, donated_s = donation(extra, "accumulate_every")
         view = Leaves(updates)
         gs = view.values
         # An explicitly narrower accumulator_dtype rounds on purpose.
@@ -293,7 +293,7 @@ def accumulate_every(
             )
             # The incoming updates are in the sums now. The zeros emitted take no memory
             # and no pass over it (broadcast views of one zero; read-only, memoized).
-            return view.put(_ops.zeros_view(gs, donated_u)), new_state
+            return view.put(_ops.zeros_view(gs)), new_state
 
         out = new_sums if not mean else _ops.div_scalar(new_sums, count.clamp(min=1))
         out = _ops.cast(out, [g.dtype for g in gs])

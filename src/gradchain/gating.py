@@ -420,14 +420,14 @@ def keep_where_closed(gate_open: torch.Tensor | None, new: Any, old: Any) -> Any
     return new if gate_open is None else select_tree(gate_open, new, old)
 
 
-def zeros_where_closed(flag: Flag, updates: Updates, donated: bool = False) -> Updates:
+def zeros_where_closed(flag: Flag, updates: Updates) -> Updates:
     """``updates`` where ``flag``, else zeros; no gradient-sized zeros are made: a closed
     host flag gives broadcast views of a 0-dim zero, a tensor flag selects against one."""
     if flag is True:
         return updates
     view = Leaves(updates)
     if flag is False:
-        return view.put(_ops.zeros_view(view.values, donated))
+        return view.put(_ops.zeros_view(view.values))
     return view.put(_ops.where_zeros(flag, view.values))
 
 
@@ -512,9 +512,9 @@ class GateWalk:
         """Take in the flags of the gate states a member just produced."""
         self.host, self.data = fold_flags(self.host, self.data, gate_states)
 
-    def finish(self, updates: Updates, donated: bool = False) -> Updates:
+    def finish(self, updates: Updates) -> Updates:
         """The output: ``updates`` where the step is open, zeros where closed."""
-        return zeros_where_closed(self.open(), updates, donated)
+        return zeros_where_closed(self.open(), updates)
 
     def opened_window(self, data_before: Flag) -> None:
         """Inside the branch where a windowed gate closes its window (see
