@@ -218,6 +218,7 @@ def clip_by_value(max_value: float, min_value: float | None = None) -> GradientT
         updates: Any, state: EmptyState, params: Any = None, **extra: Any
     ) -> tuple[Any, EmptyState]:
         del params
+        expect_state(state, EmptyState, "clip_by_value")
         donated, _ = donation(extra, "clip_by_value")
         view = Leaves(updates)
         clamp = _ops.clamp_ if donated and _ops.inplace_ok(view.values) else _ops.clamp

@@ -46,6 +46,7 @@ from gradchain.base import (
     expect_state,
     identity,
     is_transformation,
+    mark_update_rule,
 )
 from gradchain.combine import masked
 from gradchain.gating import gate_state, mark_gate, select_tree
@@ -104,8 +105,12 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
         >>> tx.update({"w": torch.tensor([1.0, 2.0]), "b": None}, tx.init(None))[0]
         {'w': tensor([-2., -4.]), 'b': None}
     """
-    factor = _checks.as_scalar(step_size, "step_size", "scale")
-    _checks.finite(factor, "step_size", "scale")
+    return _scale(step_size, "scale", "step_size")
+
+
+def _scale(step_size: float | torch.Tensor, who: str, name: str) -> GradientTransformation:
+    factor = _checks.as_scalar(step_size, name, who)
+    _checks.finite(factor, name, who)
 
     def init(params: Params) -> EmptyState:
         del params
@@ -115,10 +120,12 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
         updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, EmptyState]:
         del params
-        donated, _ = donation(extra, "scale")
+        expect_state(state, EmptyState, who)
+        donated, _ = donation(extra, who)
         view = Leaves(updates)
         return view.put(_scaled(view.values, factor, donated)), state
 
+    update.__qualname__ = f"{who}.<locals>.update"  # the name a misuse message shows
     return GradientTransformation(init, update)
 
 
@@ -206,12 +213,14 @@ def scale_by_learning_rate(
             out = _scaled(view.values, factor, donated)
             return view.put(out), ScaleByScheduleState(count=_ops.safe_increment(state.count))
 
-        return GradientTransformation(init_s, update_s)
+        # flip_sign: the descent step (the rule's last act); without, a plain factor.
+        return GradientTransformation(init_s, mark_update_rule(update_s) if flip_sign else update_s)
 
     lr = _checks.as_scalar(learning_rate, "learning_rate", "scale_by_learning_rate")  # type: ignore[arg-type]
-    _checks.finite(lr, "learning_rate", "scale_by_learning_rate")
-    inner = scale(-lr if flip_sign else lr)
-    return GradientTransformation(inner.init, inner.update)
+    inner = _scale(-lr if flip_sign else lr, "scale_by_learning_rate", "learning_rate")
+    return GradientTransformation(
+        inner.init, mark_update_rule(inner.update) if flip_sign else inner.update
+    )
 
 
 # --------------------------------------------------------------------------- weight decay
@@ -252,6 +261,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor) -> GradientTransform
     def update(
         updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, EmptyState]:
+        expect_state(state, EmptyState, fn)
         donated, _ = donation(extra, fn)
         view = Leaves(updates)
         gs = view.values
