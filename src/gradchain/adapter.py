@@ -154,7 +154,7 @@ def _check_arguments(optimizer: Any, transform: Any) -> None:
             "ChainedOptimizer(optimizer, transform)"
         )
     if not isinstance(optimizer, torch.optim.Optimizer):
-        if callable(optimizer) and not isinstance(optimizer, type):
+        if callable(optimizer) and not isinstance(optimizer, (type, torch.nn.Module)):
             name = getattr(optimizer, "__name__", type(optimizer).__name__)
             raise TypeError(
                 f"ChainedOptimizer: optimizer is a callable ({name}), not an optimizer: call "

@@ -104,6 +104,7 @@ RULE = "update rule"  # turns gradients into the step (applies the learning rate
 PARTIAL_RULE = "update rule on some leaves"  # a rule inside masked / partition
 HOLDS = "holds gradients back"  # accumulate_every, skip_if_nonfinite, loss_scale
 UNSCALES = "unscales"  # loss_scale: divides the gradients by the loss scale
+READS = "reads gradient values"  # clips, decay: wrong on gradients still loss-scaled
 PASSIVE = "passive"  # reads no gradient value and commutes with scaling (identity, accumulate)
 
 
@@ -191,6 +192,14 @@ def expect_state(state: Any, cls: type, who: str) -> None:
             f"{who}.update: state must be the {cls.__name__} made by {who}(...).init(params), "
             f"got {type(state).__name__}{hint}"
         )
+
+
+def expect_empty(state: Any, who: str) -> None:
+    """:func:`expect_state` for a stateless transformation: ``EmptyState()`` (or ``None``,
+    which code written for stateless transformations passes). A state of another
+    transformation (a stale schedule state given to a constant rate) raises."""
+    if state is not None and not isinstance(state, EmptyState):
+        expect_state(state, EmptyState, who)
 
 
 def donation(extra: dict[str, Any], who: str) -> tuple[bool, bool]:
@@ -317,7 +326,7 @@ def identity() -> GradientTransformation:
         updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, EmptyState]:
         del params, extra
-        expect_state(state, EmptyState, "identity")
+        expect_empty(state, "identity")
         return updates, state
 
     return GradientTransformation(init, add_roles(update, PASSIVE))

@@ -36,6 +36,7 @@ from gradchain.base import (
     HOLDS,
     PARTIAL_RULE,
     PASSIVE,
+    READS,
     RULE,
     UNSCALES,
     GradientTransformation,
@@ -242,14 +243,23 @@ def check_order(members: tuple[GradientTransformation, ...], who: str) -> None:
     for j, r in enumerate(roles):
         if UNSCALES not in r:
             continue
-        early = next((i for i in range(j) if PASSIVE not in roles[i]), None)
+        early = next((i for i in range(j) if _needs_unscaled(roles[i])), None)
         if early is not None:
             raise ValueError(
                 f"{who}: loss_scale, in {name(j)}, comes after {name(early)}, which then "
                 "sees the gradients still multiplied by the loss scale (2**16 by default): "
-                "a clip would always clip, a decay or a skip would act on the wrong values; "
-                "put loss_scale first (only accumulate_every may come before it)"
+                "a clip would always clip, a decay, a skip or a rule would act on the wrong "
+                "values; put loss_scale first (only accumulate_every may come before it)"
             )
+
+
+def _needs_unscaled(roles: frozenset[str]) -> bool:
+    """Whether a member with ``roles`` must not run before ``loss_scale``: it reads the
+    values (clips, decay), is a rule, or is a gate that is not a plain window (a skip
+    would hide overflows from the scale, which would then never back off)."""
+    return bool(roles & {READS, RULE, PARTIAL_RULE, UNSCALES}) or (
+        HOLDS in roles and PASSIVE not in roles
+    )
 
 
 _CHAIN_MEMBERS: weakref.WeakKeyDictionary[Callable[..., Any], tuple[GradientTransformation, ...]] = (

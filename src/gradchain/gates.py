@@ -19,7 +19,15 @@ import torch
 from gradchain import _checks, _ops
 from gradchain._ops import LOW_PRECISION, first_device, known_bool, known_int, safe_increment
 from gradchain._tree import Leaves, named_nodes
-from gradchain.base import HOLDS, PASSIVE, UNSCALES, GradientTransformation, add_roles, donation, expect_state
+from gradchain.base import (
+    HOLDS,
+    PASSIVE,
+    UNSCALES,
+    GradientTransformation,
+    add_roles,
+    donation,
+    expect_state,
+)
 from gradchain.gating import (
     Window,
     expect_chain_state,

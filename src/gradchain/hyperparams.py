@@ -322,9 +322,9 @@ def inject_hyperparams(
 
         if gated:
             mark_gate(update)
-        bound = bind_fused(GradientTransformation(init, update), plan)
+        injected = bind_fused(GradientTransformation(init, update), plan)
         set_roles(update, roles_of(first))  # what the wrapped transformation is
-        return bound
+        return injected
 
     make.__name__ = f"inject_hyperparams_{name_of}"
     make.__doc__ = f"{name_of} with its numeric arguments held in the state (see inject_hyperparams)."

@@ -38,11 +38,14 @@ from gradchain._ops import (
 )
 from gradchain._tree import Leaves, flatten, leaf_paths, unflatten
 from gradchain.base import (
+    READS,
     EmptyState,
     GradientTransformation,
     Params,
     Updates,
+    add_roles,
     donation,
+    expect_empty,
     expect_state,
     identity,
     is_transformation,
@@ -120,7 +123,7 @@ def _scale(step_size: float | torch.Tensor, who: str, name: str) -> GradientTran
         updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, EmptyState]:
         del params
-        expect_state(state, EmptyState, who)
+        expect_empty(state, who)
         donated, _ = donation(extra, who)
         view = Leaves(updates)
         return view.put(_scaled(view.values, factor, donated)), state
@@ -261,7 +264,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor) -> GradientTransform
     def update(
         updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, EmptyState]:
-        expect_state(state, EmptyState, fn)
+        expect_empty(state, fn)
         donated, _ = donation(extra, fn)
         view = Leaves(updates)
         gs = view.values
@@ -281,7 +284,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor) -> GradientTransform
             _ops.scatter(out, idx, add(_ops.pick(gs, idx), decay))
         return view.put(_ops.cast(out, [g.dtype for g in gs])), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, add_roles(update, READS))
 
 
 # --------------------------------------------------------------------------- optax's processing: helpers
@@ -388,7 +391,7 @@ def zero_nans() -> GradientTransformation:
                for m, g in zip(nan, gs)]
         return view.put(out), ZeroNansState(found_nan=view.put_into(state.found_nan, found))
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, add_roles(update, READS))
 
 
 # --------------------------------------------------------------------------- ema
