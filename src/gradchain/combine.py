@@ -22,6 +22,7 @@ positions (``vmap`` refuses ``in_dims=0`` for a ``None`` input or output), e.g. 
 
 from __future__ import annotations
 
+import contextvars
 import keyword
 import weakref
 from collections.abc import Callable, Hashable, Mapping
@@ -61,6 +62,11 @@ __all__ = [
     "PartitionState",
     "partition",
 ]
+
+
+# Set while a chain's init runs: the chains inside it do not check the params again.
+_IN_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("gradchain_in_init",
+                                                                 default=False)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -107,8 +113,14 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         check_order(transforms, "chain")
 
     def init(params: Params) -> tuple[State, ...]:
-        _checks.params_tree(params, "chain.init")
-        return tuple(t.init(params) for t in transforms)
+        if _IN_INIT.get() or torch.compiler.is_compiling():
+            return tuple(t.init(params) for t in transforms)
+        _checks.params_tree(params, "chain.init")  # once, by the outermost chain
+        token = _IN_INIT.set(True)
+        try:
+            return tuple(t.init(params) for t in transforms)
+        finally:
+            _IN_INIT.reset(token)
 
     def update(
         updates: Updates, state: tuple[State, ...], params: Params | None = None, **extra: Any
@@ -184,7 +196,7 @@ def state_mismatch(members: tuple[GradientTransformation, ...], state: Any) -> s
     chain has, against what the state holds (the error path only)."""
     names = "; ".join(f"[{i}] {describe(t)}" for i, t in enumerate(members))
     if type(state) is tuple:
-        held = "; ".join(f"[{i}] {type(s).__name__}" for i, s in enumerate(state))
+        held = "; ".join(f"[{i}] {_state_name(s)}" for i, s in enumerate(state))
         return (f"chain.update: state must hold one state per member, {len(members)} "
                 f"({names}), got a tuple of {len(state)} ({held}): it comes from a chain of "
                 "another shape (a member more or less); make it with this chain's init")
@@ -192,6 +204,12 @@ def state_mismatch(members: tuple[GradientTransformation, ...], state: Any) -> s
             if isinstance(state, (dict, list, torch.Tensor)) else "")
     return (f"chain.update: state must be the tuple of member states made by this chain's "
             f"init, {len(members)} ({names}), got {type(state).__name__}{hint}")
+
+
+def _state_name(state: Any) -> str:
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):
+        return "(" + ", ".join(_state_name(s) for s in state) + ")"
+    return type(state).__name__
 
 
 def _partial(roles: frozenset[str]) -> frozenset[str]:
