@@ -268,6 +268,15 @@ class ChainedOptimizer(torch.optim.Optimizer):
             step. Default ``False``: failures and refusals before the wrapped step still
             change nothing.
 
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer instance (the class, an uncalled
+            factory, a model, another ``ChainedOptimizer``), ``transform`` is not a
+            transformation (an uncalled factory, a list), or the two are swapped.
+        ValueError: ``transform`` holds an update rule (``sgd``, ``adamw``, any rule of
+            :mod:`gradchain.optim`, ``scale_by_learning_rate``; the message names where):
+            the wrapped optimizer applies its own; or gates in front of ``LBFGS``.
+            See the misuse catalogue on the Reliability page.
+
     Example:
         >>> import torch, gradchain as gc
         >>> model = torch.nn.Linear(3, 1)

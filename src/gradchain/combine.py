@@ -95,6 +95,19 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     Later gates receive the combined flag of the gates before them as the extra keyword
     ``gate_open`` and keep their own state on steps an earlier gate closed.
 
+    **Orders that cannot be meant are refused** when the chain is built (from the roles
+    the factories declare, see :func:`~gradchain.mark_update_rule`; nothing is read from
+    a tensor): two update rules; a gate that holds gradients back (``accumulate_every``,
+    ``skip_if_nonfinite``, ``loss_scale``) after the rule; ``loss_scale`` after anything
+    but ``accumulate_every`` (a clip, a decay or a skip would see scaled gradients).
+    ``init`` refuses a module, an iterator (``model.parameters()``), non-tensor leaves
+    and integer tensors, and warns for a ``state_dict()``.
+
+    Raises:
+        TypeError: an argument is not a transformation (the message says when it is an
+            uncalled factory or a list).
+        ValueError: one of the orders above, naming the members by index and name.
+
     Example:
         >>> import torch, gradchain as gc
         >>> tx = gc.chain(gc.clip_by_norm(1.0), gc.sgd(lr=0.5))
