@@ -323,3 +323,62 @@ def test_global_norm_edge_cases():
     assert big.dtype == torch.float32 and float(big) == 120000.0
     assert math.isnan(float(global_norm([torch.tensor([1.0, NAN])])))
     assert math.isinf(float(global_norm([torch.tensor([1.0, INF])], INF)))
+
+
+# --------------------------------------------------------------------------- memoized checks
+@pytest.mark.parametrize("bad, error, match", [
+    (torch.zeros(3, dtype=torch.int64), TypeError, r"updates\['b'\] has dtype torch\.int64"),
+    (torch.zeros(3).to_sparse(), TypeError, r"updates\['b'\] is a sparse tensor"),
+    (3.0, TypeError, r"updates\['b'\]: expected a torch\.Tensor or None, got float"),
+])
+def test_leaves_validation_is_memoized_but_never_fooled(bad, error, match) -> None:
+    """Leaves' validation is remembered for metadata that passed; a leaf that changes
+    afterwards is still refused, naming it as a first call does."""
+    from gradchain._tree import Leaves
+
+    good = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    for _ in range(3):
+        Leaves(good)  # warm
+    with pytest.raises(error, match=match):
+        Leaves({"a": torch.zeros(2), "b": bad})
+
+
+@pytest.mark.parametrize("state_b, match", [
+    (torch.zeros(4), r"updates\['b'\] has shape \(3,\) but state\['b'\] has shape \(4,\)"),
+    (torch.zeros(3, dtype=torch.float16), r"has dtype torch\.float32 but state\['b'\] has dtype "
+                                         r"torch\.float16, which would round it"),
+    (torch.zeros(3, device="meta"), r"updates\['b'\] is on cpu but state\['b'\] is on meta"),
+    (None, r"updates\['b'\] is a tensor but state\['b'\] is None"),
+])
+def test_leaves_take_is_memoized_but_never_fooled(state_b, match) -> None:
+    from gradchain._tree import Leaves
+
+    grads = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    good = {"a": torch.ones(2), "b": torch.ones(3)}
+    for _ in range(3):
+        assert Leaves(grads).take(good)[1] is good["b"]  # warm
+    # A wider state dtype still fits (the slow path's rule), and is not remembered as exact.
+    wide = {"a": torch.ones(2, dtype=torch.float64), "b": torch.ones(3, dtype=torch.float64)}
+    assert Leaves(grads).take(wide)[0] is wide["a"]
+    with pytest.raises(ValueError, match=match):
+        Leaves(grads).take({"a": torch.ones(2), "b": state_b})
+
+
+def test_zero_views_are_shared_only_where_nothing_can_write() -> None:
+    from gradchain import _ops
+
+    xs = [torch.ones(4, 5), torch.ones(()), torch.ones(1), torch.ones(0), torch.ones(3)]
+    first = _ops.zeros_view(xs)
+    second = _ops.zeros_view([x.clone() for x in xs])  # same metadata: memoized
+    for a, b, x in zip(first, second, xs):
+        assert a.shape == x.shape and a.dtype == x.dtype and not a.any()
+    assert first[0] is second[0] and first[4] is second[4]  # read-only views, reused
+    for i in (1, 2, 3):  # writable (nothing overlaps): a fresh zero each call
+        assert first[i].untyped_storage().data_ptr() != second[i].untyped_storage().data_ptr() or \
+            first[i].numel() == 0
+    second[1].add_(1.0)  # writing a fresh one changes nothing shared
+    assert not _ops.zeros_view(xs)[1].any()
+    with pytest.raises(RuntimeError):
+        first[0].add_(1.0)  # shared views refuse writes
+    other = _ops.zeros_view([torch.ones(4, 5, dtype=torch.float64)] + xs[1:])
+    assert other[0].dtype == torch.float64  # changed metadata: recomputed

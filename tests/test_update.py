@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import gradchain as gc
+from gradchain._tree import MISS, MetaMemo
 from gradchain.optim._fused import fused_plan_of
 
 
@@ -329,6 +330,95 @@ def test_bad_input_raises_before_anything_changes() -> None:
         gc.update_and_apply_(tx, {"w": grads["w"]}, state, params)
     for x, y in zip(_leaves((params, state)), _leaves((before_p, before_s))):
         assert torch.equal(x, y)
+
+
+# --------------------------------------------------------------------------- cached plans
+def _warm(tx: Any, params: Any, steps: int = 3) -> Any:
+    state = tx.init(params)
+    for i in range(steps):
+        state = gc.update_and_apply_(tx, _grads(i, params), state, params)
+    return state
+
+
+def _outcome(fn: Any) -> Any:
+    try:
+        fn()
+    except (TypeError, ValueError) as e:
+        return type(e), str(e)
+    return None
+
+
+@pytest.mark.parametrize("change", [
+    "param-shape", "param-dtype", "grad-dtype", "grad-noncontiguous", "grad-none",
+    "grad-sparse", "moment-shape", "param-requires-grad",
+])
+def test_a_warm_plan_is_never_reused_for_changed_metadata(
+    change: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fused step's fit check is memoized on the leaves' metadata; after warm steps, a
+    changed leaf misses the memo and the call does what a fresh call does: the same error
+    naming the same leaf, or the same (unfused) result."""
+    params = {k: torch.nn.Parameter(v) for k, v in _params().items()}
+    tx = gc.chain(gc.clip_by_norm(1.0), gc.adamw(1e-2))
+    state = _warm(tx, params)
+    grads = _grads(7, params)
+    if change == "param-shape":
+        params["b"].data = torch.zeros(4)
+    elif change == "param-dtype":
+        params["b"].data = params["b"].data.double()
+    elif change == "param-requires-grad":
+        params["b"].requires_grad_(False)
+    elif change == "grad-dtype":
+        grads["b"] = grads["b"].double()
+    elif change == "grad-noncontiguous":
+        grads["w"] = grads["w"].t().contiguous().t()
+    elif change == "grad-none":
+        grads["e"] = None
+    elif change == "grad-sparse":
+        grads["e"] = grads["e"].to_sparse()
+    elif change == "moment-shape":
+        rule = list(state[1])
+        k = next(i for i, x in enumerate(rule) if isinstance(x, gc.ScaleByAdamState))
+        rule[k] = rule[k]._replace(mu=dict(rule[k].mu, b=torch.zeros(4)))
+        state = (state[0], tuple(rule))
+    calls = _kernel_calls(monkeypatch)
+    # The reference: the same call on copies with a cold memo.
+    ref_p = {k: torch.nn.Parameter(v.detach().clone(), requires_grad=v.requires_grad)
+             for k, v in params.items()}
+    ref_s, ref_g = _clone(state), _clone(grads)
+    with monkeypatch.context() as m:
+        m.setattr(gc.optim._fused, "_FITS", MetaMemo())
+        expected = _outcome(lambda: gc.update_and_apply_(tx, ref_g, ref_s, ref_p))
+    cold_calls = len(calls)
+    calls.clear()
+    before = _clone((dict(params), state))
+    got = _outcome(lambda: gc.update_and_apply_(tx, grads, state, params))
+    assert got == expected
+    if expected is not None:  # refused before anything changed
+        for x, y in zip(_leaves((dict(params), state)), _leaves(before)):
+            assert torch.equal(x, y)
+        return
+    assert len(calls) == cold_calls  # fused exactly where a cold call fuses
+    for x, y in zip(_leaves(dict(params)), _leaves(ref_p)):
+        assert torch.equal(x, y)
+
+
+def test_metadata_memo_checks_every_piece_of_metadata() -> None:
+    memo = MetaMemo(size=2)
+    a = torch.randn(3, 4)
+    memo.put("k", [a], "v")
+    assert memo.get("k", [a]) == "v"
+    assert memo.get("k", [torch.zeros(3, 4)]) == "v"  # metadata, not identity or values
+    for other in (torch.randn(4, 3), a.double(), a.t().contiguous().t(),
+                  torch.nn.Parameter(a.clone()), a.clone().requires_grad_(), a.to_sparse(),
+                  a.to("meta")):
+        assert memo.get("k", [other]) is MISS, other
+    assert memo.get("k", [a, a]) is MISS and memo.get("k", [None]) is MISS
+    assert memo.get("other", [a]) is MISS
+    memo.put("k2", [a], 2)
+    memo.put("k3", [a], 3)  # bounded: the oldest key goes
+    assert memo.get("k", [a]) is MISS and memo.get("k3", [a]) == 3
+    assert memo.put("bad", [a, None], "x") == "x" and memo.get("bad", [a, None]) is MISS
 
 
 def test_gated_sgd_agrees_with_the_unfused_path(monkeypatch: pytest.MonkeyPatch) -> None:

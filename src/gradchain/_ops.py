@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from gradchain import _dist
-from gradchain._tree import flatten, group_by_device_dtype, unflatten
+from gradchain._tree import MISS, MetaMemo, flatten, group_by_device_dtype, unflatten
 
 Scalar = float | torch.Tensor
 _HAS_AMP_CHECK = hasattr(torch, "_amp_foreach_non_finite_check_and_unscale_")
@@ -233,38 +233,64 @@ def zeros_like(xs: list[torch.Tensor]) -> TList:
     return [torch.zeros_like(x) for x in xs]
 
 
-# Below this many elements, zeroing a donated leaf in place (one foreach kernel for all of
-# them) is cheaper than making a broadcast view of it (a few microseconds per tensor).
-_VIEW_MIN_NUMEL = 1 << 15
-
-
 def zeros_view(xs: list[torch.Tensor], donated: bool = False) -> TList:
     """Zeros shaped like ``xs`` that take no memory: one 0-dim zero per (device, dtype),
     broadcast (``expand``) to each shape. Read-only: writing into one raises (clone first).
 
-    With ``donated`` (the caller gives ``xs`` up), small leaves are zeroed in place
-    instead, in one foreach kernel: cheaper than a view each, and as read-only to trust.
+    The views depend on the metadata alone, and no one can write into them, so they are
+    memoized on it (:class:`~gradchain._tree.MetaMemo`): a gate that holds micro-steps
+    back makes them once per run. A leaf whose view could be written (one element or
+    none: nothing overlaps) gets a fresh zero on every call. ``donated`` (the caller gives
+    ``xs`` up) changes nothing since the views are memoized: zeroing donated leaves in
+    place, which it used to select for small leaves, is now the slower choice.
     """
-    zero: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-    out: list[torch.Tensor | None] = [None] * len(xs)
-    small: list[int] = []
-    for i, x in enumerate(xs):
+    del donated
+    if not xs:
+        return []
+    views: list[torch.Tensor | None] | Any = MISS
+    plain = all(type(x) is torch.Tensor or type(x) is torch.nn.Parameter for x in xs)
+    compiling = torch.compiler.is_compiling()
+    if plain and not compiling:
+        views = _ZEROS.get(len(xs), xs)
+    if views is MISS:
+        views = _zero_views(xs)
+        if plain and not compiling:
+            _ZEROS.put(len(xs), xs, views)
+    out: list[torch.Tensor | None] = list(views)
+    fresh: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+    for i, v in enumerate(out):
+        if v is not None:
+            continue
+        x = xs[i]
         if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
             # A subclass (DTensor: sharded, with placements) keeps its type: real zeros.
             out[i] = torch.zeros_like(x)
             continue
-        if donated and x.numel() < _VIEW_MIN_NUMEL:
-            small.append(i)
-            continue
-        key = (x.device, x.dtype)
-        z = zero.get(key)
+        z = fresh.get((x.device, x.dtype))
         if z is None:
-            z = zero[key] = torch.zeros((), dtype=x.dtype, device=x.device)
+            z = fresh[(x.device, x.dtype)] = torch.zeros((), dtype=x.dtype, device=x.device)
         out[i] = z.expand(x.shape)
-    if small:
-        for i, x in zip(small, zero_([xs[i] for i in small])):
-            out[i] = x
     return out  # type: ignore[return-value]
+
+
+_ZEROS = MetaMemo(16)
+
+
+def _zero_views(xs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """:func:`zeros_view`'s read-only broadcast views; ``None`` where a leaf needs a fresh
+    zero (a subclass, or a view that could be written)."""
+    zero: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+    views: list[torch.Tensor | None] = [None] * len(xs)
+    for i, x in enumerate(xs):
+        if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
+            continue
+        z = zero.get((x.device, x.dtype))
+        if z is None:
+            z = zero[(x.device, x.dtype)] = torch.zeros((), dtype=x.dtype, device=x.device)
+        view = z.expand(x.shape)
+        if is_broadcast_view(view):
+            views[i] = view
+    return views
 
 
 def unscale_check_(xs: list[torch.Tensor], inv: torch.Tensor) -> torch.Tensor | None:
@@ -532,7 +558,8 @@ def global_norm(tensors: Sequence[torch.Tensor | None], norm_type: float = 2.0) 
     ts = [t for t in tensors if t is not None]
     if not ts:
         return torch.tensor(0.0)
-    dtype = norm_dtype(ts)
+    lay = layout(ts)
+    dtype = lay.norm_dtype
     device = ts[0].device
     p = float(norm_type)
     if math.isinf(p):
@@ -541,23 +568,31 @@ def global_norm(tensors: Sequence[torch.Tensor | None], norm_type: float = 2.0) 
         ts = [t for t in ts if t.numel() > 0]
         if not ts:
             return torch.zeros((), dtype=dtype, device=device)
-    if _dist.has_dtensor(ts):
+        lay = layout(ts)
+    if lay.sharded:
         return _sharded_global_norm(ts, p, dtype, device)
-    stacked = torch.stack(_leaf_norms(ts, p, dtype, device))
+    stacked = torch.stack(_leaf_norms(ts, p, dtype, device, lay))
     return torch.linalg.vector_norm(stacked, p)
 
 
 def _leaf_norms(
-    ts: Sequence[torch.Tensor], p: float, dtype: torch.dtype, device: torch.device
+    ts: Sequence[torch.Tensor], p: float, dtype: torch.dtype, device: torch.device,
+    lay: Layout | None = None,
 ) -> list[torch.Tensor]:
-    """The ``p``-norm of each (non-empty) tensor, in ``dtype`` on ``device``."""
+    """The ``p``-norm of each (non-empty) tensor, in ``dtype`` on ``device``; in ``ts``'
+    order when they are in one (device, dtype) group, else group by group."""
+    lay = layout(ts) if lay is None else lay
+    if len(lay.groups) == 1 and lay.foreach:
+        found = list(torch._foreach_norm(ts, p, dtype=dtype))
+        return found if lay.keys[0][0] == device else [n.to(device) for n in found]
     norms: list[torch.Tensor] = []
-    for (group,) in group_by_device_dtype([(t,) for t in ts]):
+    for (group_device, _), idx in zip(lay.keys, lay.groups):
+        group = [ts[i] for i in idx]
         if use_foreach(group):
             found = list(torch._foreach_norm(group, p, dtype=dtype))
         else:
             found = [torch.linalg.vector_norm(t, p, dtype=dtype) for t in group]
-        norms.extend(found if group[0].device == device else [n.to(device) for n in found])
+        norms.extend(found if group_device == device else [n.to(device) for n in found])
     return norms
 
 
@@ -667,12 +702,61 @@ def state_scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def groups(xs: Sequence[torch.Tensor]) -> list[list[int]]:
-    """Indices of ``xs`` grouped by (device, dtype); one group for a uniform tree."""
+class Layout(NamedTuple):
+    """What the metadata of a list of tensors says, for the list maths of one call (see
+    :func:`layout`). Shared between calls: never modify its lists."""
+
+    keys: list[tuple[torch.device, torch.dtype]]  # one (device, dtype) per group
+    groups: list[list[int]]  # positions per group, in first-seen order
+    dtypes: list[torch.dtype]  # per tensor
+    foreach: bool  # torch._foreach_* serve every tensor (see use_foreach)
+    low: bool  # a float16 or bfloat16 tensor is among them
+    sharded: bool  # a DTensor is among them
+    norm_dtype: torch.dtype  # float32, or float64 when a tensor is float64
+    broadcast: bool  # a broadcast view (see is_broadcast_view) is among them
+    meta: bool  # a tensor on the meta device is among them
+
+
+_LAYOUTS = MetaMemo(32)
+
+
+def layout(xs: Sequence[torch.Tensor]) -> Layout:
+    """The :class:`Layout` of ``xs`` (a non-empty list of tensors).
+
+    It depends on the tensors' metadata only (and on grad mode), so it is memoized on
+    that metadata (:class:`~gradchain._tree.MetaMemo`): a training loop computes it once,
+    then proves it with one C++ check per call.
+    """
+    if torch.compiler.is_compiling():
+        return _layout(xs)
+    first = xs[0]
+    key = (len(xs), first.dtype, first.device, torch.is_grad_enabled())
+    found = _LAYOUTS.get(key, xs)
+    if found is MISS:
+        found = _LAYOUTS.put(key, xs, _layout(xs))
+    return found
+
+
+def _layout(xs: Sequence[torch.Tensor]) -> Layout:
     found: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, x in enumerate(xs):
         found.setdefault((x.device, x.dtype), []).append(i)
-    return list(found.values())
+    dtypes = [x.dtype for x in xs]
+    return Layout(
+        keys=list(found), groups=list(found.values()), dtypes=dtypes,
+        foreach=all(use_foreach([x]) for x in xs),
+        low=torch.float16 in dtypes or torch.bfloat16 in dtypes,
+        sharded=_dist.has_dtensor(xs),
+        norm_dtype=torch.float64 if torch.float64 in dtypes else torch.float32,
+        broadcast=any(map(is_broadcast_view, xs)),
+        meta=any(device.type == "meta" for device, _ in found),
+    )
+
+
+def groups(xs: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``xs`` grouped by (device, dtype); one group for a uniform tree. Shared
+    between calls (see :func:`layout`): never modify them."""
+    return layout(xs).groups if xs else []
 
 
 def pick(xs: Sequence[Any], idx: list[int]) -> list[Any]:

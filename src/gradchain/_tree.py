@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
+from torch._C._dynamo.guards import TensorGuards
 
 
 def flatten(tree: Any) -> tuple[list[Any], optree.PyTreeSpec]:
@@ -249,11 +250,17 @@ class Leaves:
         # Metadata only (no device read, traceable). Whole-list checks first (cheap); the
         # leaf-by-leaf loop only runs to name the first bad leaf.
         values = self.values
-        if not (
+        compiling = torch.compiler.is_compiling()
+        if not values or (not compiling and _VALID.get(len(values), values) is True):
+            return  # these metadata passed before (see MetaMemo)
+        if (
             {type(g) for g in values} <= PLAIN
             and all(map(torch.is_floating_point, values))
             and {g.layout for g in values} <= _STRIDED_ONLY
         ):
+            if not compiling:
+                _VALID.put(len(values), values, True)
+        else:
             for i, g in zip(self.index, values):
                 if not (
                     isinstance(g, torch.Tensor) and g.is_floating_point() and g.layout is _STRIDED
@@ -302,14 +309,23 @@ class Leaves:
 
     def _fits(self, taken: list[Any], dtype: bool) -> bool:
         """The common case of :meth:`take`'s check, by whole-list comparisons: plain
-        tensors of the gradients' shapes, devices and (with ``dtype``) exact dtypes."""
+        tensors of the gradients' shapes, devices and (with ``dtype``) exact dtypes.
+        Memoized on the metadata of both lists (see :class:`MetaMemo`)."""
         values = self.values
-        return (
+        compiling = torch.compiler.is_compiling()
+        key = (len(values), dtype)
+        both = [*values, *taken]
+        if not compiling and _FITS.get(key, both) is True:
+            return True
+        fits = (
             {type(s) for s in taken} <= PLAIN
             and [s.shape for s in taken] == [g.shape for g in values]
             and (not dtype or [s.dtype for s in taken] == [g.dtype for g in values])
             and [s.device for s in taken] == [g.device for g in values]
         )
+        if fits and not compiling:
+            _FITS.put(key, both, True)
+        return fits
 
     def take_all(self, tree: Any, name: str = "params") -> list[Any]:
         """All leaves of ``tree`` (same structure as the updates), ``None`` included."""
@@ -326,6 +342,68 @@ class Leaves:
         for i, v in zip(self.index, values):
             out[i] = v
         return unflatten(self.spec, out)
+
+
+class MetaMemo:
+    """Results that depend only on tensors' metadata, computed once and reused.
+
+    The per-call work of a step that reads only the structure of the trees and the
+    metadata of their leaves (whether torch's fused kernel fits, the validation that names
+    a bad leaf, the (device, dtype) grouping) gives the same answer on every step of a
+    training loop. A memo keeps that answer under a key the caller builds from the
+    structure (a treespec, the positions of ``None`` leaves, ...) together with a proof of
+    the tensors' metadata: torch's C++ tensor guard (the one ``torch.compile`` checks
+    before it reuses a graph), which compares each tensor's Python type, dtype, device,
+    shape, strides, ``requires_grad`` and dispatch keys (sparse, functorch-wrapped, ...)
+    with the recorded ones, about 60 ns per tensor. Any difference is a miss, and the
+    caller recomputes with its full checks (naming the bad leaf as before); a hit
+    cannot differ from recomputing, since it depends on nothing else. Identity is not part
+    of the proof: results are positions and flags, never the tensors themselves.
+
+    Bounded: at most ``size`` keys (the oldest is dropped). Not used while compiling
+    (dynamo guards the graph itself).
+    """
+
+    __slots__ = ("_entries", "_size")
+
+    def __init__(self, size: int = 8) -> None:
+        self._entries: dict[Any, tuple[Any, Any]] = {}
+        self._size = size
+
+    def get(self, key: Any, tensors: Sequence[Any]) -> Any:
+        """The value stored under ``key`` if ``tensors`` match the recorded metadata, else
+        :data:`MISS`."""
+        hit = self._entries.get(key)
+        if hit is None:
+            return MISS
+        guard, value = hit
+        try:
+            return value if guard.check(*tensors) else MISS
+        except TypeError:  # another number of tensors
+            return MISS
+
+    def put(self, key: Any, tensors: Sequence[Any], value: Any) -> Any:
+        """Store ``value`` under ``key`` with ``tensors``' metadata; returns ``value``.
+        A leaf that is not a dense tensor leaves the memo unchanged."""
+        try:
+            # One list of static sizes (strides) per tensor; the stub's type is narrower.
+            guard = TensorGuards(
+                *tensors,
+                dynamic_dims_sizes=[list(t.size()) for t in tensors],  # type: ignore[misc]
+                dynamic_dims_strides=[list(t.stride()) for t in tensors],  # type: ignore[misc]
+            )
+        except (TypeError, RuntimeError, AttributeError):  # a leaf that is not a tensor
+            return value
+        entries = self._entries
+        if key not in entries and len(entries) >= self._size:
+            del entries[next(iter(entries))]
+        entries[key] = (guard, value)
+        return value
+
+
+MISS: Any = object()  # :meth:`MetaMemo.get` found nothing usable
+_VALID = MetaMemo(16)  # update lists that passed Leaves' validation
+_FITS = MetaMemo(16)  # (updates, state) list pairs that passed Leaves.take's check
 
 
 _STRIDED = torch.strided

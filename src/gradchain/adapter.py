@@ -58,6 +58,9 @@ def _describe(transform: GradientTransformation) -> str:
     return name.split(".<locals>")[0]
 
 
+_STRIDED_ONLY = frozenset({torch.strided})
+
+
 def _ptr(t: torch.Tensor) -> int | None:
     """The address of ``t``'s storage (of its local shard for a DTensor)."""
     local = getattr(t, "_local_tensor", None)  # DTensor: a wrapper without storage
@@ -74,28 +77,29 @@ def _storages(tree: Any) -> set[int | None]:
     }
 
 
-def _grad_marks(groups: list[list[torch.Tensor]]) -> tuple[Any, list[tuple[int, int] | None]]:
+def _grad_marks(
+    groups: list[list[torch.Tensor]],
+) -> tuple[Any, list[int], list[int | None]]:
     """What identifies the ``.grad`` tensors after a step: a weak reference to the first
     (a freed gradient must not be kept alive, nor taken for a new one at the same
-    address) and the address and version counter of each (cheap to take every step)."""
+    address), and the identity and version counter of each (cheap to take every step)."""
     grads = [p.grad for group in groups for p in group]
     first = next((g for g in grads if g is not None), None)
-    rows = [None if g is None else (id(g), g._version) for g in grads]
-    return (None if first is None else weakref.ref(first)), rows
+    versions = [None if g is None else g._version for g in grads]
+    return (None if first is None else weakref.ref(first)), list(map(id, grads)), versions
 
 
-def _untouched(marks: tuple[Any, list[tuple[int, int] | None]],
+def _untouched(marks: tuple[Any, list[int], list[int | None]],
                grads: list[torch.Tensor | None]) -> bool:
     """Whether ``grads`` are the tensors of ``marks``, not written since."""
-    ref, rows = marks
-    if ref is None or len(rows) != len(grads):
+    ref, ids, versions = marks
+    if ref is None or len(ids) != len(grads):
         return False
     if ref() is not next((g for g in grads if g is not None), None):
         return False  # the first gradient is a new tensor: a backward ran
-    for row, g in zip(rows, grads):
-        if (None if g is None else (id(g), g._version)) != row:
-            return False
-    return True
+    return list(map(id, grads)) == ids and [
+        None if g is None else g._version for g in grads
+    ] == versions
 
 
 def _lrs(groups: list[dict[str, Any]]) -> list[Any]:
@@ -348,7 +352,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self._self_ref = weakref.ref(self)
         # (weak reference, version) of each .grad after the last applied step: a step()
         # that finds them untouched was called twice without a backward in between
-        self._applied_grads: tuple[Any, list[tuple[int, int] | None]] | None = None
+        self._applied_grads: tuple[Any, list[int], list[int | None]] | None = None
         # each group's lr after the last held-back step (a change before the next step
         # means a scheduler stepped on a step that applied nothing)
         self._held_lrs: list[Any] | None = None
@@ -555,6 +559,8 @@ class ChainedOptimizer(torch.optim.Optimizer):
     ) -> tuple[list[list[Any]], Any]:
         grads = [[p.grad for p in group] for group in groups]
         for i, group in enumerate(grads):
+            if {g.layout for g in group if g is not None} <= _STRIDED_ONLY:
+                continue  # the common case, in one pass; the loop below names the leaf
             for j, g in enumerate(group):
                 if g is not None and g.layout is not torch.strided:
                     raise TypeError(
@@ -612,6 +618,11 @@ class ChainedOptimizer(torch.optim.Optimizer):
         Transactional, every ``.grad`` handed to the wrapped step is first copied into
         ``_grad_backup`` (restored if the step raises)."""
         backup = self._grad_backup if self.transactional else None
+        if backup is None and all(
+            u is None or u is p.grad for group, ugroup in zip(groups, updates)
+            for p, u in zip(group, ugroup)
+        ):
+            return  # every gradient was processed in place (or passed through)
         kept: set[int | None] | None = None  # storages of the new state, on demand
         with torch.no_grad():
             for group, ugroup in zip(groups, updates):

@@ -264,11 +264,15 @@ class Ownership:
 
     @staticmethod
     def _ptrs(tree: Any, into: set[int]) -> bool:
-        for x in flatten(tree)[0]:
-            if isinstance(x, torch.Tensor):
-                if not _ops.use_foreach([x]) or x.is_meta:
-                    return False
-                into.update(_storage_keys(x))
+        ts = [x for x in flatten(tree)[0] if isinstance(x, torch.Tensor)]
+        if not ts:
+            return True
+        lay = _ops.layout(ts)  # metadata, memoized: plain eager tensors, not on meta
+        if not lay.foreach or lay.meta:
+            return False
+        cdatas, ptrs = _storage_keys(ts)
+        into.update(cdatas)
+        into.update(ptrs)
         return True
 
     def owns(self, output: Updates, new_states: list[State]) -> bool:
@@ -282,29 +286,31 @@ class Ownership:
         held = set(self.held)
         if not self._ptrs(new_states, held):
             return False
-        seen: set[int] = set()
-        for x in flatten(output)[0]:
-            if x is None:
-                continue
-            if not isinstance(x, torch.Tensor) or not _ops.use_foreach([x]):
-                return False
-            if _ops.is_broadcast_view(x):
-                return False  # one element shared by many: never written into
-            keys = _storage_keys(x)
-            if not keys.isdisjoint(held) or not keys.isdisjoint(seen):
-                return False
-            seen.update(keys)
-        return True
+        outs = [x for x in flatten(output)[0] if x is not None]
+        if not outs:
+            return True
+        if not all(isinstance(x, torch.Tensor) for x in outs):
+            return False
+        lay = _ops.layout(outs)
+        if not lay.foreach or lay.broadcast:
+            # Not plain eager tensors, or a view whose elements share memory (one element
+            # shared by many: never written into).
+            return False
+        cdatas, ptrs = _storage_keys(outs)
+        # No output shares memory with what others hold, nor with another output.
+        return (
+            held.isdisjoint(cdatas) and held.isdisjoint(ptrs)
+            and len(set(cdatas)) == len(cdatas) and len(set(ptrs)) == len(ptrs)
+        )
 
 
-def _storage_keys(x: torch.Tensor) -> set[int]:
-    """What identifies ``x``'s memory: its storage object (``_cdata``, distinct for every
-    storage, empty ones included: they all have data pointer 0) and, when it has one, its
-    data pointer (two storage objects over the same memory)."""
-    storage = x.untyped_storage()
-    ptr = storage.data_ptr()
-    return {storage._cdata, -ptr} if ptr else {storage._cdata}
-
+def _storage_keys(ts: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+    """What identifies the memory of each of ``ts``: its storage object (``_cdata``,
+    distinct for every storage, empty ones included: they all have data pointer 0), and,
+    for those that have one, its data pointer (two storage objects over the same memory),
+    negated so that both kinds can share one set."""
+    storages = [x.untyped_storage() for x in ts]
+    return [s._cdata for s in storages], [-p for p in (s.data_ptr() for s in storages) if p]
 
 
 # --------------------------------------------------------------------------- basics

@@ -149,36 +149,46 @@ def clip_by_norm(
         gs = view.values
         if not gs:
             return updates, state
+        lay = _ops.layout(gs)
         total = global_norm(gs, p)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        finite = torch.isfinite(total)
-        if error_if_nonfinite:
+        finite = torch.isfinite(total) if error_if_nonfinite else None
+        if finite is not None:
             coef = torch.where(finite, coef, torch.ones_like(coef))
-        # One coefficient per (device, dtype), then one multiply over all leaves.
-        coefs: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        for device, dtype in {(g.device, g.dtype) for g in gs}:
-            # float16/bfloat16 keep the float32 coefficient (the multiply runs in float32
-            # and rounds once): cast to float16, a coefficient below ~6e-5 loses precision
-            # and one below ~3e-8 becomes 0, zeroing the gradients.
-            low = dtype in (torch.float16, torch.bfloat16)
-            coefs[(device, dtype)] = coef.to(device, coef.dtype if low else dtype)
-        factors = (
-            [next(iter(coefs.values()))] * len(gs)
-            if len(coefs) == 1
-            else [coefs[(g.device, g.dtype)] for g in gs]
-        )
-        if donated and _ops.inplace_ok(gs, factors):
-            clipped = _ops.mul_list_(gs, factors)
+        # float16/bfloat16 keep the float32 coefficient (the multiply runs in float32 and
+        # rounds once): cast to float16, a coefficient below ~6e-5 loses precision and one
+        # below ~3e-8 becomes 0, zeroing the gradients.
+        if len(lay.keys) == 1 and not lay.low and donated and lay.foreach:
+            # The common case: one (device, dtype), multiplied in place by one coefficient
+            # (what torch.nn.utils.clip_grad_norm_ runs).
+            device, dtype = lay.keys[0]
+            torch._foreach_mul_(gs, coef.to(device, dtype))
+            clipped = gs
         else:
-            clipped = _ops.mul_list(gs, factors)
-        # A 0-dim float16 leaf times the 0-dim float32 coefficient promotes to float32.
-        clipped = _ops.cast(clipped, [g.dtype for g in gs])
+            # One coefficient per (device, dtype), then one multiply over all leaves.
+            coefs = {
+                (device, dtype): coef.to(
+                    device, coef.dtype if dtype in (torch.float16, torch.bfloat16) else dtype
+                )
+                for device, dtype in lay.keys
+            }
+            factors = (
+                [next(iter(coefs.values()))] * len(gs)
+                if len(coefs) == 1
+                else [coefs[(g.device, g.dtype)] for g in gs]
+            )
+            if donated and _ops.inplace_ok(gs, factors):
+                clipped = _ops.mul_list_(gs, factors)
+            else:
+                clipped = _ops.mul_list(gs, factors)
+            # A 0-dim float16 leaf times the 0-dim float32 coefficient promotes to float32.
+            clipped = _ops.cast(clipped, lay.dtypes)
         new_state = ClipByNormState(
             norm=total.to(state.norm.device, state.norm.dtype),
             nonfinite_error=(
-                torch.logical_not(finite).to(state.nonfinite_error.device)
-                if error_if_nonfinite
-                else state.nonfinite_error
+                state.nonfinite_error
+                if finite is None
+                else torch.logical_not(finite).to(state.nonfinite_error.device)
             ),
         )
         return view.put(clipped), new_state

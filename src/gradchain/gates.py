@@ -148,8 +148,8 @@ def accumulate_every(
     traceable, but the tail costs its full price on every micro-step). If you move the
     state to an accelerator, the same happens; keep ``mini_step`` on the host. The zeros
     a micro-step emits take no memory: they are broadcast views of one 0-dim zero per
-    (device, dtype) (read-only; ``clone()`` one before writing into it); with ``donate``,
-    leaves under 32768 elements are the given-up updates zeroed in place instead.
+    (device, dtype), made once per run (read-only; ``clone()`` one before writing into
+    it; a leaf of one element or none gets a fresh zero instead).
 
     **A schedule of window lengths.** ``n`` may be a callable of the number of windows
     closed so far (an int64 0-dim tensor, ``0`` for the first window) returning the length
@@ -292,8 +292,7 @@ def accumulate_every(
                 windows=state.windows,
             )
             # The incoming updates are in the sums now. The zeros emitted take no memory
-            # and no pass over it (broadcast views of one zero; read-only), except small
-            # donated leaves, zeroed in place (cheaper than a view each).
+            # and no pass over it (broadcast views of one zero; read-only, memoized).
             return view.put(_ops.zeros_view(gs, donated_u)), new_state
 
         out = new_sums if not mean else _ops.div_scalar(new_sums, count.clamp(min=1))

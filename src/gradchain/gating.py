@@ -29,7 +29,7 @@ import torch
 
 from gradchain import _ops
 from gradchain._ops import known_bool, known_int
-from gradchain._tree import Leaves, flatten, named_nodes, unflatten
+from gradchain._tree import Leaves, flatten, unflatten
 from gradchain.base import GradientTransformation, State, Updates, is_transformation
 
 Flag = torch.Tensor | bool  # a gate decision: a Python bool when known on the host
@@ -183,12 +183,21 @@ def error_flags(*names: str) -> Callable[[_S], _S]:
 # --------------------------------------------------------------------------- flags
 def _state_nodes(state: State) -> list[Any]:
     """The gate states inside ``state``, in order (depth first)."""
+    return _nodes_of(state, _GATE_STATES, inside=False)
+
+
+def _nodes_of(state: State, kinds: dict[type, Any], inside: bool) -> list[Any]:
+    """The nodes of ``state`` whose type is in ``kinds``, depth first; with ``inside``,
+    also those nested in a found one."""
     found: list[Any] = []
 
     def visit(node: Any) -> None:
-        if type(node) in _GATE_STATES:
-            found.append(node)
+        if isinstance(node, torch.Tensor):
             return
+        if type(node) in kinds:
+            found.append(node)
+            if not inside:
+                return
         if isinstance(node, (tuple, list)):
             for child in node:
                 visit(child)
@@ -313,8 +322,8 @@ def new_errors(state: State, old_state: State) -> list[torch.Tensor]:
     def flags(tree: State) -> list[torch.Tensor]:
         return [
             getattr(node, name)
-            for _, node in named_nodes(tree)
-            for name in _ERROR_FIELDS.get(type(node), ())
+            for node in _nodes_of(tree, _ERROR_FIELDS, inside=True)
+            for name in _ERROR_FIELDS[type(node)]
         ]
 
     old = flags(old_state)

@@ -58,9 +58,15 @@ def _check_updates_fit(spec: Any, p_leaves: list[Any], u_leaves: list[Any], who:
     """Each update is ``None`` or a tensor of its param's shape: metadata checks, done before
     anything is changed (a broadcast would silently change the param's shape, and an
     in-place update could fail half-way)."""
+    compiling = torch.compiler.is_compiling()
+    both = [*p_leaves, *u_leaves]
+    if not compiling and _FITS.get(len(p_leaves), both) is True:
+        return  # these metadata fitted before (see MetaMemo)
     if {type(x) for x in p_leaves} <= _tree.PLAIN and {type(x) for x in u_leaves} <= _tree.PLAIN:
         # Whole-list comparison first (cheap); the loop below only runs to name a bad leaf.
         if [x.shape for x in p_leaves] == [x.shape for x in u_leaves]:
+            if not compiling:
+                _FITS.put(len(p_leaves), both, True)
             return
     for i, (p, u) in enumerate(zip(p_leaves, u_leaves)):
         if u is None or p is None:
@@ -77,6 +83,9 @@ def _check_updates_fit(spec: Any, p_leaves: list[Any], u_leaves: list[Any], who:
                 f"{who}: updates{path} has shape {tuple(u.shape)} but params{path} has shape "
                 f"{tuple(p.shape)}"
             )
+
+
+_FITS = _tree.MetaMemo(16)  # (params, updates) leaf lists that fitted
 
 
 def apply_updates_(params: Params, updates: Updates) -> Params:

@@ -29,7 +29,7 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from gradchain import _checks, _ops
 from gradchain._ops import known_float
-from gradchain._tree import PLAIN, flatten_like, group_by_device_dtype
+from gradchain._tree import MISS, PLAIN, MetaMemo, flatten_like
 from gradchain.base import GradientTransformation, State, mark_update_rule
 from gradchain.transforms import ScaleByScheduleState
 
@@ -67,32 +67,54 @@ def fused_rows(
     the params), same shapes and devices, on a device in ``devices`` (``None``: any device,
     for torch's foreach implementations). ``None`` otherwise.
 
-    Metadata only, and cheap (whole-list comparisons): this runs on every step.
+    Metadata only; runs on every step, so the answer is memoized on the leaves' metadata
+    (:class:`~gradchain._tree.MetaMemo`): a step whose tensors match the last ones checks
+    them in one C++ pass.
     """
     if torch.compiler.is_compiling():
         return None
     idx = [i for i, (p, g) in enumerate(zip(p_leaves, g_leaves)) if p is not None and g is not None]
+    tensors = [p_leaves[i] for i in idx]
+    tensors += [g_leaves[i] for i in idx]
+    for leaves in buffers:
+        tensors += [leaves[i] for i in idx]
+    # The answer depends on the metadata alone: computed once per (rows, metadata).
+    key = (tuple(idx), len(buffers), devices)
+    fits = _FITS.get(key, tensors)
+    if fits is MISS:
+        fits = _FITS.put(key, tensors, _fits(idx, p_leaves, g_leaves, buffers, devices))
+    return idx if fits else None
+
+
+_FITS = MetaMemo(16)
+
+
+def _fits(
+    idx: list[int], p_leaves: Sequence[Any], g_leaves: Sequence[Any],
+    buffers: Sequence[Sequence[Any]], devices: frozenset[str] | None,
+) -> bool:
+    """:func:`fused_rows`' check, computed."""
     ps = [p_leaves[i] for i in idx]
     gs = [g_leaves[i] for i in idx]
     if not {type(p) for p in ps} <= PLAIN or not {type(g) for g in gs} <= _TENSOR:
-        return None  # subclasses (DTensor, ...) take the generic path
+        return False  # subclasses (DTensor, ...) take the generic path
     if {g.layout for g in gs} - {torch.strided} or any(map(_wrapped, gs)):
-        return None
+        return False
     dtypes = [p.dtype for p in ps]
     devices_ = [p.device for p in ps]
     if [g.dtype for g in gs] != dtypes or [g.device for g in gs] != devices_:
-        return None
+        return False
     shapes = [p.shape for p in ps]
     for leaves in buffers:
         xs = [leaves[i] for i in idx]
         if not {type(x) for x in xs} <= _TENSOR or [x.dtype for x in xs] != dtypes:
-            return None
+            return False
         if [x.shape for x in xs] != shapes or [x.device for x in xs] != devices_:
-            return None
-    for device, dtype in set(zip(devices_, dtypes)):
-        if not dtype.is_floating_point or (devices is not None and device.type not in devices):
-            return None
-    return idx
+            return False
+    return all(
+        dtype.is_floating_point and (devices is None or device.type in devices)
+        for device, dtype in set(zip(devices_, dtypes))
+    )
 
 
 def kernel_lr(lr: Any) -> float | torch.Tensor:
@@ -147,8 +169,20 @@ def kernel_groups(
     p_leaves: list[Any], grads: list[Any], rows: list[int], buffers: list[list[Any]]
 ) -> list[tuple[list[Any], ...]]:
     """Columns (params, grads, each buffer) per (device, dtype) group at ``rows`` (from
-    :func:`fused_rows`): one kernel call each."""
-    return group_by_device_dtype([(p_leaves[i], grads[i], *(b[i] for b in buffers)) for i in rows])
+    :func:`fused_rows`, which checked that every column shares its param's dtype and
+    device): one kernel call each."""
+    if not rows:
+        return []
+    columns = (p_leaves, grads, *buffers)
+    firsts = [p_leaves[i] for i in rows]
+    if len({t.dtype for t in firsts}) == 1 and len({t.device for t in firsts}) == 1:
+        parts = [rows]  # the common case: one group
+    else:
+        by: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, t in zip(rows, firsts):
+            by.setdefault((t.device, t.dtype), []).append(i)
+        parts = list(by.values())
+    return [tuple([col[i] for i in part] for col in columns) for part in parts]
 
 
 # --------------------------------------------------------------------------- torch's foreach rules

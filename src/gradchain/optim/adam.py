@@ -378,8 +378,10 @@ def _adam_plan(
             kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
             # With a mask, the leaves without decay are a second group (torch's param group
             # with weight_decay=0), each run by the same kernel.
-            for decayed in (True, False):
-                subset = [i for i in rows if decays[i] is decayed]
+            subsets = [(True, rows)] if mask is None else [
+                (decayed, [i for i in rows if decays[i] is decayed]) for decayed in (True, False)
+            ]
+            for decayed, subset in subsets:
                 for cols in kernel_groups(p_leaves, grads, subset, buffers):
                     device = cols[0][0].device
                     step_t = count.to(device, torch.float32)
