@@ -272,8 +272,8 @@ def test_chain_of_only_closed_gates_emits_zeros_and_later_gates_keep_their_state
     # accumulate_every counts the call but took nothing in (it drops closed micro-steps)
     assert int(state[1].accumulated) == 0
     out, state = tx.update(_grads(1), state, PARAMS)
-    assert bool(gc.applied(state)) and int(state[1].accumulated) == 1
-    assert_tree_equal(out, _grads(1))  # the mean over the one micro-step it holds
+    assert bool(gc.applied(state))
+    assert_tree_equal(out, _grads(1))  # the mean over the one micro-step it held
 
 
 def test_custom_gate_with_public_helpers():

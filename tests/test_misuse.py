@@ -388,30 +388,32 @@ MISUSES: list[Misuse] = [
            'gc.from_state_dict(gc.chain(gc.clip_by_norm(1.0), gc.accumulate_every(2), '
            'gc.adamw(1e-3)).init(P), gc.to_state_dict(state))',
            ValueError,
-           'from_state_dict: state holds 3 member states (ClipByNormState, AccumulateState, '
-           '(ScaleByAdamState, EmptyState, EmptyState)), the saved state 2; member state[1] '
-           '(AccumulateState) is missing from the saved state: it was saved from a chain with a '
-           'member less (load it into a chain of the same members, in the same order)',
+           "from_state_dict: state does not fit this transformation's state: it holds 3 member "
+           'states (ClipByNormState, AccumulateState, (ScaleByAdamState, EmptyState, '
+           'EmptyState)), the saved state 2; member state[1] (AccumulateState) is missing from '
+           'the saved state: it was saved from a chain with a member less (load it into a chain '
+           'of the same members, in the same order)',
            'gave list lengths before; names the missing member now'),
     Misuse('state', 'a checkpoint with a member more',
            'gc.from_state_dict(state, gc.to_state_dict(gc.chain(gc.clip_by_norm(1.0), '
            'gc.skip_if_nonfinite(), gc.adamw(1e-3)).init(P)))',
            ValueError,
-           'from_state_dict: state holds 2 member states (ClipByNormState, (ScaleByAdamState, '
-           'EmptyState, EmptyState)), the saved state 3; the saved state has an extra member at '
-           'state[1] (with keys {is_open, consecutive_skips, total_skips}), which this chain '
-           'lacks: it was saved from a chain with a member more (load it into a chain of the '
-           'same members, in the same order)',
+           "from_state_dict: state does not fit this transformation's state: it holds 2 member "
+           'states (ClipByNormState, (ScaleByAdamState, EmptyState, EmptyState)), the saved '
+           'state 3; the saved state has an extra member at state[1] (with keys {is_open, '
+           'consecutive_skips, total_skips}), which this chain lacks: it was saved from a chain '
+           'with a member more (load it into a chain of the same members, in the same order)',
            'names the extra member and its keys'),
     Misuse('state', 'an adapter checkpoint with a member more',
            'opt.load_state_dict(gc.ChainedOptimizer(torch.optim.AdamW(model.parameters()), '
            'gc.chain(gc.clip_by_norm(1.0), gc.skip_if_nonfinite(), '
            'gc.accumulate_every(2))).state_dict())',
            ValueError,
-           'from_state_dict: state holds 2 member states (ClipByNormState, AccumulateState), the'
-           ' saved state 3; the saved state has an extra member at state[1] (with keys {is_open,'
-           ' consecutive_skips, total_skips}), which this chain lacks: it was saved from a chain'
-           ' with a member more (load it into a chain of the same members, in the same order)',
+           "from_state_dict: state does not fit this transformation's state: it holds 2 member "
+           'states (ClipByNormState, AccumulateState), the saved state 3; the saved state has an'
+           ' extra member at state[1] (with keys {is_open, consecutive_skips, total_skips}), '
+           'which this chain lacks: it was saved from a chain with a member more (load it into a'
+           ' chain of the same members, in the same order)',
            'the same check through `ChainedOptimizer.load_state_dict`; nothing is loaded'),
     Misuse('hyper', 'a negative schedule peak',
            'gc.warmup_cosine_decay_schedule(0.0, -1e-3, warmup_steps=100, decay_steps=1000)',

@@ -69,6 +69,19 @@ _IN_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("gradchain_in_in
                                                                  default=False)
 
 
+def _init_members(transforms: tuple[GradientTransformation, ...], params: Params) -> Any:
+    """``chain``'s init: the params are checked once, by the outermost chain. (A module
+    function: a chain pickled by value refers to it, not to the context variable.)"""
+    if _IN_INIT.get() or torch.compiler.is_compiling():
+        return tuple(t.init(params) for t in transforms)
+    _checks.params_tree(params, "chain.init")
+    token = _IN_INIT.set(True)
+    try:
+        return tuple(t.init(params) for t in transforms)
+    finally:
+        _IN_INIT.reset(token)
+
+
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` in order; the state is the tuple of their states.
 
@@ -126,14 +139,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         check_order(transforms, "chain")
 
     def init(params: Params) -> tuple[State, ...]:
-        if _IN_INIT.get() or torch.compiler.is_compiling():
-            return tuple(t.init(params) for t in transforms)
-        _checks.params_tree(params, "chain.init")  # once, by the outermost chain
-        token = _IN_INIT.set(True)
-        try:
-            return tuple(t.init(params) for t in transforms)
-        finally:
-            _IN_INIT.reset(token)
+        return _init_members(transforms, params)
 
     def update(
         updates: Updates, state: tuple[State, ...], params: Params | None = None, **extra: Any

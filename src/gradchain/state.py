@@ -213,7 +213,8 @@ def _members_differ(template: Any, data: Any, path: str) -> str:
                      min(n, m))
         where = f"; the first that differs is member {path}[{first}]"
     return (
-        f"from_state_dict: {path} holds {n} member states ("
+        f"from_state_dict: {path} does not fit this transformation's state: it holds {n} "
+        "member states ("
         + ", ".join(_state_name(t) for t in template)
         + f"), the saved state {m}{where}: it was saved from a chain with a member "
         + ("less" if m < n else "more")
