@@ -238,10 +238,11 @@ def _partial(roles: frozenset[str]) -> frozenset[str]:
 
 
 def chain_roles(members: tuple[GradientTransformation, ...]) -> frozenset[str]:
-    """The roles of a chain of ``members``: each member's, passive only if all are."""
+    """The roles of a chain of ``members``: each member's; passive only if every member
+    is passive or declares nothing (as the flat chain would be checked)."""
     roles = [roles_of(t) for t in members]
     union = frozenset().union(*roles)
-    if all(PASSIVE in r for r in roles):
+    if all(PASSIVE in r or not r for r in roles):
         return union | {PASSIVE}
     return union - {PASSIVE}
 
