@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -116,6 +117,19 @@ def python_us_per_call(fn: Callable[[], object], calls: int, rounds: int) -> tup
         fn()
     wall = statistics.median(timed(fn, calls) for _ in range(rounds))
     return wall * 1e6, (wall - kernel_seconds(fn, calls)) * 1e6
+
+
+def host_us_per_call(fn: Callable[[], object], calls: int, rounds: int) -> float:
+    """Thread CPU microseconds per call, the minimum over ``rounds`` rounds of ``calls``."""
+    for _ in range(3):
+        fn()
+    best = math.inf
+    for _ in range(rounds):
+        start = time.thread_time()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.thread_time() - start) / calls)
+    return best * 1e6
 
 
 def timed(fn: Callable[[], object], inner: int) -> float:
@@ -521,6 +535,14 @@ def main() -> None:
                 wall, py = python_us_per_call(fn, calls, 1 if args.smoke else 5)
                 print(f"{name:7} python per call, clip+adamw fused step, {who:9}: "
                       f"{py:7.1f} us of {wall:7.1f} us")
+            # The same step on one-element leaves of the same 28-leaf tree: the kernels do
+            # next to nothing, so this is the host's work per call (Python and torch's op
+            # dispatch), timed in thread CPU time (minimum of rounds: steady under load).
+            tiny_rows = build_rows({k: torch.randn(1) for k in params}, compile_row3=False)
+            tiny = {row.name: row for row in tiny_rows}["3 clip+adamw fused"]
+            for who, fn in (("gradchain", tiny.ours), ("torch", tiny.theirs)):
+                host = host_us_per_call(fn, 20 if args.smoke else 200, 1 if args.smoke else 15)
+                print(f"{name:7} host per call, 1-element leaves,       {who:9}: {host:7.1f} us")
         print(f"({name}: {len(params)} tensors, {n / 1e6:.2f}M parameters)")
     if args.smoke:
         print("smoke run: sizes are tiny, the figures mean nothing")

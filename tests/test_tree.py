@@ -371,7 +371,8 @@ def test_zero_views_are_shared_only_where_nothing_can_write() -> None:
     first = _ops.zeros_view(xs)
     second = _ops.zeros_view([x.clone() for x in xs])  # same metadata: memoized
     for a, b, x in zip(first, second, xs):
-        assert a.shape == x.shape and a.dtype == x.dtype and not a.any()
+        assert a.shape == b.shape == x.shape and a.dtype == b.dtype == x.dtype
+        assert not a.any() and not b.any()
     assert first[0] is second[0] and first[4] is second[4]  # read-only views, reused
     for i in (1, 2, 3):  # writable (nothing overlaps): a fresh zero each call
         assert first[i].untyped_storage().data_ptr() != second[i].untyped_storage().data_ptr() or \

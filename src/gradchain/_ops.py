@@ -57,7 +57,8 @@ def use_foreach(tensors: Sequence[torch.Tensor]) -> bool:
         return False
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return False
-    return type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter)
+    # By exact type: a DTensor parameter (FSDP2's) passes isinstance(t, nn.Parameter).
+    return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
 
 
 def is_broadcast_view(x: torch.Tensor) -> bool:
@@ -374,10 +375,28 @@ def _sharded_all_finite(xs: list[torch.Tensor]) -> torch.Tensor:
 # state. They are updated in place when foreach serves (plain eager tensors, no autograd),
 # saving an allocation per leaf (on CPU a fresh large tensor costs far more than the maths);
 # otherwise (autograd may have saved them, vmap, torch.func) new tensors are returned.
-# Always use the return value.
+# DTensors (FSDP2) are updated in place through their local shards, with the same foreach
+# kernels as plain tensors (see _dist.inplace_shards), instead of DTensor's dispatch per
+# leaf. Always use the return value.
+def _shards(lists: tuple[list[torch.Tensor], ...], *args: Any) -> tuple[TList, ...] | None:
+    """The local shards of DTensor ``lists`` for an in-place foreach kernel on the first
+    (``args``: its scalars, plain), or ``None`` (then the caller takes its leafwise path)."""
+    xs = lists[0]
+    if not xs or not _dist.is_dtensor(xs[0]):
+        return None
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor) and (_dist.is_dtensor(a) or (grad and a.requires_grad)):
+            return None
+    return _dist.inplace_shards(*lists)
+
+
 def mul_(xs: list[torch.Tensor], s: Scalar) -> TList:
     if _fe(xs, scalar=s):
         torch._foreach_mul_(xs, s)
+        return xs
+    if (sh := _shards((xs,), s)) is not None:
+        torch._foreach_mul_(sh[0], s)
         return xs
     return [x * s for x in xs]
 
@@ -386,12 +405,18 @@ def mul_list_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     if _fe(xs, ys):
         torch._foreach_mul_(xs, ys)
         return xs
+    if (sh := _shards((xs, ys))) is not None:  # e.g. FSDP2 gradients clipped in place
+        torch._foreach_mul_(sh[0], sh[1])
+        return xs
     return mul_list(xs, ys)
 
 
 def add_(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: float = 1.0) -> TList:
     if _fe(xs, ys):
         torch._foreach_add_(xs, ys, alpha=alpha)
+        return xs
+    if (sh := _shards((xs, ys))) is not None:
+        torch._foreach_add_(sh[0], sh[1], alpha=alpha)
         return xs
     return add(xs, ys, alpha=alpha)
 
@@ -400,12 +425,18 @@ def div_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     if _fe(xs, ys):
         torch._foreach_div_(xs, ys)
         return xs
+    if (sh := _shards((xs, ys))) is not None:
+        torch._foreach_div_(sh[0], sh[1])
+        return xs
     return [x / y for x, y in zip(xs, ys)]
 
 
 def div_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
     if _fe(xs, scalar=s):
         torch._foreach_div_(xs, s)
+        return xs
+    if (sh := _shards((xs,), s)) is not None:
+        torch._foreach_div_(sh[0], s)
         return xs
     return [x / s for x in xs]
 
@@ -418,12 +449,19 @@ def rdiv_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
         torch._foreach_div_(xs, s)
         torch._foreach_reciprocal_(xs)
         return xs
+    if (sh := _shards((xs,), s)) is not None:
+        torch._foreach_div_(sh[0], s)
+        torch._foreach_reciprocal_(sh[0])
+        return xs
     return [s / x for x in xs]
 
 
 def add_scalar_(xs: list[torch.Tensor], s: Scalar) -> TList:
     if _fe(xs, scalar=s) and not isinstance(s, torch.Tensor):
         torch._foreach_add_(xs, s)
+        return xs
+    if not isinstance(s, torch.Tensor) and (sh := _shards((xs,))) is not None:
+        torch._foreach_add_(sh[0], s)
         return xs
     return [x + s for x in xs]
 
@@ -434,12 +472,18 @@ def addcmul_(
     if _fe(xs, ys, zs):
         torch._foreach_addcmul_(xs, ys, zs, value=value)
         return xs
+    if (sh := _shards((xs, ys, zs))) is not None:
+        torch._foreach_addcmul_(sh[0], sh[1], sh[2], value=value)
+        return xs
     return [torch.addcmul(x, y, z, value=value) for x, y, z in zip(xs, ys, zs)]
 
 
 def lerp_(xs: list[torch.Tensor], ys: list[torch.Tensor], weight: float) -> TList:
     if _fe(xs, ys):
         torch._foreach_lerp_(xs, ys, weight)
+        return xs
+    if (sh := _shards((xs, ys), weight)) is not None:
+        torch._foreach_lerp_(sh[0], sh[1], weight)
         return xs
     return lerp(xs, ys, weight)
 
@@ -448,6 +492,10 @@ def clamp_(xs: list[torch.Tensor], lo: float, hi: float) -> TList:
     if _fe(xs):
         torch._foreach_clamp_min_(xs, lo)
         torch._foreach_clamp_max_(xs, hi)
+        return xs
+    if (sh := _shards((xs,))) is not None:
+        torch._foreach_clamp_min_(sh[0], lo)
+        torch._foreach_clamp_max_(sh[0], hi)
         return xs
     return clamp(xs, lo, hi)
 
@@ -458,6 +506,9 @@ def copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> TList:
     if _fe(dst, src):
         torch._foreach_copy_(dst, src)
         return dst
+    if (sh := _shards((dst, src))) is not None:
+        torch._foreach_copy_(sh[0], sh[1])
+        return dst
     return [s.clone() for s in src]
 
 
@@ -465,6 +516,10 @@ def sqrt_into(dst: list[torch.Tensor], xs: list[torch.Tensor]) -> TList:
     """``sqrt(x)`` written into ``dst`` (owned, same dtypes) when foreach serves, else fresh."""
     if _fe(dst, xs) and not torch.compiler.is_compiling():
         for d, x in zip(dst, xs):
+            torch.sqrt(x, out=d)
+        return dst
+    if not torch.compiler.is_compiling() and (sh := _shards((dst, xs))) is not None:
+        for d, x in zip(sh[0], sh[1]):
             torch.sqrt(x, out=d)
         return dst
     return sqrt(xs)
@@ -476,6 +531,10 @@ def rdiv_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
         for x, y in zip(xs, ys):
             torch.div(y, x, out=x)
         return xs
+    if not torch.compiler.is_compiling() and (sh := _shards((xs, ys))) is not None:
+        for x, y in zip(sh[0], sh[1]):
+            torch.div(y, x, out=x)
+        return xs
     return div(ys, xs)
 
 
@@ -483,12 +542,18 @@ def maximum_(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> TList:
     if _fe(xs, ys):
         torch._foreach_maximum_(xs, ys)
         return xs
+    if (sh := _shards((xs, ys))) is not None:
+        torch._foreach_maximum_(sh[0], sh[1])
+        return xs
     return maximum(xs, ys)
 
 
 def zero_(xs: list[torch.Tensor]) -> TList:
     if _fe(xs):
         torch._foreach_zero_(xs)
+        return xs
+    if (sh := _shards((xs,))) is not None:
+        torch._foreach_zero_(sh[0])
         return xs
     return zeros_like(xs)
 
@@ -583,7 +648,7 @@ def _leaf_norms(
     order when they are in one (device, dtype) group, else group by group."""
     lay = layout(ts) if lay is None else lay
     if len(lay.groups) == 1 and lay.foreach:
-        found = list(torch._foreach_norm(ts, p, dtype=dtype))
+        found = list(torch._foreach_norm(list(ts), p, dtype=dtype))
         return found if lay.keys[0][0] == device else [n.to(device) for n in found]
     norms: list[torch.Tensor] = []
     for (group_device, _), idx in zip(lay.keys, lay.groups):
@@ -602,36 +667,44 @@ def _sharded_global_norm(
     """:func:`global_norm` when some leaves are DTensors: a plain tensor, equal on all ranks.
 
     Each rank takes the norms of its local shards; per group of leaves sharded alike
-    (see :mod:`gradchain._dist`) the sum of their ``p``-th powers (the max for ``inf``) is
-    all-reduced once. For ``inf`` a nan flag travels in the same all-reduce, since a max
-    reduction may drop a nan.
+    (see :mod:`gradchain._dist`) they are all-reduced once. For a finite ``p`` that is
+    what torch does for DTensors (``clip_grad_norm_`` on FSDP2 gradients, DTensor's norm
+    partial): the ``p``-th powers of the leaves' local norms are summed over the ranks
+    (one all-reduce of a vector), their ``p``-th roots are the leaves' norms, and the norm
+    of those is the group's; so the result is torch's bit for bit (for float32 and float64
+    gradients, which torch's norms keep). For ``inf`` the max is all-reduced, with a nan
+    flag in the same all-reduce, since a max reduction may drop a nan.
     """
     plain, groups = _dist.local_parts(ts, exact=True)
     inf = math.isinf(p)
 
-    def part(norms: list[torch.Tensor], on: torch.device) -> torch.Tensor:
-        # This rank's share: max (inf) or sum of p-th powers of ``norms``; 0 for none.
+    def norm_of(norms: list[torch.Tensor], on: torch.device) -> torch.Tensor:
         if not norms:
             return torch.zeros((), dtype=dtype, device=on)
         stacked = torch.stack(norms)
-        return stacked.max() if inf else stacked.pow(p).sum()
+        return stacked.max() if inf else torch.linalg.vector_norm(stacked, p)
 
     parts: list[torch.Tensor] = []
     if plain:  # replicated by the user's contract: counted once, not reduced
-        parts.append(part(_leaf_norms(plain, p, dtype, device), device))
+        parts.append(norm_of(_leaf_norms(plain, p, dtype, device), device))
     for mesh, dims, locals_ in groups:
         on = locals_[0].device
-        local = part(_leaf_norms([x for x in locals_ if x.numel() > 0], p, dtype, on), on)
         if inf:
+            # An inf-norm of an empty shard raises (a max has no identity): left out.
+            local = norm_of(_leaf_norms([x for x in locals_ if x.numel() > 0], p, dtype, on), on)
             isnan = torch.isnan(local)
             packed = torch.stack([torch.where(isnan, 0.0, local), isnan.to(dtype)])
             packed = _dist.all_reduce(packed, mesh, dims, "max")
             local = torch.where(packed[1] > 0, torch.nan, packed[0])
         else:
-            local = _dist.all_reduce(local, mesh, dims, "sum")
+            # Every rank has a norm (0 for an empty shard) for every leaf, in one order.
+            powers = torch.stack(_leaf_norms(locals_, p, dtype, on)).pow(p)
+            leaf_norms = _dist.all_reduce(powers, mesh, dims, "sum").pow(1.0 / p)
+            local = torch.linalg.vector_norm(leaf_norms, p)
         parts.append(local.to(device))
-    total = torch.stack(parts)
-    return total.max() if inf else total.sum().pow(1.0 / p)
+    if len(parts) == 1:
+        return parts[0]
+    return norm_of(parts, device)
 
 
 # --------------------------------------------------------------------------- counters, dtypes, groups
@@ -730,7 +803,9 @@ def layout(xs: Sequence[torch.Tensor]) -> Layout:
     if torch.compiler.is_compiling():
         return _layout(xs)
     first = xs[0]
-    key = (len(xs), first.dtype, first.device, torch.is_grad_enabled())
+    # (The type: FSDP2's DTensor gradients and their local shards, both met on every step,
+    # keep an entry each.)
+    key = (len(xs), first.dtype, first.device, torch.is_grad_enabled(), type(first))
     found = _LAYOUTS.get(key, xs)
     if found is MISS:
         found = _LAYOUTS.put(key, xs, _layout(xs))

@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from gradchain import _ops, _tree
+from gradchain import _dist, _ops, _tree
 from gradchain.base import GradientTransformation, Params, Updates
 from gradchain.combine import PartitionState, chain, chain_members, partition_groups
 from gradchain.gating import GateWalk, as_tensor
-from gradchain.optim._fused import FusedStep, fused_plan_of
+from gradchain.optim._fused import FusedPlan, FusedStep, fused_plan_of
+from gradchain.optim._sharded import sharded_plan_of
 
 __all__ = ["apply_updates", "apply_updates_", "update_and_apply_"]
 
@@ -128,24 +129,26 @@ def _head(update: Callable[..., Any], members: tuple[GradientTransformation, ...
 
 
 def _fused_step(
-    tx: GradientTransformation, state: Any, spec: Any, p_leaves: list[Any], g_leaves: list[Any]
+    tx: GradientTransformation, state: Any, spec: Any, p_leaves: list[Any], g_leaves: list[Any],
+    plan_of: Callable[[GradientTransformation], FusedPlan | None] = fused_plan_of,
 ) -> tuple[list[tuple[GradientTransformation, Any]], FusedStep] | None:
     """The chain levels down to an update rule bound to a torch kernel, and the kernel's
     step for this call; ``None`` when there is none or it does not fit (the caller then
     takes the generic path, which also raises the precise errors for malformed input).
-    Reads metadata only; touches nothing."""
+    Reads metadata only; touches nothing. ``plan_of`` finds a binding (DTensor params:
+    :func:`~gradchain.optim._sharded.sharded_plan_of`, the binding on local shards)."""
     if torch.compiler.is_compiling() or not isinstance(tx, tuple) or len(tx) != 2:
         return None
     levels: list[tuple[GradientTransformation, Any]] = []
     while True:
-        plan = fused_plan_of(tx)
+        plan = plan_of(tx)
         if plan is not None:
             break
         if isinstance(state, PartitionState):
             groups = partition_groups(tx, _tree.unflatten(spec, p_leaves))
             if groups is None:
                 return None
-            step = _partition_step(groups, state, spec, p_leaves, g_leaves)
+            step = _partition_step(groups, state, spec, p_leaves, g_leaves, plan_of)
             return None if step is None else (levels, step)
         members = chain_members(tx)
         if not members or not isinstance(state, tuple) or len(state) != len(members):
@@ -159,6 +162,7 @@ def _fused_step(
 def _partition_step(
     groups: dict[Any, tuple[GradientTransformation, list[int]]], state: PartitionState,
     spec: Any, p_leaves: list[Any], g_leaves: list[Any],
+    plan_of: Callable[[GradientTransformation], FusedPlan | None] = fused_plan_of,
 ) -> FusedStep | None:
     """One kernel step per parameter group of a ``partition`` whose members are all update
     rules bound to a torch kernel (the usual "no weight decay on biases and norms": two
@@ -168,7 +172,7 @@ def _partition_step(
         return None
     steps = {}
     for label, (member, index) in groups.items():
-        plan = fused_plan_of(member)
+        plan = plan_of(member)
         if plan is None:
             return None
         mine = set(index)
@@ -235,7 +239,10 @@ def update_and_apply_(
     tensors of one floating dtype on a device torch has the fused kernels for (CPU, CUDA,
     …) (and, for ``sgd`` with ``dampening``, where its first step is known without a sync:
     CPU state); otherwise, and under ``torch.compile``, the call takes the unfused path
-    above, with the same meaning.
+    above, with the same meaning. On DTensor params (FSDP2 ``fully_shard``) whose
+    gradients and moments are laid out alike, an elementwise rule's kernel runs over the
+    local shards, one call for all of them (see "The step on local shards" in the docs'
+    Scaling out page).
 
     The other rules of :mod:`gradchain.optim` are bound the same way to torch's own code
     for them: ``adagrad`` to ``torch._fused_adagrad_``; ``adadelta``, ``adamax``,
@@ -281,7 +288,12 @@ def update_and_apply_(
     p_leaves, spec = _tree.flatten(params)
     g_leaves = _tree.flatten_like(spec, grads, "grads", "params")
     _check_updates_fit(spec, p_leaves, g_leaves, fn)
-    found = _fused_step(tx, state, spec, p_leaves, g_leaves)
+    # FSDP2 / DTensor params: an elementwise kernel runs on the local shards. (FSDP2 shards
+    # every param, so the first tells; a tree that mixes in DTensors later gets there too.)
+    sharded = bool(p_leaves) and _dist.is_dtensor(p_leaves[0])
+    found = None if sharded else _fused_step(tx, state, spec, p_leaves, g_leaves)
+    if found is None and (sharded or _dist.has_dtensor(p_leaves)):
+        found = _fused_step(tx, state, spec, p_leaves, g_leaves, sharded_plan_of)
     if found is None:
         updates, new_state = tx.update(grads, state, params, donate=True, **extra)
         apply_updates_(params, updates)

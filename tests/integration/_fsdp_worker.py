@@ -353,7 +353,7 @@ def _train(
         if mesh is not None:
             model = shard(model, mesh)
     params = dict(model.named_parameters())
-    if style == "functional":
+    if style in ("functional", "fast"):
         tx = gc.chain(
             gc.loss_scale(2.0**10),
             gc.clip_by_norm(1.0),
@@ -376,11 +376,15 @@ def _train(
         loss = torch.nn.functional.mse_loss(model(xb), yb)
         if s == POISONED_STEP:  # an overflow: loss_scale drops this micro-step everywhere
             loss = loss * float("inf")
-        if style == "functional":
+        if style in ("functional", "fast"):
             gc.scale_loss(loss, state).backward()
             grads = {k: p.grad for k, p in params.items()}
-            updates, state = tx.update(grads, state, {k: p.detach() for k, p in params.items()})
-            gc.apply_updates_(params, updates)
+            if style == "fast":  # update_and_apply_: adamw's fused kernel on the shards
+                state = gc.update_and_apply_(tx, grads, state, params)
+            else:
+                detached = {k: p.detach() for k, p in params.items()}
+                updates, state = tx.update(grads, state, detached)
+                gc.apply_updates_(params, updates)
             for p in params.values():
                 p.grad = None
         else:
@@ -393,19 +397,20 @@ def _train(
 @check
 def train_matches_unsharded(mesh: Any, tmp: str) -> None:
     """A full FSDP2 run (loss_scale, clip, accumulate(2), adamw) equals the unsharded one,
-    functional and through ChainedOptimizer; moments are sharded like the params."""
+    functional (pure update, and update_and_apply_) and through ChainedOptimizer; moments
+    are sharded like the params."""
     from torch.distributed.tensor import DTensor
 
     import gradchain as gc
 
-    for style in ("functional", "optimizer"):
+    for style in ("functional", "fast", "optimizer"):
         model, state, opt = _train(mesh, 6, style)
         ref, ref_state, ref_opt = _train(None, 6, style)
         for (k, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
             assert isinstance(p, DTensor)
             assert not torch.equal(r.detach(), make_model(1).get_parameter(k).detach())
             assert_close(p.detach(), r.detach(), rtol=1e-10, atol=1e-12)
-        if style == "functional":
+        if style in ("functional", "fast"):
             assert int(gc.tree_get(state, "count")) == 3  # adam ran on 3 windows
             assert float(gc.tree_get(state, "scale")) == 2.0**9  # backed off once
             assert_close(
@@ -429,6 +434,191 @@ def train_matches_unsharded(mesh: Any, tmp: str) -> None:
             for p in model.parameters():
                 st = opt.state[p]
                 assert isinstance(st["exp_avg"], DTensor)
+
+
+def _step_on(mesh: Any, kind: str, tx: Any = None, steps: int = 4, poison: int = -1) -> Any:
+    """Train a sharded copy of ``make_model(2)`` for ``steps`` steps with ``kind``: "torch
+    foreach" / "torch fused" (clip_grad_norm_ + AdamW), "new" (``update_and_apply_``) or
+    "old" (``tx.update(donate=True)`` + ``apply_updates_``: the leaf-by-leaf DTensor path).
+    Returns (model, state or optimizer, all-reduces per step, the moments at init)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    import gradchain as gc
+
+    rank, world = mesh.get_rank(), mesh.size()
+    x, y = batches(steps, 3, world, seed=5)
+    model = shard(make_model(2), mesh)
+    live = dict(model.named_parameters())
+    if kind.startswith("torch"):
+        decay = [p for p in live.values() if p.ndim > 1]
+        rest = [p for p in live.values() if p.ndim <= 1]
+        groups = [{"params": decay}, {"params": rest, "weight_decay": 0.0 if tx else 0.1}]
+        state: Any = torch.optim.AdamW(
+            groups, lr=0.05, weight_decay=0.1, **{kind.split()[1]: True}
+        )
+        first = None
+    else:
+        state = tx.init(live)
+        first = gc.tree_get(state, "mu")
+    counts = []
+    for s in range(steps):
+        loss = torch.nn.functional.mse_loss(
+            model(local_slice(x[s], rank, 3)), local_slice(y[s], rank, 3)
+        )
+        if s == poison:
+            loss = loss * float("nan")
+        loss.backward()
+        grads = {k: p.grad for k, p in live.items()}
+        mode = CommDebugMode()
+        with mode:
+            if kind.startswith("torch"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05, foreach=True)
+                state.step()
+            elif kind == "new":
+                state = gc.update_and_apply_(tx, grads, state, live)
+            else:
+                updates, state = tx.update(grads, state, live, donate=True)
+                gc.apply_updates_(live, updates)
+        counts.append(mode.get_total_counts())
+        model.zero_grad()
+    return model, state, counts, first
+
+
+@check
+def shards_match_torch(mesh: Any, tmp: str) -> dict[str, Any]:
+    """update_and_apply_ on FSDP2 params runs torch's fused AdamW over the local shards:
+    bit for bit clip_grad_norm_ + AdamW(fused=True) on the same sharded model (also with
+    a no-decay mask: two param groups), within rounding of AdamW(foreach=True) and of the
+    leaf-by-leaf DTensor path; one all-reduce per step; the moments stay the DTensors the
+    state was made with (updated in place), laid out as the params. A gate before the rule
+    (a nan step) skips the kernel on every rank, as the leaf-by-leaf path does."""
+    from torch.distributed.tensor import DTensor
+
+    import gradchain as gc
+
+    out: dict[str, Any] = {}
+    for masked in (False, True):
+        mask = {k: p.ndim > 1 for k, p in make_model(2).named_parameters()} if masked else None
+        tx = gc.chain(gc.clip_by_norm(0.05), gc.adamw(lr=0.05, weight_decay=0.1, mask=mask))
+        new, state, counts, first = _step_on(mesh, "new", tx)
+        fused, opt, _, _ = _step_on(mesh, "torch fused", masked)
+        foreach, _, _, _ = _step_on(mesh, "torch foreach", masked)
+        old, _, _, _ = _step_on(mesh, "old", tx)
+        assert counts == [1, 1, 1, 1], counts
+        mu, nu = gc.tree_get(state, "mu"), gc.tree_get(state, "nu")
+        for (k, p), f, e, o in zip(
+            new.named_parameters(), fused.parameters(), foreach.parameters(), old.parameters()
+        ):
+            assert isinstance(p, DTensor) and isinstance(mu[k], DTensor)
+            assert mu[k] is first[k] and mu[k].placements == p.placements, k
+            assert torch.equal(p.to_local(), f.to_local()), (masked, k)
+            assert torch.equal(mu[k].to_local(), opt.state[f]["exp_avg"].to_local()), k
+            assert torch.equal(nu[k].to_local(), opt.state[f]["exp_avg_sq"].to_local()), k
+            assert_close(p.detach(), e.detach(), rtol=1e-12, atol=1e-15)
+            assert_close(p.detach(), o.detach(), rtol=1e-12, atol=1e-15)
+        out[f"masked={masked}"] = counts
+
+    # A nan step closes skip_if_nonfinite on every rank: the kernel is skipped (found_inf).
+    tx = gc.chain(gc.skip_if_nonfinite(), gc.clip_by_norm(0.05), gc.adamw(0.05))
+    new, state, counts, _ = _step_on(mesh, "new", tx, poison=1)
+    old, old_state, _, _ = _step_on(mesh, "old", tx, poison=1)
+    assert int(gc.tree_get(state, "count")) == int(gc.tree_get(old_state, "count")) == 3
+    # The finite flag and the norm; on the nan step the closed gate skips the clip.
+    assert counts == [2, 1, 2, 2], counts
+    for p, o in zip(new.parameters(), old.parameters()):
+        assert_close(p.detach(), o.detach(), rtol=1e-12, atol=1e-15)
+    out["gated"] = counts
+
+    # A rule whose binding is not marked elementwise (here inject_hyperparams) takes the
+    # generic path of update_and_apply_ on the live DTensor params: the same result.
+    tx = gc.chain(
+        gc.clip_by_norm(0.05), gc.inject_hyperparams(gc.adamw)(lr=0.05, weight_decay=0.1)
+    )
+    new, _, _, _ = _step_on(mesh, "new", tx)
+    old, _, _, _ = _step_on(mesh, "old", tx)
+    for p, o in zip(new.parameters(), old.parameters()):
+        assert torch.equal(p.to_local(), o.to_local())
+    return out
+
+
+# (gradchain rule, torch.optim class, kwargs for both, torch's implementation). torch has no
+# DTensor support for SGD and Adagrad with fused=True (no sharding strategy for _fused_sgd_ /
+# _fused_adagrad_): gradchain's kernels on the shards are compared there with the foreach
+# twins, within rounding; the others bit for bit. torch's Rprop runs on no DTensor (foreach:
+# no strategy for _foreach_copy_; single tensor: index_put_), so gradchain's rprop on the
+# shards is compared with gradchain's leaf-by-leaf DTensor path (None below), within rounding.
+ROUNDING_ONLY = {"sgd", "adagrad", "rprop"}
+RULES_ON_SHARDS = [
+    ("sgd", "SGD", {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.1}, {"foreach": True}),
+    ("adagrad", "Adagrad", {"lr": 0.05}, {"foreach": True}),
+    ("adam", "Adam", {"lr": 0.05, "amsgrad": True}, {"fused": True}),
+    ("nadam", "NAdam", {"lr": 0.05}, {"foreach": True}),
+    ("radam", "RAdam", {"lr": 0.05, "weight_decay": 0.1}, {"foreach": True}),
+    ("adamax", "Adamax", {"lr": 0.05}, {"foreach": True}),
+    ("adadelta", "Adadelta", {"lr": 0.5}, {"foreach": True}),
+    ("rmsprop", "RMSprop", {"lr": 0.01, "momentum": 0.9, "centered": True}, {"foreach": True}),
+    ("rprop", None, {"lr": 0.01}, {}),
+    ("asgd", "ASGD", {"lr": 0.05, "t0": 1.0}, {"foreach": True}),
+]
+
+
+class _Leafwise:
+    """gradchain's leaf-by-leaf DTensor path (``tx.update`` + ``apply_updates_`` on detached
+    params) with an optimizer's ``step()``."""
+
+    def __init__(self, tx: Any, model: Any) -> None:
+        self.tx, self.model = tx, model
+        self.params = {k: p.detach() for k, p in model.named_parameters()}
+        self.state = tx.init(self.params)
+
+    def step(self) -> None:
+        import gradchain as gc
+
+        grads = {k: p.grad for k, p in self.model.named_parameters()}
+        updates, self.state = self.tx.update(grads, self.state, self.params)
+        gc.apply_updates_(self.params, updates)
+
+
+@check
+def rules_on_shards(mesh: Any, tmp: str) -> list[str]:
+    """Every rule marked elementwise runs through update_and_apply_ on the local shards of
+    FSDP2 params, equal bit for bit to its torch.optim twin (fused or foreach) on the same
+    sharded model over 3 steps; its state stays DTensors laid out as the params."""
+    from torch.distributed.tensor import DTensor
+
+    import gradchain as gc
+
+    rank, world = mesh.get_rank(), mesh.size()
+    x, y = batches(3, 3, world, seed=9)
+    done = []
+    for name, cls, kwargs, impl in RULES_ON_SHARDS:
+        ours, theirs = shard(make_model(3), mesh), shard(make_model(3), mesh)
+        live = dict(ours.named_parameters())
+        tx = getattr(gc, name)(**kwargs)
+        state = tx.init(live)
+        if cls is None:
+            opt: Any = _Leafwise(getattr(gc, name)(**kwargs), theirs)
+        else:
+            opt = getattr(torch.optim, cls)(theirs.parameters(), **kwargs, **impl)
+        for s in range(3):
+            for model in (ours, theirs):
+                torch.nn.functional.mse_loss(
+                    model(local_slice(x[s], rank, 3)), local_slice(y[s], rank, 3)
+                ).backward()
+            state = gc.update_and_apply_(tx, {k: p.grad for k, p in live.items()}, state, live)
+            opt.step()
+            ours.zero_grad()
+            theirs.zero_grad()
+        for (k, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            if name in ROUNDING_ONLY:
+                assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-15)
+            else:
+                assert torch.equal(p.to_local(), q.to_local()), (name, k)
+        for leaf in _leaves(state):
+            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+                assert isinstance(leaf, DTensor) and leaf.placements == p.placements, name
+        done.append(name)
+    return done
 
 
 @check

@@ -18,12 +18,13 @@ What is checked, against an unsharded single-process float64 reference:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from _spawn import run_ranks
+from _spawn import ROOT, run_ranks
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -37,6 +38,8 @@ CHECKS = [
     "gates_agree",
     "collective_counts",
     "train_matches_unsharded",
+    "shards_match_torch",
+    "rules_on_shards",
     "checkpoint_resume",
 ]
 
@@ -105,3 +108,16 @@ def test_collective_counts(results: dict[str, Any]) -> None:
 
 def test_job_clean(results: dict[str, Any]) -> None:
     results["job"].check()
+
+
+def test_fsdp_speed_benchmark_smoke() -> None:
+    """``benchmarks/fsdp_speed.py`` runs (tiny MLP, one round; no timing claims): every row,
+    as the two ranks of a gloo job."""
+    job = run_ranks(ROOT / "benchmarks" / "fsdp_speed.py", ["--smoke"], timeout=120).check()
+    out = job.outputs[0]  # rank 0 prints the table
+    assert "smoke run" in out, out
+    for row in ("torch clip_grad_norm_ + AdamW(foreach=True)",
+                "gradchain update_and_apply_(clip, adamw)",
+                "gradchain update(donate) + apply_updates_",
+                "torch clip_grad_norm_ + AdamW(fused=True)"):
+        assert re.search(rf"{re.escape(row)}\s+[\d.]+\s+[\d.]+", out), (row, out)

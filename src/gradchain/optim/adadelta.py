@@ -13,6 +13,7 @@ from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
 from gradchain.optim._alias import rule_chain
 from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
+from gradchain.optim._sharded import elementwise
 from gradchain.transforms import add_decayed_weights
 
 __all__ = ["ScaleByAdadeltaState", "scale_by_adadelta", "adadelta"]
@@ -179,5 +180,6 @@ def _adadelta_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
                                       lr=lr_now, **hyper)
         return {}
 
-    return torch_rule_plan(lr, size, rule_at, ScaleByAdadeltaState,
-                           [(0, "square_avg"), (0, "acc_delta")], kernel)
+    return elementwise(torch_rule_plan(
+        lr, size, rule_at, ScaleByAdadeltaState, [(0, "square_avg"), (0, "acc_delta")], kernel
+    ))

@@ -24,6 +24,7 @@ from gradchain.optim._fused import (
     lr_state_fits,
     step_lr,
 )
+from gradchain.optim._sharded import elementwise
 from gradchain.transforms import (
     add_decayed_weights,
 )
@@ -192,9 +193,9 @@ def adagrad(
         decay=add_decayed_weights(weight_decay) if weight_decay != 0 else None,
     )
     del foreach, differentiable, fused
-    return bind_fused(chain(*txs), _adagrad_plan(
+    return bind_fused(chain(*txs), elementwise(_adagrad_plan(
         lr, rule_at, len(txs), lr_decay=float(lr_decay), weight_decay=weight_decay,
-        eps=float(eps), maximize=maximize))
+        eps=float(eps), maximize=maximize)))
 
 
 def _adagrad_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:

@@ -33,6 +33,7 @@ from gradchain.optim._fused import (
     lr_state_fits,
     step_lr,
 )
+from gradchain.optim._sharded import elementwise
 from gradchain.transforms import (
     ScalarOrSchedule,
     add_decayed_weights,
@@ -332,11 +333,12 @@ def _adam_rule(
         scale_by_adam(b1, b2, eps, amsgrad), lr=lr, maximize=maximize, decay=decay,
         decoupled=decoupled,
     )
-    return bind_fused(
-        chain(*txs),
-        _adam_plan(decoupled, lr, adam_at, len(txs), b1=b1, b2=b2, eps=eps,
-                   weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask),
-    )
+    plan = _adam_plan(decoupled, lr, adam_at, len(txs), b1=b1, b2=b2, eps=eps,
+                      weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask)
+    if not is_params_function(mask):
+        # (A mask function reads the params: on DTensors it must see them whole.)
+        plan = elementwise(plan)
+    return bind_fused(chain(*txs), plan)
 
 
 def _adam_plan(

@@ -12,6 +12,7 @@ from gradchain._tree import Leaves
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
 from gradchain.optim._fused import FusedPlan, bind_fused, copies, torch_rule_plan
+from gradchain.optim._sharded import elementwise
 from gradchain.transforms import add_decayed_weights, scale
 
 __all__ = ["ScaleByAsgdState", "scale_by_asgd", "asgd"]
@@ -230,4 +231,4 @@ def _asgd_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
                               **hyper)
         return {"eta": etas[0], "mu": mus[0]}
 
-    return torch_rule_plan(lr, size, rule_at, ScaleByAsgdState, [(0, "ax")], kernel)
+    return elementwise(torch_rule_plan(lr, size, rule_at, ScaleByAsgdState, [(0, "ax")], kernel))

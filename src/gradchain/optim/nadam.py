@@ -13,6 +13,7 @@ from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
 from gradchain.optim._alias import rule_chain
 from gradchain.optim._fused import FusedPlan, bind_fused, copies, torch_rule_plan
+from gradchain.optim._sharded import elementwise
 from gradchain.transforms import add_decayed_weights
 
 __all__ = ["ScaleByNadamState", "scale_by_nadam", "nadam"]
@@ -228,4 +229,6 @@ def _nadam_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
                                 lr=lr_now, **hyper)
         return {"mu_product": mu_products[0]}
 
-    return torch_rule_plan(lr, size, rule_at, ScaleByNadamState, [(0, "mu"), (0, "nu")], kernel)
+    return elementwise(torch_rule_plan(
+        lr, size, rule_at, ScaleByNadamState, [(0, "mu"), (0, "nu")], kernel
+    ))

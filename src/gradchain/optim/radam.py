@@ -13,6 +13,7 @@ from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
 from gradchain.optim._alias import rule_chain
 from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
+from gradchain.optim._sharded import elementwise
 from gradchain.transforms import add_decayed_weights
 
 __all__ = ["ScaleByRadamState", "scale_by_radam", "radam"]
@@ -215,4 +216,6 @@ def _radam_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
                                 **hyper)
         return {}
 
-    return torch_rule_plan(lr, size, rule_at, ScaleByRadamState, [(0, "mu"), (0, "nu")], kernel)
+    return elementwise(torch_rule_plan(
+        lr, size, rule_at, ScaleByRadamState, [(0, "mu"), (0, "nu")], kernel
+    ))

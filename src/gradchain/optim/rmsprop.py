@@ -13,6 +13,7 @@ from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
 from gradchain.optim._alias import rule_chain
 from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
+from gradchain.optim._sharded import elementwise
 from gradchain.optim.sgd import TraceState, trace
 from gradchain.transforms import add_decayed_weights
 
@@ -206,4 +207,6 @@ def _rmsprop_plan(lr: Any, rule_at: int, size: int, **hyper: Any) -> FusedPlan:
                                     foreach=True, lr=lr_now, **hyper)
         return {}
 
-    return torch_rule_plan(lr, size, rule_at, ScaleByRmspropState, fields, kernel, members=members)
+    return elementwise(torch_rule_plan(
+        lr, size, rule_at, ScaleByRmspropState, fields, kernel, members=members
+    ))

@@ -13,6 +13,7 @@ from gradchain._tree import Leaves
 from gradchain.base import GradientTransformation, donation, expect_state
 from gradchain.combine import chain
 from gradchain.optim._fused import FusedPlan, bind_fused, torch_rule_plan
+from gradchain.optim._sharded import elementwise
 from gradchain.transforms import scale
 
 __all__ = ["ScaleByRpropState", "scale_by_rprop", "rprop"]
@@ -234,5 +235,6 @@ def _rprop_plan(rule_at: int, size: int, **hyper: Any) -> FusedPlan:
         torch_rprop.rprop(ps, gs, bufs[0], bufs[1], steps, foreach=True, **hyper)
         return {}
 
-    return torch_rule_plan(0.0, size, rule_at, ScaleByRpropState,
-                           [(0, "prev"), (0, "step_size")], kernel)
+    return elementwise(torch_rule_plan(
+        0.0, size, rule_at, ScaleByRpropState, [(0, "prev"), (0, "step_size")], kernel
+    ))

@@ -39,6 +39,7 @@ from gradchain.optim._fused import (
     step_lr,
     tick,
 )
+from gradchain.optim._sharded import elementwise
 from gradchain.transforms import (
     ScalarOrSchedule,
     add_decayed_weights,
@@ -234,9 +235,10 @@ def sgd(
     txs.append(scale_by_learning_rate(lr))
     return bind_fused(
         chain(*txs),
-        _sgd_plan(lr, trace_at, len(txs), weight_decay=weight_decay, momentum=momentum,
-                  dampening=float(dampening) if momentum != 0 else 0.0, nesterov=nesterov,
-                  maximize=maximize),
+        elementwise(_sgd_plan(
+            lr, trace_at, len(txs), weight_decay=weight_decay, momentum=momentum,
+            dampening=float(dampening) if momentum != 0 else 0.0, nesterov=nesterov,
+            maximize=maximize)),
     )
 
 
