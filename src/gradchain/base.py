@@ -124,7 +124,9 @@ def set_roles(update: Callable[..., Any], roles: Any) -> Callable[..., Any]:
 
 
 def add_roles(update: Callable[..., Any], *roles: str) -> Callable[..., Any]:
-    """Add ``roles`` to ``update``'s; returns it."""
+    """Add ``roles`` to ``update``'s; returns it (nothing inside compiled code)."""
+    if torch.compiler.is_compiling():
+        return update
     return set_roles(update, frozenset(getattr(update, _ROLES_ATTR, ())) | set(roles))
 
 

@@ -128,7 +128,8 @@ def _scale(step_size: float | torch.Tensor, who: str, name: str) -> GradientTran
         view = Leaves(updates)
         return view.put(_scaled(view.values, factor, donated)), state
 
-    update.__qualname__ = f"{who}.<locals>.update"  # the name a misuse message shows
+    if not torch.compiler.is_compiling():  # (a side effect compiled code cannot hold)
+        update.__qualname__ = f"{who}.<locals>.update"  # the name a misuse message shows
     return GradientTransformation(init, update)
 
 
