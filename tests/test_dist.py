@@ -26,7 +26,7 @@ def test_plain_path_never_imports_dtensor() -> None:
         """
         import sys, torch, gradchain as gc
         g = {"w": torch.tensor([3.0, float("nan")]), "b": torch.ones(2)}
-        tx = gc.chain(gc.skip_if_nonfinite(), gc.loss_scale(), gc.clip_by_norm(1.0))
+        tx = gc.chain(gc.loss_scale(), gc.skip_if_nonfinite(), gc.clip_by_norm(1.0))
         tx.update(g, tx.init(g))
         gc.tree.global_norm(list(g.values()), float("inf"))
         assert "torch.distributed.tensor" not in sys.modules, "DTensor was imported"

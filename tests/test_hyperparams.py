@@ -113,9 +113,10 @@ def test_set_hyperparams_is_pure_and_validates():
         gc.set_hyperparams(state, lr=torch.ones(3))
     with pytest.raises(KeyError, match="no InjectHyperparamsState"):
         gc.set_hyperparams(gc.sgd(0.1).init(_params()), lr=0.1)
-    two = gc.chain(gc.inject_hyperparams(gc.sgd)(lr=0.1), gc.inject_hyperparams(gc.sgd)(lr=0.1))
+    # (two rules cannot share a chain: a tuple of their states)
+    one = gc.inject_hyperparams(gc.sgd)(lr=0.1)
     with pytest.raises(KeyError, match="several"):
-        gc.set_hyperparams(two.init(_params()), lr=0.2)
+        gc.set_hyperparams((one.init(_params()), one.init(_params())), lr=0.2)
     # A value the rule refuses: its own error, raised by the next update, nothing changed.
     bad = gc.set_hyperparams(state, lr=-1.0)
     with pytest.raises(ValueError, match="adamw: invalid learning rate"):

@@ -197,8 +197,8 @@ CASES: list[Case] = [
     Case("ctor", 'gc.ChainedOptimizer(model, gc.clip_by_norm(1.0))', TypeError,
          "ChainedOptimizer: optimizer must be a torch.optim.Optimizer, got Linear"),
     Case("ctor", 'gc.ChainedOptimizer(opt.optimizer, gc.clip_by_norm)', TypeError,
-         "ChainedOptimizer: transform must be a GradientTransformation (init, update), got "
-         "function"),
+         "ChainedOptimizer: transform is the function clip_by_norm, not a transformation: "
+         "call it, e.g. clip_by_norm(...) (a factory returns the GradientTransformation)"),
     Case("ctor", 'gc.ChainedOptimizer(opt, gc.clip_by_norm(1.0))', TypeError,
          "ChainedOptimizer: wrap the inner optimizer once, with one chain"),
     Case("ctor", 'gc.ChainedOptimizer(opt.optimizer, gc.clip_by_norm(1.0), should_commit=True)',
@@ -255,10 +255,12 @@ CASES: list[Case] = [
          "updates['w']: expected a torch.Tensor or None, got float"),
     Case("update", 'adam.update(G, gc.sgd(0.1, momentum=0.9).init(P), P)', TypeError,
          "scale_by_adam.update: state must be the ScaleByAdamState made by "
-         "scale_by_adam(...).init(params), got TraceState"),
+         "scale_by_adam(...).init(params), got TraceState (a state from another "
+         "transformation, or from this one built with other arguments, e.g. a schedule "
+         "instead of a constant: make it with this transformation's init)"),
     Case("update", 'adam.update(G, state[0], P)', ValueError,
-         "chain.update: state must be a tuple of 2 member states (from this chain's init), "
-         "got ScaleByAdamState"),
+         "chain.update: state must be the tuple of member states made by this chain's init, "
+         "2 ([0] scale_by_adam; [1] scale_by_learning_rate), got ScaleByAdamState"),
     Case("update", 'gc.scale_by_adam().update(G, state)', TypeError,
          "scale_by_adam.update: state must be the ScaleByAdamState made by "
          "scale_by_adam(...).init(params), got tuple (a chain's state is a tuple of its "
@@ -292,7 +294,7 @@ CASES: list[Case] = [
          "updates does not have the structure of params: updates has no ['b'], which params "
          "have"),
     Case("update",
-         'gc.scale_loss(torch.tensor(1.0), gc.chain(gc.loss_scale(), gc.loss_scale()).init(P))',
+         'gc.scale_loss(torch.tensor(1.0), (gc.loss_scale().init(P), gc.loss_scale().init(P)))',
          ValueError,
          "scale_loss: this state holds more than one loss_scale; use loss * "
          "gc.tree_get(<the sub-state you mean>, 'scale') instead"),
@@ -673,7 +675,9 @@ def _runs(draw: st.DrawFn, gated: bool) -> tuple[Any, Any, list[Any], list[dict[
         head = (gc.skip_if_nonfinite() if gate == "skip"
                 else gc.loss_scale(init_scale=draw(st.sampled_from([1.0, 8.0, 2.0**16])),
                                    growth_interval=draw(st.sampled_from([1, 2, 2000]))))
-        members = draw(st.lists(gst.transformations(gates=True, combinators=False), max_size=3))
+        members = gst.legal_members(
+            draw(st.lists(gst.transformations(gates=True, combinators=False), max_size=3)),
+            head=(head,))
         tx: Any = (gc.chain(head, *members), gate, members)
     else:
         tx = draw(gst.transformations(gates=True, combinators=True, max_depth=2))

@@ -46,7 +46,8 @@ def _everything():
         gc.clip_by_norm(1.0, error_if_nonfinite=True),
         gc.clip_by_value(0.5),
         gc.accumulate_every(3),
-        gc.chain(gc.sgd(0.1, momentum=0.9), gc.adamw(1e-2)),
+        # momentum (sgd's state, not a rule) before a rule: chain refuses two rules
+        gc.chain(gc.chain(gc.trace(0.9), gc.scale(-0.1)), gc.adamw(1e-2)),
         gc.identity(),
     )
 

@@ -8,7 +8,15 @@ The public API is re-exported here; see the modules for the details.
 from gradchain import checkpoint, fused, optimizers, tree  # noqa: F401  (re-export modules)
 from gradchain import partition as _partition_module  # noqa: F401
 from gradchain.adapter import ChainedOptimizer
-from gradchain.base import EmptyState, GradientTransformation, donation, identity, is_transformation
+from gradchain.base import (
+    EmptyState,
+    GradientTransformation,
+    donation,
+    identity,
+    is_transformation,
+    is_update_rule,
+    mark_update_rule,
+)
 from gradchain.clipping import (
     ClipByNormState,
     adaptive_grad_clip,
@@ -168,6 +176,8 @@ __all__ = [
     "identity",
     "is_gate",
     "is_transformation",
+    "is_update_rule",
+    "mark_update_rule",
     "to_state_dict",
     "tree_get",
     "ScaleByAdadeltaState",

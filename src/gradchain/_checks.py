@@ -10,11 +10,15 @@ sync), under ``torch.compile`` (a graph break) or under ``torch.func`` transform
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
+import optree
 import torch
 
 from gradchain._ops import known_float
+from gradchain._tree import path_str
 
 
 def is_number(value: object) -> bool:
@@ -138,3 +142,47 @@ def in_range(
         right = "" if hi == math.inf else f" {'<' if hi_open else '<='} {hi:g}"
         raise ValueError(f"{who}: invalid {name}={v!r}; expected {left}{name}{right}")
     return v
+
+
+def params_tree(params: Any, who: str) -> None:
+    """Refuse, at ``init``, what is not a tree of parameters: a module, an iterator (a
+    generator such as ``model.parameters()`` would be used up by the first member's
+    ``init``), a leaf that is not a tensor or ``None``, an integer or bool tensor; warn for
+    a ``state_dict()`` (it holds buffers too). Runs once per ``init`` (never in
+    ``update``)."""
+    if isinstance(params, torch.nn.Module):
+        raise TypeError(
+            f"{who}: params is the module {type(params).__name__}, not a tree of its "
+            "parameters: pass dict(model.named_parameters())"
+        )
+    if isinstance(params, Iterator):
+        raise TypeError(
+            f"{who}: params is a {type(params).__name__} (e.g. model.parameters()), which "
+            "the first member's init would use up, leaving the others nothing: pass "
+            "dict(model.named_parameters()) (or list(model.parameters()))"
+        )
+    if isinstance(params, dict) and hasattr(params, "_metadata"):
+        warnings.warn(
+            f"{who}: params looks like a module's state_dict(), which holds its buffers "
+            "too (e.g. BatchNorm's running statistics, an int64 batch counter) and detached "
+            "tensors: the state would have entries the gradients lack; pass "
+            "dict(model.named_parameters()) unless this tree is what you mean",
+            UserWarning,
+            stacklevel=3,
+        )
+    paths, leaves, _ = optree.tree_flatten_with_path(params, none_is_leaf=True)
+    for path, leaf in zip(paths, leaves):
+        if leaf is None:
+            continue
+        where = f"params{path_str(path)}"
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"{who}: {where} is a {type(leaf).__name__}, not a tensor: a params tree "
+                "holds torch.Tensor leaves (torch.as_tensor(...) a number or an array) or None"
+            )
+        if not (leaf.is_floating_point() or leaf.is_complex()):
+            raise TypeError(
+                f"{who}: {where} has dtype {leaf.dtype}: gradient transformations update "
+                "floating-point (or complex) parameters; leave integer tensors out of the "
+                "tree (or give them None)"
+            )

@@ -628,6 +628,13 @@ def global_norm(tensors: Sequence[torch.Tensor | None], norm_type: float = 2.0) 
         >>> global_norm([torch.full((4,), 60000.0, dtype=torch.float16)])
         tensor(120000.)
     """
+    if not isinstance(tensors, (list, tuple)):
+        raise TypeError(
+            f"global_norm: tensors must be a list or tuple of tensors, got a "
+            f"{type(tensors).__name__}; for a tree (e.g. a dict of gradients) pass its "
+            "leaves: global_norm(list(grads.values())) or "
+            "global_norm(gradchain.tree.flatten(grads)[0])"
+        )
     ts = [t for t in tensors if t is not None]
     if not ts:
         return torch.tensor(0.0)

@@ -16,9 +16,10 @@ import torch
 from gradchain import gating
 from gradchain._snapshot import Snapshot
 from gradchain._tree import named_nodes
-from gradchain.base import GradientTransformation
-from gradchain.combine import chain_members
+from gradchain.base import GradientTransformation, is_transformation, is_update_rule
+from gradchain.combine import chain_members, describe, not_a_transformation
 from gradchain.gates import LossScaleState, scale_loss
+from gradchain.optim._fused import fused_plan_of
 from gradchain.state import from_state_dict, to_state_dict
 
 try:  # pickling a transformation (closures) by value; deepcopy does not need it
@@ -147,6 +148,52 @@ def _merge_states(old: Any, new: Any) -> Any:
     return optree.tree_unflatten(spec, out)
 
 
+def _check_arguments(optimizer: Any, transform: Any) -> None:
+    """Refuse, naming what is wrong and the fix, what ``ChainedOptimizer(optimizer,
+    transform)`` cannot run: before anything is built (see the Reliability page's
+    misuse catalogue)."""
+    if is_transformation(optimizer) and isinstance(transform, torch.optim.Optimizer):
+        raise TypeError(
+            "ChainedOptimizer: the arguments are swapped: pass the torch optimizer first, "
+            "ChainedOptimizer(optimizer, transform)"
+        )
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        if callable(optimizer) and not isinstance(optimizer, (type, torch.nn.Module)):
+            name = getattr(optimizer, "__name__", type(optimizer).__name__)
+            raise TypeError(
+                f"ChainedOptimizer: optimizer is a callable ({name}), not an optimizer: call "
+                "it to make one, e.g. torch.optim.AdamW(model.parameters(), lr=...)"
+            )
+        raise TypeError(
+            f"ChainedOptimizer: optimizer must be a torch.optim.Optimizer, "
+            f"got {type(optimizer).__name__}"
+        )
+    if isinstance(optimizer, ChainedOptimizer):
+        raise TypeError("ChainedOptimizer: wrap the inner optimizer once, with one chain")
+    if not is_transformation(transform):
+        raise TypeError(f"ChainedOptimizer: transform {not_a_transformation(transform)}")
+    if is_update_rule(transform):
+        where = _rule_path(transform)
+        raise ValueError(
+            f"ChainedOptimizer: the transform holds an update rule ({where}), and the "
+            f"wrapped {type(optimizer).__name__} applies its own: every step would apply "
+            "two rules (the learning rate twice, the sign flipped twice); keep gradient "
+            "processing in the transform (clip, accumulate_every, loss_scale, "
+            f"skip_if_nonfinite) and the rule in {type(optimizer).__name__}, or run the "
+            "whole chain with gc.update_and_apply_"
+        )
+
+
+def _rule_path(transform: GradientTransformation, path: str = "transform") -> str:
+    """Where the update rule sits in ``transform``: ``transform[1] = chain(...)``."""
+    members = chain_members(transform)
+    if members is not None and fused_plan_of(transform) is None:  # not a built-in alias
+        for i, member in enumerate(members):
+            if is_update_rule(member):
+                return _rule_path(member, f"{path}[{i}]")
+    return f"{path} = {describe(transform)}"
+
+
 class _NonfiniteNormError(RuntimeError):
     """``clip_by_norm(error_if_nonfinite=True)`` refused the step (a refusal, not a fault)."""
 
@@ -225,6 +272,15 @@ class ChainedOptimizer(torch.optim.Optimizer):
             step. Default ``False``: failures and refusals before the wrapped step still
             change nothing.
 
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer instance (the class, an uncalled
+            factory, a model, another ``ChainedOptimizer``), ``transform`` is not a
+            transformation (an uncalled factory, a list), or the two are swapped.
+        ValueError: ``transform`` holds an update rule (``sgd``, ``adamw``, any rule of
+            :mod:`gradchain.optim`, ``scale_by_learning_rate``; the message names where):
+            the wrapped optimizer applies its own; or gates in front of ``LBFGS``.
+            See the misuse catalogue on the Reliability page.
+
     Example:
         >>> import torch, gradchain as gc
         >>> model = torch.nn.Linear(3, 1)
@@ -257,18 +313,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 f"optimizer; pass an instance, e.g. {optimizer.__name__}(model.parameters(), "
                 "lr=...)"
             )
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"ChainedOptimizer: optimizer must be a torch.optim.Optimizer, "
-                f"got {type(optimizer).__name__}"
-            )
-        if isinstance(optimizer, ChainedOptimizer):
-            raise TypeError("ChainedOptimizer: wrap the inner optimizer once, with one chain")
-        if not (isinstance(transform, tuple) and len(transform) == 2 and callable(transform[1])):
-            raise TypeError(
-                "ChainedOptimizer: transform must be a GradientTransformation (init, update), "
-                f"got {type(transform).__name__}"
-            )
+        _check_arguments(optimizer, transform)
         if should_commit is not None and not callable(should_commit):
             raise TypeError("ChainedOptimizer: should_commit must be a callable returning bool")
         if not isinstance(transactional, bool):

@@ -30,6 +30,8 @@ __all__ = [
     "donation",
     "expect_state",
     "is_transformation",
+    "is_update_rule",
+    "mark_update_rule",
 ]
 
 
@@ -92,6 +94,85 @@ def is_transformation(value: Any) -> bool:
     )
 
 
+# --------------------------------------------------------------------------- roles
+# What a transformation *is* in a chain, declared by the factory that builds it (never
+# guessed from names): an attribute on its ``update`` function, a frozenset of the roles
+# below. Combinators give their own ``update`` the roles of their members (see
+# ``combine.chain``), so a check sees through nesting. Read at construction only.
+_ROLES_ATTR = "_gradchain_roles"
+RULE = "update rule"  # turns gradients into the step (applies the learning rate)
+PARTIAL_RULE = "update rule on some leaves"  # a rule inside masked / partition
+HOLDS = "holds gradients back"  # accumulate_every, skip_if_nonfinite, loss_scale
+UNSCALES = "unscales"  # loss_scale: divides the gradients by the loss scale
+READS = "reads gradient values"  # clips, decay: wrong on gradients still loss-scaled
+PASSIVE = "passive"  # reads no gradient value and commutes with scaling (identity, accumulate)
+
+
+def roles_of(transform: Any) -> frozenset[str]:
+    """The roles ``transform``'s factory declared (empty for an undeclared one)."""
+    update = transform[1] if isinstance(transform, tuple) and len(transform) == 2 else None
+    return frozenset(getattr(update, _ROLES_ATTR, ()))
+
+
+def set_roles(update: Callable[..., Any], roles: Any) -> Callable[..., Any]:
+    """Give ``update`` exactly these roles (replacing any it had); returns it. Not inside
+    compiled code (a transformation built there is never checked, and the attribute would
+    be a side effect the graph cannot hold)."""
+    if not torch.compiler.is_compiling():
+        setattr(update, _ROLES_ATTR, frozenset(roles))
+    return update
+
+
+def add_roles(update: Callable[..., Any], *roles: str) -> Callable[..., Any]:
+    """Add ``roles`` to ``update``'s; returns it (nothing inside compiled code)."""
+    if torch.compiler.is_compiling():
+        return update
+    return set_roles(update, frozenset(getattr(update, _ROLES_ATTR, ())) | set(roles))
+
+
+def mark_update_rule(update: Callable[..., Any]) -> Callable[..., Any]:
+    """Declare ``update`` as an update rule's (it turns gradients into the step, e.g. it
+    applies the learning rate); returns it.
+
+    Every built-in rule is declared so (``sgd``, ``adam``, ``adamw``, every rule of
+    :mod:`gradchain.optim`, ``scale_by_learning_rate``), and so is a chain that holds one.
+    Declare your own rule too: then ``chain`` refuses two rules in one chain or a gate
+    (``accumulate_every``, ``skip_if_nonfinite``, ``loss_scale``) placed after it, and
+    :class:`~gradchain.ChainedOptimizer` refuses it in front of a torch optimizer (which
+    applies its own rule).
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> def my_sign_sgd(lr):
+        ...     def init(params):
+        ...         return gc.EmptyState()
+        ...     def update(updates, state, params=None, **extra):
+        ...         return {k: -lr * g.sign() for k, g in updates.items()}, state
+        ...     return gc.GradientTransformation(init, gc.mark_update_rule(update))
+        >>> gc.is_update_rule(my_sign_sgd(0.1)), gc.is_update_rule(gc.clip_by_norm(1.0))
+        (True, False)
+        >>> gc.chain(my_sign_sgd(0.1), gc.sgd(0.1))
+        Traceback (most recent call last):
+        ...
+        ValueError: chain: two update rules, member 0 (my_sign_sgd) and member 1 (...
+    """
+    return add_roles(update, RULE)
+
+
+def is_update_rule(transform: Any) -> bool:
+    """Whether ``transform`` is an update rule or holds one (a chain, ``masked`` or
+    ``partition`` with one inside); see :func:`mark_update_rule`.
+
+    Example:
+        >>> import gradchain as gc
+        >>> gc.is_update_rule(gc.adamw(1e-3)), gc.is_update_rule(gc.scale_by_learning_rate(0.1))
+        (True, True)
+        >>> gc.is_update_rule(gc.chain(gc.clip_by_norm(1.0), gc.accumulate_every(2)))
+        False
+    """
+    return bool(roles_of(transform) & {RULE, PARTIAL_RULE})
+
+
 def expect_state(state: Any, cls: type, who: str) -> None:
     """Raise ``TypeError`` unless ``state`` is a ``cls`` (the state ``who``'s init makes).
 
@@ -100,15 +181,27 @@ def expect_state(state: Any, cls: type, who: str) -> None:
     ``AttributeError`` deep inside the maths.
     """
     if not isinstance(state, cls):
-        hint = (
-            " (a chain's state is a tuple of its members' states: give each member its own)"
-            if type(state) is tuple
-            else ""
-        )
+        if type(state) is tuple:
+            hint = " (a chain's state is a tuple of its members' states: give each member its own)"
+        elif isinstance(state, (dict, list, torch.Tensor)):
+            hint = (" (arguments in the wrong order? it is update(updates, state, params): "
+                    "a tree of tensors was given as the state)")
+        else:
+            hint = (" (a state from another transformation, or from this one built with other "
+                    "arguments, e.g. a schedule instead of a constant: make it with this "
+                    "transformation's init)")
         raise TypeError(
             f"{who}.update: state must be the {cls.__name__} made by {who}(...).init(params), "
             f"got {type(state).__name__}{hint}"
         )
+
+
+def expect_empty(state: Any, who: str) -> None:
+    """:func:`expect_state` for a stateless transformation: ``EmptyState()`` (or ``None``,
+    which code written for stateless transformations passes). A state of another
+    transformation (a stale schedule state given to a constant rate) raises."""
+    if state is not None and not isinstance(state, EmptyState):
+        expect_state(state, EmptyState, who)
 
 
 def donation(extra: dict[str, Any], who: str) -> tuple[bool, bool]:
@@ -241,6 +334,7 @@ def identity() -> GradientTransformation:
         updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, EmptyState]:
         del params, extra
+        expect_empty(state, "identity")
         return updates, state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, add_roles(update, PASSIVE))

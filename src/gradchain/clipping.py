@@ -12,7 +12,15 @@ import torch
 from gradchain import _checks, _ops
 from gradchain._ops import global_norm, norm_dtype
 from gradchain._tree import Leaves, flatten, leaf_paths, unflatten
-from gradchain.base import EmptyState, GradientTransformation, donation, expect_state
+from gradchain.base import (
+    READS,
+    EmptyState,
+    GradientTransformation,
+    add_roles,
+    donation,
+    expect_empty,
+    expect_state,
+)
 from gradchain.gating import error_flags
 
 __all__ = [
@@ -185,7 +193,7 @@ def clip_by_norm(
         )
         return view.put(clipped), new_state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, add_roles(update, READS))
 
 
 def clip_by_value(max_value: float, min_value: float | None = None) -> GradientTransformation:
@@ -228,12 +236,13 @@ def clip_by_value(max_value: float, min_value: float | None = None) -> GradientT
         updates: Any, state: EmptyState, params: Any = None, **extra: Any
     ) -> tuple[Any, EmptyState]:
         del params
+        expect_empty(state, "clip_by_value")
         donated, _ = donation(extra, "clip_by_value")
         view = Leaves(updates)
         clamp = _ops.clamp_ if donated and _ops.inplace_ok(view.values) else _ops.clamp
         return view.put(clamp(view.values, lo, hi)), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, add_roles(update, READS))
 
 
 # --------------------------------------------------------------------------- optax's other clips
@@ -332,7 +341,7 @@ def adaptive_grad_clip(
             out.append(torch.where(g_norm < max_norm, g, clipped.to(g.dtype)))
         return view.put(out), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, add_roles(update, READS))
 
 
 def clip_by_block_rms(threshold: float) -> GradientTransformation:
@@ -382,7 +391,7 @@ def clip_by_block_rms(threshold: float) -> GradientTransformation:
             out.append((wide / denom).to(g.dtype))
         return view.put(out), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, add_roles(update, READS))
 
 
 def per_example_global_norm_clip(

@@ -22,6 +22,7 @@ positions (``vmap`` refuses ``in_dims=0`` for a ``None`` input or output), e.g. 
 
 from __future__ import annotations
 
+import contextvars
 import keyword
 import weakref
 from collections.abc import Callable, Hashable, Mapping
@@ -30,9 +31,15 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from gradchain import _tree
+from gradchain import _checks, _tree
 from gradchain.base import (
     DONATE_MODE,
+    HOLDS,
+    PARTIAL_RULE,
+    PASSIVE,
+    READS,
+    RULE,
+    UNSCALES,
     GradientTransformation,
     Ownership,
     Params,
@@ -40,6 +47,8 @@ from gradchain.base import (
     Updates,
     donation,
     is_transformation,
+    roles_of,
+    set_roles,
 )
 from gradchain.gating import (
     CHAIN_STATE_ATTR,
@@ -60,6 +69,24 @@ __all__ = [
     "PartitionState",
     "partition",
 ]
+
+
+# Set while a chain's init runs: the chains inside it do not check the params again.
+_IN_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("gradchain_in_init",
+                                                                 default=False)
+
+
+def _init_members(transforms: tuple[GradientTransformation, ...], params: Params) -> Any:
+    """``chain``'s init: the params are checked once, by the outermost chain. (A module
+    function: a chain pickled by value refers to it, not to the context variable.)"""
+    if _IN_INIT.get() or torch.compiler.is_compiling():
+        return tuple(t.init(params) for t in transforms)
+    _checks.params_tree(params, "chain.init")
+    token = _IN_INIT.set(True)
+    try:
+        return tuple(t.init(params) for t in transforms)
+    finally:
+        _IN_INIT.reset(token)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -96,6 +123,19 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     Later gates receive the combined flag of the gates before them as the extra keyword
     ``gate_open`` and keep their own state on steps an earlier gate closed.
 
+    **Orders that cannot be meant are refused** when the chain is built (from the roles
+    the factories declare, see :func:`~gradchain.mark_update_rule`; nothing is read from
+    a tensor): two update rules; a gate that holds gradients back (``accumulate_every``,
+    ``skip_if_nonfinite``, ``loss_scale``) after the rule; ``loss_scale`` after anything
+    but ``accumulate_every`` (a clip, a decay or a skip would see scaled gradients).
+    ``init`` refuses a module, an iterator (``model.parameters()``), non-tensor leaves
+    and integer tensors, and warns for a ``state_dict()``.
+
+    Raises:
+        TypeError: an argument is not a transformation (the message says when it is an
+            uncalled factory or a list).
+        ValueError: one of the orders above, naming the members by index and name.
+
     Example:
         >>> import torch, gradchain as gc
         >>> tx = gc.chain(gc.clip_by_norm(1.0), gc.sgd(lr=0.5))
@@ -107,25 +147,21 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     transforms = tuple(transforms)
     for i, t in enumerate(transforms):
         if not is_transformation(t):
-            raise TypeError(
-                f"chain: argument {i} must be a GradientTransformation (init, update), "
-                f"got {type(t).__name__}"
-            )
+            raise TypeError(f"chain: argument {i} {not_a_transformation(t)}")
     gates = tuple(is_gate(t) for t in transforms)
     last_gate = ([i for i, g in enumerate(gates) if g] or [-1])[-1]  # traceable (no max default)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        check_order(transforms, "chain")
 
     def init(params: Params) -> tuple[State, ...]:
-        return tuple(t.init(params) for t in transforms)
+        return _init_members(transforms, params)
 
     def update(
         updates: Updates, state: tuple[State, ...], params: Params | None = None, **extra: Any
     ) -> tuple[Updates, tuple[State, ...]]:
         if not isinstance(state, tuple) or len(state) != len(transforms):
-            got = f"a tuple of {len(state)}" if type(state) is tuple else type(state).__name__
-            raise ValueError(
-                f"chain.update: state must be a tuple of {len(transforms)} member states "
-                f"(from this chain's init), got {got}"
-            )
+            raise ValueError(state_mismatch(transforms, state))
         walk = GateWalk.from_extra(extra)  # the gates of enclosing chains, when nested
         # Donation as the caller gave it; members after the first get the updates donated
         # only if what they receive is checked to be memory the chain alone holds (a
@@ -215,12 +251,131 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     if any(gates):
         mark_gate(update)
-    if not torch.compiler.is_compiling():
+    if not compiling:
         # A chain built inside compiled code (inject_hyperparams rebuilds its rule on every
         # step) is not recorded: compiled code never asks, and the record would be a side
         # effect the graph cannot hold.
         _record_members(update, transforms)
+        set_roles(update, chain_roles(transforms))
     return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- misuse
+def describe(transform: GradientTransformation) -> str:
+    """A short name for ``transform``: its factory's name, ``chain(...)`` of its members."""
+    members = chain_members(transform)
+    if members is not None:
+        return "chain(" + ", ".join(describe(m) for m in members) + ")"
+    update = transform[1]
+    name = getattr(update, "__qualname__", type(update).__name__)
+    return str(name).split(".<locals>")[0]
+
+
+def not_a_transformation(value: Any) -> str:
+    """The end of a message for ``value`` given where a transformation is expected: what
+    it is instead, and what to do (an uncalled factory, a list of transformations)."""
+    if callable(value) and not isinstance(value, type):
+        name = getattr(value, "__name__", type(value).__name__)
+        return (
+            f"is the function {name}, not a transformation: call it, e.g. {name}(...) "
+            "(a factory returns the GradientTransformation)"
+        )
+    if isinstance(value, list) and value and all(is_transformation(v) for v in value):
+        return (
+            f"is a list of {len(value)} transformations: pass gc.chain(*transformations) "
+            "(or the transformations as separate arguments of chain)"
+        )
+    return f"must be a GradientTransformation (init, update), got {type(value).__name__}"
+
+
+def state_mismatch(members: tuple[GradientTransformation, ...], state: Any) -> str:
+    """The message for a state that is not one of ``chain(*members)``'s: the members this
+    chain has, against what the state holds (the error path only)."""
+    names = "; ".join(f"[{i}] {describe(t)}" for i, t in enumerate(members))
+    if type(state) is tuple:
+        held = "; ".join(f"[{i}] {_state_name(s)}" for i, s in enumerate(state))
+        return (f"chain.update: state must hold one state per member, {len(members)} "
+                f"({names}), got a tuple of {len(state)} ({held}): it comes from a chain of "
+                "another shape (a member more or less); make it with this chain's init")
+    hint = (" (arguments in the wrong order? it is update(updates, state, params))"
+            if isinstance(state, (dict, list, torch.Tensor)) else "")
+    return (f"chain.update: state must be the tuple of member states made by this chain's "
+            f"init, {len(members)} ({names}), got {type(state).__name__}{hint}")
+
+
+def _state_name(state: Any) -> str:
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):
+        return "(" + ", ".join(_state_name(s) for s in state) + ")"
+    return type(state).__name__
+
+
+def _partial(roles: frozenset[str]) -> frozenset[str]:
+    """The roles of ``masked`` / ``partition`` over members with ``roles``: a rule there
+    updates some leaves only (two such rules may follow each other)."""
+    return roles - {RULE} | ({PARTIAL_RULE} if RULE in roles else set())
+
+
+def chain_roles(members: tuple[GradientTransformation, ...]) -> frozenset[str]:
+    """The roles of a chain of ``members``: each member's; passive only if every member
+    is passive or declares nothing (as the flat chain would be checked)."""
+    roles = [roles_of(t) for t in members]
+    union = frozenset().union(*roles)
+    if all(PASSIVE in r or not r for r in roles):
+        return union | {PASSIVE}
+    return union - {PASSIVE}
+
+
+def check_order(members: tuple[GradientTransformation, ...], who: str) -> None:
+    """Refuse, when ``chain(*members)`` is built, an order that cannot be meant: two update
+    rules; a gate that holds gradients back (``accumulate_every``, ``skip_if_nonfinite``,
+    ``loss_scale``) after the rule; ``loss_scale`` after a member that reads the values it
+    has not unscaled yet. Reads the roles the factories declared (no tensor, no sync)."""
+    roles = [roles_of(t) for t in members]
+
+    def name(i: int) -> str:
+        return f"member {i} ({describe(members[i])})"
+
+    rules = [i for i, r in enumerate(roles) if RULE in r]
+    if len(rules) > 1:
+        i, j = rules[:2]
+        raise ValueError(
+            f"{who}: two update rules, {name(i)} and {name(j)}: each turns its input into "
+            "a step (and applies its learning rate), so the second would take the first's "
+            "step for a gradient; keep one rule per chain (different rules for different "
+            "parameters: gc.partition)"
+        )
+    rule = next((i for i, r in enumerate(roles) if r & {RULE, PARTIAL_RULE}), None)
+    if rule is not None:
+        late = next((j for j in range(rule + 1, len(members)) if HOLDS in roles[j]), None)
+        if late is not None:
+            raise ValueError(
+                f"{who}: {name(late)} holds gradients back but comes after the update rule, "
+                f"{name(rule)}: the rule would run on every call (its state taking in "
+                "every micro-batch, and non-finite gradients, before the gate decides) and "
+                "the gate would then hold back steps, not gradients; put the gate before the "
+                "rule (to sum updates after the rule as optax.apply_every does, use "
+                "gc.apply_every)"
+            )
+    for j, r in enumerate(roles):
+        if UNSCALES not in r:
+            continue
+        early = next((i for i in range(j) if _needs_unscaled(roles[i])), None)
+        if early is not None:
+            raise ValueError(
+                f"{who}: loss_scale, in {name(j)}, comes after {name(early)}, which then "
+                "sees the gradients still multiplied by the loss scale (2**16 by default): "
+                "a clip would always clip, a decay, a skip or a rule would act on the wrong "
+                "values; put loss_scale first (only accumulate_every may come before it)"
+            )
+
+
+def _needs_unscaled(roles: frozenset[str]) -> bool:
+    """Whether a member with ``roles`` must not run before ``loss_scale``: it reads the
+    values (clips, decay), is a rule, or is a gate that is not a plain window (a skip
+    would hide overflows from the scale, which would then never back off)."""
+    return bool(roles & {READS, RULE, PARTIAL_RULE, UNSCALES}) or (
+        HOLDS in roles and PASSIVE not in roles
+    )
 
 
 _CHAIN_MEMBERS: weakref.WeakKeyDictionary[Callable[..., Any], tuple[GradientTransformation, ...]] = (
@@ -337,6 +492,7 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
 
     if is_gate(inner):
         mark_gate(update)
+    set_roles(update, roles_of(inner))
     # Recorded as a chain: update_and_apply_ walks into it (and rebuilds its state type).
     _record_members(update, tuple(members))
     return GradientTransformation(init, update)
@@ -638,6 +794,7 @@ def masked(
 
     if core.gated:
         mark_gate(update)
+    set_roles(update, _partial(roles_of(transform)))
     return GradientTransformation(init, update)
 
 
@@ -798,6 +955,7 @@ def partition(
 
     if core.gated:
         mark_gate(update)
+    set_roles(update, _partial(chain_roles(tuple(members.values()))))
     _PARTITIONS[update] = core
     return GradientTransformation(init, update)
 

@@ -19,7 +19,15 @@ import torch
 from gradchain import _checks, _ops
 from gradchain._ops import LOW_PRECISION, first_device, known_bool, known_int, safe_increment
 from gradchain._tree import Leaves, named_nodes
-from gradchain.base import GradientTransformation, donation, expect_state
+from gradchain.base import (
+    HOLDS,
+    PASSIVE,
+    UNSCALES,
+    GradientTransformation,
+    add_roles,
+    donation,
+    expect_state,
+)
 from gradchain.gating import (
     Window,
     expect_chain_state,
@@ -356,7 +364,8 @@ def accumulate_every(
             select_tree(host_open, new_state, state),
         )
 
-    return GradientTransformation(init, mark_gate(gated_update))
+    # A gate on the gradients: before the rule; reads no value, commutes with scaling.
+    return GradientTransformation(init, add_roles(mark_gate(gated_update), HOLDS, PASSIVE))
 
 
 # --------------------------------------------------------------------------- skip_if_nonfinite
@@ -515,7 +524,7 @@ def skip_if_nonfinite(max_consecutive_errors: int | None = None) -> GradientTran
         is_open = keep_where_closed(gate_open, finite, state.is_open)
         return view.put(out), SkipIfNonfiniteState(is_open, *counters)
 
-    return GradientTransformation(init, mark_gate(update))
+    return GradientTransformation(init, add_roles(mark_gate(update), HOLDS))  # before the rule
 
 
 # --------------------------------------------------------------------------- loss_scale
@@ -685,7 +694,8 @@ def loss_scale(
         is_open = keep_where_closed(gate_open, finite, state.is_open)
         return view.put(out), LossScaleState(new_scale, new_tracker, is_open)
 
-    return GradientTransformation(init, mark_gate(update))
+    # Before the rule, and before anything that reads the gradients' values (clips).
+    return GradientTransformation(init, add_roles(mark_gate(update), HOLDS, UNSCALES))
 
 
 def _unscale(gs: list[torch.Tensor], inv: torch.Tensor, donated: bool = False) -> list[torch.Tensor]:

@@ -28,7 +28,15 @@ from typing import Any, NamedTuple
 import torch
 
 from gradchain._ops import safe_increment
-from gradchain.base import GradientTransformation, Params, State, Updates, expect_state
+from gradchain.base import (
+    GradientTransformation,
+    Params,
+    State,
+    Updates,
+    expect_state,
+    roles_of,
+    set_roles,
+)
 from gradchain.gating import applied, is_gate, mark_gate
 from gradchain.optim._fused import FusedStep, advance, bind_fused, fused_plan_of
 from gradchain.state import named_entries
@@ -314,7 +322,9 @@ def inject_hyperparams(
 
         if gated:
             mark_gate(update)
-        return bind_fused(GradientTransformation(init, update), plan)
+        injected = bind_fused(GradientTransformation(init, update), plan)
+        set_roles(update, roles_of(first))  # what the wrapped transformation is
+        return injected
 
     make.__name__ = f"inject_hyperparams_{name_of}"
     make.__doc__ = f"{name_of} with its numeric arguments held in the state (see inject_hyperparams)."

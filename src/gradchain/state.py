@@ -156,6 +156,72 @@ def _mismatch(path: str, expected: str, got: Any) -> ValueError:
     )
 
 
+def _is_state(x: Any) -> bool:
+    """A member state of a chain: a NamedTuple, or a nested chain's tuple of them (not a
+    params-shaped tuple of tensors)."""
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return True
+    return isinstance(x, tuple) and len(x) > 0 and all(_is_state(s) for s in x)
+
+
+def _fits(template: Any, data: Any) -> bool:
+    try:
+        _rebuild(template, data, "")
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _state_name(x: Any) -> str:
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x).__name__
+    if isinstance(x, tuple):
+        return "(" + ", ".join(_state_name(s) for s in x) + ")"
+    return type(x).__name__
+
+
+def _data_name(x: Any) -> str:
+    if isinstance(x, dict):
+        return "{" + ", ".join(map(str, x)) + "}"
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(_data_name(d) for d in x) + "]"
+    return type(x).__name__
+
+
+def _members_differ(template: Any, data: Any, path: str) -> str:
+    """The message for a chain state saved with a member more or less (the error path):
+    which member is missing or extra, found by aligning the saved members with this
+    chain's."""
+    n, m = len(template), len(data)
+    where = ""
+    if m == n - 1:  # one member less: the one whose removal makes the rest fit
+        for i in range(n):
+            rest = list(template[:i]) + list(template[i + 1 :])
+            if all(_fits(t, d) for t, d in zip(rest, data)):
+                where = (f"; member {path}[{i}] ({_state_name(template[i])}) is missing from "
+                         "the saved state")
+                break
+    elif m == n + 1:  # one member more
+        for i in range(m):
+            rest = list(data[:i]) + list(data[i + 1 :])
+            if all(_fits(t, d) for t, d in zip(template, rest)):
+                where = (f"; the saved state has an extra member at {path}[{i}] (with keys "
+                         f"{_data_name(data[i])}), which this chain lacks")
+                break
+    if not where:
+        first = next((i for i, (t, d) in enumerate(zip(template, data)) if not _fits(t, d)),
+                     min(n, m))
+        where = f"; the first that differs is member {path}[{first}]"
+    return (
+        f"from_state_dict: {path} does not fit this transformation's state: it holds {n} "
+        "member states ("
+        + ", ".join(_state_name(t) for t in template)
+        + f"), the saved state {m}{where}: it was saved from a chain with a member "
+        + ("less" if m < n else "more")
+        + " (load it into a chain of the same members, in the same order)"
+    )
+
+
 def _rebuild(template: Any, data: Any, path: str) -> Any:
     if isinstance(template, tuple) and hasattr(template, "_fields"):
         fields = template._fields
@@ -180,6 +246,10 @@ def _rebuild(template: Any, data: Any, path: str) -> Any:
                 )
         return rebuilt
     if isinstance(template, (tuple, list)):
+        if isinstance(data, (list, tuple)) and len(data) != len(template) and _is_state(
+            tuple(template)
+        ):
+            raise ValueError(_members_differ(template, data, path))
         if not isinstance(data, (list, tuple)) or len(data) != len(template):
             raise _mismatch(path, f"a list of length {len(template)}", data)
         items = [_rebuild(t, d, f"{path}[{i}]") for i, (t, d) in enumerate(zip(template, data))]

@@ -38,14 +38,18 @@ from gradchain._ops import (
 )
 from gradchain._tree import Leaves, flatten, leaf_paths, unflatten
 from gradchain.base import (
+    READS,
     EmptyState,
     GradientTransformation,
     Params,
     Updates,
+    add_roles,
     donation,
+    expect_empty,
     expect_state,
     identity,
     is_transformation,
+    mark_update_rule,
 )
 from gradchain.combine import masked
 from gradchain.gating import gate_state, mark_gate, select_tree
@@ -104,8 +108,12 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
         >>> tx.update({"w": torch.tensor([1.0, 2.0]), "b": None}, tx.init(None))[0]
         {'w': tensor([-2., -4.]), 'b': None}
     """
-    factor = _checks.as_scalar(step_size, "step_size", "scale")
-    _checks.finite(factor, "step_size", "scale")
+    return _scale(step_size, "scale", "step_size")
+
+
+def _scale(step_size: float | torch.Tensor, who: str, name: str) -> GradientTransformation:
+    factor = _checks.as_scalar(step_size, name, who)
+    _checks.finite(factor, name, who)
 
     def init(params: Params) -> EmptyState:
         del params
@@ -115,10 +123,13 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
         updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, EmptyState]:
         del params
-        donated, _ = donation(extra, "scale")
+        expect_empty(state, who)
+        donated, _ = donation(extra, who)
         view = Leaves(updates)
         return view.put(_scaled(view.values, factor, donated)), state
 
+    if not torch.compiler.is_compiling():  # (a side effect compiled code cannot hold)
+        update.__qualname__ = f"{who}.<locals>.update"  # the name a misuse message shows
     return GradientTransformation(init, update)
 
 
@@ -206,12 +217,14 @@ def scale_by_learning_rate(
             out = _scaled(view.values, factor, donated)
             return view.put(out), ScaleByScheduleState(count=_ops.safe_increment(state.count))
 
-        return GradientTransformation(init_s, update_s)
+        # flip_sign: the descent step (the rule's last act); without, a plain factor.
+        return GradientTransformation(init_s, mark_update_rule(update_s) if flip_sign else update_s)
 
     lr = _checks.as_scalar(learning_rate, "learning_rate", "scale_by_learning_rate")  # type: ignore[arg-type]
-    _checks.finite(lr, "learning_rate", "scale_by_learning_rate")
-    inner = scale(-lr if flip_sign else lr)
-    return GradientTransformation(inner.init, inner.update)
+    inner = _scale(-lr if flip_sign else lr, "scale_by_learning_rate", "learning_rate")
+    return GradientTransformation(
+        inner.init, mark_update_rule(inner.update) if flip_sign else inner.update
+    )
 
 
 # --------------------------------------------------------------------------- weight decay
@@ -252,6 +265,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor) -> GradientTransform
     def update(
         updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, EmptyState]:
+        expect_empty(state, fn)
         donated, _ = donation(extra, fn)
         view = Leaves(updates)
         gs = view.values
@@ -271,7 +285,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor) -> GradientTransform
             _ops.scatter(out, idx, add(_ops.pick(gs, idx), decay))
         return view.put(_ops.cast(out, [g.dtype for g in gs])), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, add_roles(update, READS))
 
 
 # --------------------------------------------------------------------------- optax's processing: helpers
@@ -378,7 +392,7 @@ def zero_nans() -> GradientTransformation:
                for m, g in zip(nan, gs)]
         return view.put(out), ZeroNansState(found_nan=view.put_into(state.found_nan, found))
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, add_roles(update, READS))
 
 
 # --------------------------------------------------------------------------- ema

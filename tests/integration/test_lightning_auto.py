@@ -223,3 +223,151 @@ def test_a_chain_with_loss_scale_works_in_automatic_optimization() -> None:
     scale = float(gc.tree_get(t.optimizers[0].tx_state, "scale"))
     assert scale > 2.0**10  # it grew: every step was finite, so the scaled loss was used
     assert max(losses) < 100  # logged unscaled
+
+
+# --------------------------------------------------------------------------- resume
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning can resume mid-epoch (its ``_Stateful`` protocol:
+    ``state_dict`` / ``load_state_dict``, saved in the checkpoint's loop state): it counts
+    the batches yielded in the current pass and, once loaded, skips that many. A plain
+    DataLoader restarts the epoch from its first batch on resume (Lightning warns)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.yielded = 0
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        skip, self.skip = self.skip, 0
+        self.yielded = skip
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                self.yielded += 1
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skip = state["yielded"]
+
+
+class _Stop(Exception):
+    pass
+
+
+class SaveAndStop(pl.Callback):
+    """Save a checkpoint at the end of global batch ``at`` (mid-window), then stop the run
+    as a crash would."""
+
+    def __init__(self, at: int, path: str) -> None:
+        self.at, self.path, self.window = at, path, -1
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.current_epoch * trainer.num_training_batches + batch_idx == self.at:
+            opt = trainer.optimizers[0]
+            held = getattr(opt, "tx_state", None)  # native: Lightning's own window
+            self.window = (int(gc.tree_get(held, "mini_step")) if held is not None
+                           else (batch_idx + 1) % ACCUMULATE)
+            trainer.save_checkpoint(self.path)
+            raise _Stop
+
+
+def loader(batches: int, resumable: bool) -> DataLoader:
+    plain = data(batches)
+    if not resumable:
+        return plain
+    return ResumableLoader(plain.dataset, batch_size=BATCH, shuffle=False)
+
+
+def run(chain: bool, batches: int, resumable: bool, stop_at: int | None = None,
+        ckpt: str | None = None, resume: bool = False) -> Any:
+    """One fit (2 epochs) with the chain (``ChainedOptimization``) or Lightning's native
+    accumulation + clipping; stopped after saving at global batch ``stop_at``, or resumed
+    from ``ckpt``."""
+    model = Regressor(window_chain() if chain else None)
+    callbacks: list[Any] = [ChainedOptimization()] if chain else []
+    saver = None
+    if stop_at is not None:
+        assert ckpt is not None
+        saver = SaveAndStop(stop_at, ckpt)
+        callbacks.append(saver)
+    native = {} if chain else {"accumulate_grad_batches": ACCUMULATE, "gradient_clip_val": CLIP}
+    t = trainer(callbacks=callbacks, **native)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before")
+        if stop_at is not None:
+            with pytest.raises(_Stop):
+                t.fit(model, loader(batches, resumable))
+            assert saver is not None and 0 < saver.window < ACCUMULATE  # mid-window
+        else:
+            t.fit(model, loader(batches, resumable), ckpt_path=ckpt if resume else None)
+    return model, t
+
+
+@pytest.mark.parametrize("stop_at", [6, 16 + 9], ids=["epoch0-batch6", "epoch1-batch9"])
+def test_resume_mid_window_continues_as_if_uninterrupted(stop_at: int, tmp_path: Any) -> None:
+    """Run A uninterrupted; run B saves a checkpoint mid-window (3 or 2 micro-batches held
+    in the chain's accumulator) and crashes; run C resumes from it with ``ckpt_path=``:
+    C's weights equal A's bit for bit, and the uninterrupted run of Lightning's native
+    accumulation + clipping (1e-10). Lightning's native accumulation resumed the same way
+    does not: its held window was in ``.grad``, which the checkpoint does not hold."""
+    batches = 16
+    ckpt = str(tmp_path / "mid.ckpt")
+    a, a_trainer = run(True, batches, resumable=True)
+    run(True, batches, resumable=True, stop_at=stop_at, ckpt=ckpt)
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]
+    assert int(saved["transform"][0]["mini_step"]) == (stop_at + 1) % ACCUMULATE  # held
+    c, c_trainer = run(True, batches, resumable=True, ckpt=ckpt, resume=True)
+    native, native_trainer = run(False, batches, resumable=True)
+    for p, q, r in zip(c.net.parameters(), a.net.parameters(), native.net.parameters()):
+        assert torch.equal(p, q)
+        torch.testing.assert_close(p, r, rtol=0, atol=1e-10)
+    assert c_trainer.global_step == a_trainer.global_step == native_trainer.global_step
+    sched = c_trainer.lr_scheduler_configs[0].scheduler
+    assert sched.last_epoch == a_trainer.lr_scheduler_configs[0].scheduler.last_epoch
+    # Control: Lightning's native accumulation holds the window in .grad, which no
+    # checkpoint holds: resumed from its own mid-window checkpoint, it has lost the
+    # micro-batches of the interrupted window (the chain keeps them in its state).
+    native_ckpt = str(tmp_path / "native.ckpt")
+    run(False, batches, resumable=True, stop_at=stop_at, ckpt=native_ckpt)
+    resumed, _ = run(False, batches, resumable=True, ckpt=native_ckpt, resume=True)
+    lost = max(float((p - r).abs().max())
+               for p, r in zip(resumed.net.parameters(), native.net.parameters()))
+    assert lost > 1e-3
+
+
+class ScriptedLoader(DataLoader):
+    """Yields the dataset's batches in a given order per epoch (``orders[epoch]``)."""
+
+    def __init__(self, orders: list[list[int]], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.orders, self.epoch = orders, 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        batches = list(super().__iter__())
+        order, self.epoch = self.orders[self.epoch], self.epoch + 1
+        return iter([batches[i] for i in order])
+
+
+def test_resume_with_a_plain_dataloader_replays_the_epoch_and_keeps_the_window(
+    tmp_path: Any,
+) -> None:
+    """With a DataLoader that is not resumable, Lightning restarts the interrupted epoch's
+    data from its first batch (it warns) while its batch counter goes on: saved after batch
+    6, the resumed epoch feeds batches 0..8 as batches 7..15. The chain's held window
+    (micro-batches 4, 5, 6) survives in the checkpoint: the resumed run equals, bit for bit,
+    an uninterrupted run fed batches 0..6, 0..8 in its first epoch."""
+    batches, stop_at = 16, 6
+    ckpt = str(tmp_path / "ours.ckpt")
+    run(True, batches, resumable=False, stop_at=stop_at, ckpt=ckpt)
+    resumed, _ = run(True, batches, resumable=False, ckpt=ckpt, resume=True)
+    replay = [*range(stop_at + 1), *range(batches - stop_at - 1)]
+    model = Regressor(window_chain())
+    plain = data(batches)
+    scripted = ScriptedLoader([replay, list(range(batches))], plain.dataset, batch_size=BATCH,
+                              shuffle=False)
+    trainer(callbacks=[ChainedOptimization()]).fit(model, scripted)
+    for p, q in zip(resumed.net.parameters(), model.net.parameters()):
+        assert torch.equal(p, q)

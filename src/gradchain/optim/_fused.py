@@ -30,7 +30,7 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from gradchain import _checks, _ops
 from gradchain._ops import known_float
 from gradchain._tree import MISS, PLAIN, MetaMemo, flatten_like
-from gradchain.base import GradientTransformation, State
+from gradchain.base import GradientTransformation, State, mark_update_rule
 from gradchain.transforms import ScaleByScheduleState
 
 FusedStep = Callable[[list[Any], "torch.Tensor | None"], State]
@@ -44,9 +44,11 @@ _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def bind_fused(tx: GradientTransformation, plan: FusedPlan) -> GradientTransformation:
-    """Record ``plan`` as the way ``tx`` runs inside ``update_and_apply_``; returns ``tx``."""
+    """Record ``plan`` as the way ``tx`` runs inside ``update_and_apply_``; returns ``tx``,
+    declared an update rule (:func:`~gradchain.mark_update_rule`: what has a binding is one)."""
     if not torch.compiler.is_compiling():  # compiled code never runs a plan
         _PLANS[tx.update] = plan
+        mark_update_rule(tx.update)
     return tx
 
 

@@ -28,7 +28,13 @@ import torch
 
 from gradchain import _checks, _ops
 from gradchain._tree import Leaves, flatten, flatten_like, unflatten
-from gradchain.base import GradientTransformation, Params, Updates, expect_state
+from gradchain.base import (
+    GradientTransformation,
+    Params,
+    Updates,
+    expect_state,
+    mark_update_rule,
+)
 from gradchain.transforms import ScalarOrSchedule
 
 __all__ = [
@@ -170,7 +176,7 @@ def _schedule_free(
             b1=state.b1,
         )
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, mark_update_rule(update))
 
 
 

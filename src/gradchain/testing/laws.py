@@ -800,6 +800,16 @@ def _check_chain_laws(tx: GradientTransformation, ex: Example, o: _Options) -> N
         return
     members: list[GradientTransformation] = list(ex.partners)
     members.insert(ex.position, tx)
+    for i in range(3):
+        # A partner that makes an order chain refuses (a second update rule, a gate after
+        # the rule, loss_scale after a clip) is replaced by identity(): the law is about
+        # nesting, not about that order.
+        try:
+            chain(*members)
+            break
+        except ValueError:
+            if i != ex.position:
+                members[i] = gradchain.identity()
     a, b, c = members
     flat = _trajectory(chain(a, b, c), ex, o, "chain(a, b, c)")
     _same_trajectory(

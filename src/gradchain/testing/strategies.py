@@ -493,7 +493,32 @@ def _gate_builtins() -> dict[str, st.SearchStrategy[_Recipe]]:
     }
 
 
+def legal_members(
+    members: Sequence[GradientTransformation], head: Sequence[GradientTransformation] = ()
+) -> list[GradientTransformation]:
+    """``members`` without those that would make ``chain(*head, *members)`` an order
+    ``chain`` refuses (a second update rule, a gate after the rule, ``loss_scale`` after a
+    clip: see :func:`gradchain.chain`), the others in their order.
+
+    Example:
+        >>> import gradchain as gc
+        >>> from gradchain.testing.strategies import legal_members
+        >>> adam, sgd, skip = gc.adam(1e-3), gc.sgd(0.1), gc.skip_if_nonfinite()
+        >>> legal_members([adam, sgd, skip]) == [adam]
+        True
+    """
+    kept: list[GradientTransformation] = []
+    for m in members:
+        try:
+            gradchain.chain(*head, *kept, m)
+        except ValueError:
+            continue
+        kept.append(m)
+    return kept
+
+
 def _chain_of(members: Sequence[GradientTransformation]) -> _Recipe:
+    members = legal_members(members)
     return _Recipe(gradchain.chain(*members), recipe=f"chain({', '.join(map(repr, members))})")
 
 
@@ -521,7 +546,9 @@ def transformations(
     ``add_decayed_weights``, ``sgd``, ``adam``, ``adamw``), with ``gates`` also
     ``accumulate_every``, ``skip_if_nonfinite`` and ``loss_scale``, and with ``combinators``
     ``chain``, ``masked`` and ``partition`` of such transformations nested up to
-    ``max_depth``. A drawn transformation prints as the code that built it, so a failing
+    ``max_depth``. Chains are drawn in orders :func:`~gradchain.chain` accepts (members
+    that would make a second update rule, a gate after the rule or a ``loss_scale``
+    after a clip are left out: see :func:`legal_members`). A drawn transformation prints as the code that built it, so a failing
     example reads as a recipe.
 
     Args:
