@@ -714,6 +714,13 @@ class ChainedOptimizer(torch.optim.Optimizer):
             if closure is not None and self.transactional
             else None
         )
+        if self._is_initialisation_step(closure, extra):
+            # DCP's _init_optim_state: make the wrapped optimizer's state (zero gradients, lr
+            # 0) without touching the chain; the first real step starts from scratch. Checked
+            # first: that lr 0 is no scheduler's doing (no held-back-step warning).
+            self._wrapped_step()
+            self._placeholder = True
+            return None
         held, self._held_lrs = self._held_lrs, None
         if held is not None and held != _lrs(self.optimizer.param_groups):
             warnings.warn(
@@ -746,12 +753,6 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 UserWarning,
                 stacklevel=4,  # the caller of step(), past torch's hook wrapper and no_grad
             )
-        if self._is_initialisation_step(closure, extra):
-            # DCP's _init_optim_state: make the wrapped optimizer's state (zero gradients, lr
-            # 0) without touching the chain; the first real step starts from scratch.
-            self._wrapped_step()
-            self._placeholder = True
-            return None
         saved = (self.tx_state, self._before_seed, self._last_applied)
         placeholder = self._placeholder
         snapshot: list[Snapshot] = []  # taken just before the wrapped step, if transactional
