@@ -192,13 +192,28 @@ def zeros_like_tree(params: Any, dtype: torch.dtype | None = None) -> Any:
         >>> zeros_like_tree({"w": torch.ones(2, dtype=torch.float16), "b": None}, torch.float32)
         {'w': tensor([0., 0.]), 'b': None}
     """
+    return map_tensors(
+        params, lambda p: torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    )
+
+
+def map_tensors(params: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``fn`` of each tensor leaf of ``params`` (``None`` leaves stay ``None``); a
+    ``TypeError`` naming the first leaf that is neither.
+
+    Example:
+        >>> import torch
+        >>> from gradchain._tree import map_tensors
+        >>> map_tensors({"w": torch.ones(2), "b": None}, lambda p: p * 2)
+        {'w': tensor([2., 2.]), 'b': None}
+    """
     leaves, spec = flatten(params)
-    out: list[torch.Tensor | None] = []
+    out: list[Any] = []
     for i, p in enumerate(leaves):
         if p is None:
             out.append(None)
         elif isinstance(p, torch.Tensor):
-            out.append(torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format))
+            out.append(fn(p))
         else:
             raise TypeError(
                 f"params{leaf_paths(params)[i]}: expected a torch.Tensor or None, "

@@ -36,7 +36,7 @@ from gradchain._ops import (
     scalar_dtype,
     zero_count,
 )
-from gradchain._tree import Leaves, flatten, leaf_paths, unflatten
+from gradchain._tree import Leaves, flatten, map_tensors, unflatten
 from gradchain.base import (
     READS,
     EmptyState,
@@ -291,17 +291,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor) -> GradientTransform
 # --------------------------------------------------------------------------- optax's processing: helpers
 def _copy_tree(params: Params, dtype: Callable[[torch.dtype], torch.dtype]) -> Params:
     """A detached copy of ``params`` (``None`` stays ``None``), leaf dtype mapped by ``dtype``."""
-    leaves, spec = flatten(params)
-    out: list[torch.Tensor | None] = []
-    for i, p in enumerate(leaves):
-        if p is None:
-            out.append(None)
-        elif isinstance(p, torch.Tensor):
-            out.append(p.detach().to(dtype(p.dtype), copy=True))
-        else:
-            raise TypeError(f"params{leaf_paths(params)[i]}: expected a torch.Tensor or None, "
-                            f"got {type(p).__name__}")
-    return unflatten(spec, out)
+    return map_tensors(params, lambda p: p.detach().to(dtype(p.dtype), copy=True))
 
 
 def _check_decay(value: object, name: str, fn: str) -> float:
