@@ -67,14 +67,18 @@ def contenders(
 ) -> dict[str, Callable[[], None]]:
     fns: dict[str, Callable[[], None]] = {}
 
-    m_torch = build(width, layers, mesh, rank)
-    opt = torch.optim.AdamW(m_torch.parameters(), lr=LR, weight_decay=WD, foreach=True)
+    def torch_loop(**flag: bool) -> Callable[[], None]:
+        """clip_grad_norm_ + AdamW(**flag) on a sharded model of its own."""
+        model = build(width, layers, mesh, rank)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, **flag)
 
-    def torch_step() -> None:
-        torch.nn.utils.clip_grad_norm_(m_torch.parameters(), MAX_NORM, foreach=True)
-        opt.step()
+        def step() -> None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM, foreach=True)
+            opt.step()
 
-    fns["torch"] = torch_step
+        return step
+
+    fns["torch"] = torch_loop(foreach=True)
 
     tx = gc.chain(gc.clip_by_norm(MAX_NORM), gc.adamw(LR, weight_decay=WD))
     m_new = build(width, layers, mesh, rank)
@@ -101,14 +105,7 @@ def contenders(
 
     fns["old"] = old_step
 
-    m_fused = build(width, layers, mesh, rank)
-    opt_fused = torch.optim.AdamW(m_fused.parameters(), lr=LR, weight_decay=WD, fused=True)
-
-    def fused_step() -> None:
-        torch.nn.utils.clip_grad_norm_(m_fused.parameters(), MAX_NORM, foreach=True)
-        opt_fused.step()
-
-    fns["torch fused"] = fused_step
+    fns["torch fused"] = torch_loop(fused=True)
     return {k: fns[k] for k in rows}
 
 
