@@ -46,7 +46,8 @@ _HOOK_TABLES = (
 # self-reference, the snapshot's scratch buffers, the profiler name, and an instance
 # ``step`` patched by an LR scheduler (it refers to the original object).
 _NOT_COPIED = (*_HOOK_TABLES, "_self_ref", "_snapshot_buffers", "_zero_grad_profile_name",
-               "step", "_grad_backup", "_grad_buffers", "_applied_grads", "_held_lrs")
+               "step", "_grad_backup", "_grad_buffers", "_applied_grads", "_held_lrs",
+               "_read_grads")
 
 
 def _describe(transform: GradientTransformation) -> str:
@@ -78,12 +79,11 @@ def _storages(tree: Any) -> set[int | None]:
 
 
 def _grad_marks(
-    groups: list[list[torch.Tensor]],
+    grads: list[torch.Tensor | None],
 ) -> tuple[Any, list[int], list[int | None]]:
     """What identifies the ``.grad`` tensors after a step: a weak reference to the first
     (a freed gradient must not be kept alive, nor taken for a new one at the same
     address), and the identity and version counter of each (cheap to take every step)."""
-    grads = [p.grad for group in groups for p in group]
     first = next((g for g in grads if g is not None), None)
     versions = [None if g is None else g._version for g in grads]
     return (None if first is None else weakref.ref(first)), list(map(id, grads)), versions
@@ -356,6 +356,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
         # each group's lr after the last held-back step (a change before the next step
         # means a scheduler stepped on a step that applied nothing)
         self._held_lrs: list[Any] | None = None
+        # the .grad lists read by this step's transform (None outside a step): the later
+        # checks of the step compare with them instead of reading every .grad again
+        self._read_grads: list[list[Any]] | None = None
         self._patch_step_function()
 
     # ------------------------------------------------------------------ copies
@@ -558,6 +561,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self, state: Any, groups: list[list[torch.Tensor]], **extra: Any
     ) -> tuple[list[list[Any]], Any]:
         grads = [[p.grad for p in group] for group in groups]
+        self._read_grads = grads
         for i, group in enumerate(grads):
             if {g.layout for g in group if g is not None} <= _STRIDED_ONLY:
                 continue  # the common case, in one pass; the loop below names the leaf
@@ -618,11 +622,17 @@ class ChainedOptimizer(torch.optim.Optimizer):
         Transactional, every ``.grad`` handed to the wrapped step is first copied into
         ``_grad_backup`` (restored if the step raises)."""
         backup = self._grad_backup if self.transactional else None
+        # The lists the transform read, unless a should_commit callback ran in between
+        # (user code: it could have replaced a .grad).
+        read = self._read_grads if self.should_commit is None else None
+        if read is None:
+            read = [[p.grad for p in group] for group in groups]
         if backup is None and all(
-            u is None or u is p.grad for group, ugroup in zip(groups, updates)
-            for p, u in zip(group, ugroup)
+            u is None or u is g for rgroup, ugroup in zip(read, updates)
+            for g, u in zip(rgroup, ugroup)
         ):
             return  # every gradient was processed in place (or passed through)
+        self._read_grads = None  # .grad objects may be replaced below: read them again
         kept: set[int | None] | None = None  # storages of the new state, on demand
         with torch.no_grad():
             for group, ugroup in zip(groups, updates):
@@ -779,6 +789,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
             raise
         finally:
             self._grad_backup.clear()
+            self._read_grads = None  # never keeps gradients alive between steps
 
     def _is_initialisation_step(self, closure: Any, extra: dict[str, Any]) -> bool:
         """Whether this call is an optimizer-state initialisation, as
@@ -848,7 +859,12 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self._wrapped_step()
         self.tx_state = new_state
         self._last_applied = True
-        self._applied_grads = _grad_marks(groups)
+        read, self._read_grads = self._read_grads, None
+        self._applied_grads = _grad_marks(
+            [g for group in read for g in group]
+            if read is not None and self.should_commit is None  # .grad objects unchanged
+            else [p.grad for group in groups for p in group]
+        )
         return loss
 
     def _step_reevaluating(
