@@ -34,6 +34,7 @@ import datetime
 import os
 import socket
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (before init: see chains/ddp_torchrun.py)
 import torch.multiprocessing as mp
 
 import gradchain as gc
@@ -163,6 +165,14 @@ def worker(rank: int, world: int, port: int | None, args: argparse.Namespace) ->
             print("smoke run: sizes are tiny, the figures mean nothing")
     dist.barrier()
     dist.destroy_process_group()
+    if os.environ.get("RANK") is not None:
+        # A rank process of its own (torchrun, the tests' launcher): FSDP2 keeps the group
+        # alive past destroy_process_group() (DTensor's sharding cache holds the mesh,
+        # which holds the group; see chains/ddp_torchrun.py), and the interpreter's
+        # teardown of its gloo threads can abort. Everything is printed: leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def main() -> None:
