@@ -5,19 +5,20 @@ backward of every micro-batch. Both ranks must end with identical parameters, eq
 process training on the combined batches, and DDP must all-reduce once per window (counted
 by a comm hook that then does the default all-reduce).
 
-The workers are this file run as a script (``python test_ddp.py <rank> <world> <port> <out>``),
-so the test controls their lifetime: bounded wait, then kill.
+The workers are this file run as a script by ``_spawn.run_ranks`` (bounded wait, then every
+process is killed, outputs kept). A worker that is still running shortly before that bound
+prints every thread's Python stack and exits (``faulthandler``), so a hang shows where it is.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from _spawn import run_ranks  # (tests/integration is on sys.path under pytest)
 from torch.nn import functional as F
 
 import gradchain as gc
@@ -50,7 +51,7 @@ def make_opt(model: torch.nn.Module) -> gc.ChainedOptimizer:
 
 
 # --------------------------------------------------------------------------- worker
-def worker(rank: int, world: int, port: int, out: Path) -> None:
+def worker(out: Path) -> None:
     import datetime
 
     import torch.distributed as dist
@@ -58,13 +59,8 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank = dist.get_rank()
     try:
         model = DDP(make_model())
         allreduces = [0]
@@ -99,12 +95,6 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------- test
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def single_process_reference() -> list[torch.Tensor]:
     model = make_model()
     opt = make_opt(model)
@@ -117,30 +107,8 @@ def single_process_reference() -> list[torch.Tensor]:
 
 
 def test_ddp_accumulation_with_no_sync(tmp_path: Path) -> None:
-    port = free_port()
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(rank), str(WORLD), str(port), str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(WORLD)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {rank} failed:\n{outputs[rank][-3000:]}"
-
+    job = run_ranks(__file__, [str(tmp_path)], nprocs=WORLD, timeout=TIMEOUT_S)
+    job.check()
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     closes = [(i + 1) % EVERY == 0 for i in range(MICRO)]
     for res in results:
@@ -157,7 +125,9 @@ def test_ddp_accumulation_with_no_sync(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+    # Before run_ranks' bound: every thread's stack, then exit 1 (a hang names its place).
+    faulthandler.dump_traceback_later(TIMEOUT_S - 30, exit=True)
+    worker(Path(sys.argv[1]))
     # DDP keeps the gloo group's worker threads alive past destroy_process_group(); the
     # interpreter's teardown of them sometimes aborts (see chains/ddp_torchrun.py): the
     # results are saved, so leave without it.
