@@ -558,20 +558,26 @@ class ChainedOptimizer(torch.optim.Optimizer):
         return [[p.detach() for p in group] for group in self._params()]
 
     def _run_transform(
-        self, state: Any, groups: list[list[torch.Tensor]], **extra: Any
+        self,
+        state: Any,
+        groups: list[list[torch.Tensor]],
+        grads: list[list[Any]] | None = None,
+        **extra: Any,
     ) -> tuple[list[list[Any]], Any]:
-        grads = [[p.grad for p in group] for group in groups]
+        """The transformation on ``grads`` (each group's ``.grad`` list, read now if not
+        given)."""
+        if grads is None:
+            grads = [[p.grad for p in group] for group in groups]
         self._read_grads = grads
-        for i, group in enumerate(grads):
-            if {g.layout for g in group if g is not None} <= _STRIDED_ONLY:
-                continue  # the common case, in one pass; the loop below names the leaf
-            for j, g in enumerate(group):
-                if g is not None and g.layout is not torch.strided:
-                    raise TypeError(
-                        f"ChainedOptimizer: param_groups[{i}]['params'][{j}].grad is sparse "
-                        f"({g.layout}); gradchain transformations need dense gradients "
-                        "(e.g. nn.Embedding(..., sparse=False))"
-                    )
+        if not {g.layout for group in grads for g in group if g is not None} <= _STRIDED_ONLY:
+            for i, group in enumerate(grads):  # name the leaf
+                for j, g in enumerate(group):
+                    if g is not None and g.layout is not torch.strided:
+                        raise TypeError(
+                            f"ChainedOptimizer: param_groups[{i}]['params'][{j}].grad is "
+                            f"sparse ({g.layout}); gradchain transformations need dense "
+                            "gradients (e.g. nn.Embedding(..., sparse=False))"
+                        )
         if "donate" in extra:
             raise ValueError(
                 "ChainedOptimizer.step: donate is not a step argument; the adapter donates "
@@ -581,7 +587,10 @@ class ChainedOptimizer(torch.optim.Optimizer):
             # The transformation's state is never donated: a refused step keeps the old one.
             extra["donate"] = "updates"
         # The parameters go in as they are (no per-step detach): update runs without grad
-        # and never writes them.
+        # and never writes them. (step() runs under no_grad; a closure's re-evaluation runs
+        # inside the wrapped step, which may enable grad.)
+        if not torch.is_grad_enabled():
+            return self.transform.update(grads, state, groups, **extra)  # type: ignore[no-any-return]
         with torch.no_grad():
             updates, new_state = self.transform.update(grads, state, groups, **extra)
         return updates, new_state
@@ -716,8 +725,8 @@ class ChainedOptimizer(torch.optim.Optimizer):
         a failure inside the wrapped step is undone too, ``.grad`` included. The exception
         propagates."""
         groups = self._params()
-        params = [p for group in groups for p in group]
-        grads = [p.grad for p in params]
+        grouped = [[p.grad for p in group] for group in groups]
+        grads = [g for group in grouped for g in group]
         # A closure may zero or accumulate into existing gradients in place: keep values.
         grad_values = (
             [None if g is None else (g._version, g.clone()) for g in grads]
@@ -770,7 +779,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         try:
             if self._reevaluates:
                 return self._step_reevaluating(closure, groups, snapshot, **extra)
-            return self._step(closure, groups, snapshot, **extra)
+            return self._step(closure, groups, snapshot, grouped, **extra)
         except BaseException as err:
             if snapshot:
                 snapshot[0].restore()
@@ -782,6 +791,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 # A refusal: move the window back into the accumulator (see no_sync), so
                 # that it is not lost with the gradients the caller will discard.
                 self.tx_state, self._before_seed = saved[1], None
+            params = [p for group in groups for p in group]
             for p, g, kept in zip(params, grads, grad_values or [None] * len(params)):
                 p.grad = g
                 if g is not None and kept is not None and g._version != kept[0]:
@@ -825,6 +835,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         closure: Callable[[], Any] | None,
         groups: list[list[torch.Tensor]],
         snapshot: list[Snapshot],
+        grads: list[list[Any]],
         **extra: Any,
     ) -> Any:
         loss = None
@@ -834,7 +845,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
         # A refused call restores the state as it was before no_sync moved the window into
         # .grad, so that the window is not lost with the discarded gradients.
         before_seed, self._before_seed = self._before_seed, None
-        updates, new_state = self._run_transform(self.tx_state, groups, **extra)
+        updates, new_state = self._run_transform(
+            self.tx_state, groups, None if closure is not None else grads, **extra
+        )
         applies = self._decide(new_state, self.tx_state)
         if not applies:
             self.tx_state = new_state
