@@ -100,6 +100,17 @@ MISUSES: list[Misuse] = [
            'gc.partition)',
            "the second rule takes the first's step for a gradient (the learning rate twice, "
            'moments of steps)'),
+    Misuse('chain', 'a rule after a partition of rules',
+           'gc.chain(gc.partition({"a": gc.adam(1e-3), "b": gc.sgd(0.1)}, '
+           '{"weight": "a", "bias": "b"}), gc.adam(1e-3))',
+           ValueError,
+           'chain: member 1 (chain(scale_by_adam, scale_by_learning_rate)) is an update rule for'
+           ' every parameter and member 0 (partition) applies an update rule to some of them: '
+           "those parameters would get two rules (the second taking the first's step for a "
+           'gradient); give each parameter one rule: put every rule inside the partition (a '
+           'label per rule), or use the one rule alone',
+           "the partitioned params step twice: Adam takes the partition's step for a "
+           'gradient'),
     Misuse('chain', 'a learning rate applied after the rule (the sign flipped twice)',
            'gc.chain(gc.adam(1e-3), gc.scale_by_learning_rate(0.5))',
            ValueError,

@@ -327,7 +327,7 @@ def chain_roles(members: tuple[GradientTransformation, ...]) -> frozenset[str]:
 
 def check_order(members: tuple[GradientTransformation, ...], who: str) -> None:
     """Refuse, when ``chain(*members)`` is built, an order that cannot be meant: two update
-    rules; a gate that holds gradients back (``accumulate_every``, ``skip_if_nonfinite``,
+    rules (or a rule and a ``partition``/``masked`` one that covers some of its params); a gate that holds gradients back (``accumulate_every``, ``skip_if_nonfinite``,
     ``loss_scale``) after the rule; ``loss_scale`` after a member that reads the values it
     has not unscaled yet. Reads the roles the factories declared (no tensor, no sync)."""
     roles = [roles_of(t) for t in members]
@@ -343,6 +343,15 @@ def check_order(members: tuple[GradientTransformation, ...], who: str) -> None:
             "a step (and applies its learning rate), so the second would take the first's "
             "step for a gradient; keep one rule per chain (different rules for different "
             "parameters: gc.partition)"
+        )
+    partial = next((i for i, r in enumerate(roles) if PARTIAL_RULE in r and RULE not in r), None)
+    if rules and partial is not None:
+        raise ValueError(
+            f"{who}: {name(rules[0])} is an update rule for every parameter and "
+            f"{name(partial)} applies an update rule to some of them: those parameters would "
+            "get two rules (the second taking the first's step for a gradient); give each "
+            "parameter one rule: put every rule inside the partition (a label per rule), or "
+            "use the one rule alone"
         )
     rule = next((i for i, r in enumerate(roles) if r & {RULE, PARTIAL_RULE}), None)
     if rule is not None:
