@@ -341,6 +341,15 @@ MISUSES: list[Misuse] = [
            'transformation, or from this one built with other arguments, e.g. a schedule instead'
            " of a constant: make it with this transformation's init)",
            'ran silently before (a stateless member ignored the state)'),
+    Misuse('update', 'computed (non-leaf) tensors as the params of an in-place step',
+           'gc.update_and_apply_(tx, G, state, {k: p * 1.0 for k, p in P.items()})',
+           ValueError,
+           "update_and_apply_: params['bias'] is not a leaf tensor (it was computed from "
+           'others: grad_fn=MulBackward0); an in-place update would change this copy, not the '
+           'parameter it was computed from (torch.optim refuses it too: can\'t optimize a '
+           'non-leaf Tensor); pass the parameters themselves (e.g. '
+           'dict(model.named_parameters()))',
+           'the copies were updated and the model was not: the run did not train'),
     Misuse('update', 'arguments in the wrong order',
            'tx.update(G, P, state)',
            ValueError,

@@ -86,6 +86,23 @@ def _check_updates_fit(spec: Any, p_leaves: list[Any], u_leaves: list[Any], who:
             )
 
 
+def _check_writable(spec: Any, p_leaves: list[Any], who: str) -> None:
+    """Refuse a param that is not a leaf tensor, for the in-place steps (the pure
+    ``apply_updates`` may differentiate through computed params). Not metadata, so not
+    memoized: one attribute read per leaf."""
+    if torch.compiler.is_compiling():
+        return
+    if any(getattr(p, "grad_fn", None) is not None for p in p_leaves):
+        i = next(i for i, p in enumerate(p_leaves) if getattr(p, "grad_fn", None) is not None)
+        raise ValueError(
+            f"{who}: params{_tree.leaf_path(spec, i)} is not a leaf tensor (it was computed "
+            f"from others: grad_fn={type(p_leaves[i].grad_fn).__name__}); an in-place update "
+            "would change this copy, not the parameter it was computed from (torch.optim "
+            "refuses it too: can't optimize a non-leaf Tensor); pass the parameters "
+            "themselves (e.g. dict(model.named_parameters()))"
+        )
+
+
 _FITS = _tree.MetaMemo(16)  # (params, updates) leaf lists that fitted
 
 
@@ -106,6 +123,7 @@ def apply_updates_(params: Params, updates: Updates) -> Params:
     p_leaves, spec = _tree.flatten(params)
     u_leaves = _tree.flatten_like(spec, updates, "updates", "params")
     _check_updates_fit(spec, p_leaves, u_leaves, "apply_updates_")
+    _check_writable(spec, p_leaves, "apply_updates_")
     pairs = [(p, u) for p, u in zip(p_leaves, u_leaves) if p is not None and u is not None]
     with torch.no_grad():
         for ps, us in _tree.group_by_device_dtype(pairs):
@@ -264,8 +282,10 @@ def update_and_apply_(
         The new state.
 
     Raises:
-        ValueError: when ``donate`` is given, or ``grads`` does not fit ``params`` (shape
-            or structure, naming the path), before anything is changed.
+        ValueError: when ``donate`` is given, ``grads`` does not fit ``params`` (shape
+            or structure, naming the path), or a param is not a leaf tensor (computed
+            from others: an in-place update would not reach the parameter), before
+            anything is changed.
         TypeError: when a leaf is neither a tensor nor ``None``.
 
     Example:
@@ -288,6 +308,7 @@ def update_and_apply_(
     p_leaves, spec = _tree.flatten(params)
     g_leaves = _tree.flatten_like(spec, grads, "grads", "params")
     _check_updates_fit(spec, p_leaves, g_leaves, fn)
+    _check_writable(spec, p_leaves, fn)
     # FSDP2 / DTensor params: an elementwise kernel runs on the local shards. (FSDP2 shards
     # every param, so the first tells; a tree that mixes in DTensors later gets there too.)
     sharded = bool(p_leaves) and _dist.is_dtensor(p_leaves[0])
