@@ -268,6 +268,8 @@ def zeros_view(xs: list[torch.Tensor]) -> TList:
         views = _zero_views(xs)
         if plain and not compiling:
             _ZEROS.put(len(xs), xs, views)
+    if all(v is not None for v in views):
+        return list(views)  # every leaf a shared view (the usual case: no fresh zero)
     out: list[torch.Tensor | None] = list(views)
     fresh: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
     for i, v in enumerate(out):
