@@ -62,6 +62,54 @@ def test_identity_and_empty_state():
     assert isinstance(tx, tuple) and len(tx) == 2
 
 
+def test_stateless_builds_a_transformation_from_a_function():
+    seen: dict[str, Any] = {}
+
+    def double(updates: Any, params: Any) -> Any:
+        return {k: None if u is None else 2 * u for k, u in updates.items()}
+
+    def record(updates: Any, params: Any, **extra: Any) -> Any:
+        seen.update(extra, params=params)
+        return updates
+
+    tx = gc.stateless(double)
+    params = {"w": torch.zeros(2), "b": torch.zeros(1)}
+    state = tx.init(params)
+    assert state == gc.EmptyState()
+    out, new_state = tx.update({"w": torch.ones(2), "b": None}, state, params)
+    assert torch.equal(out["w"], torch.full((2,), 2.0)) and out["b"] is None
+    assert new_state is state
+    assert tx.update({"w": torch.ones(2), "b": None}, None)[1] is None  # None as the state
+    # A chain's extras reach a function that takes them, and skip one that does not.
+    chained = gc.chain(gc.stateless(record), tx)
+    out, _ = chained.update({"w": torch.ones(2), "b": None}, chained.init(params), params,
+                            flush=True)
+    assert seen["flush"] is True and seen["params"] is params
+    assert torch.equal(out["w"], torch.full((2,), 2.0))
+    # Another transformation's state is refused, naming the function.
+    with pytest.raises(TypeError, match=r"^double\.update: state must be the EmptyState"):
+        tx.update({"w": torch.ones(2), "b": None}, gc.clip_by_norm(1.0).init(params))
+    with pytest.raises(TypeError, match="fn must be a function"):
+        gc.stateless(3)  # type: ignore[arg-type]
+    # Declared an update rule, chain's order checks see it.
+    stateless_rule = gc.stateless(double, "my_rule")
+    rule = gc.GradientTransformation(stateless_rule.init,
+                                     gc.mark_update_rule(stateless_rule.update))
+    assert gc.is_update_rule(rule) and not gc.is_update_rule(tx)
+    with pytest.raises(ValueError, match="two update rules"):
+        gc.chain(rule, gc.sgd(0.1))
+
+
+@pytest.mark.parametrize("make", [gc.centralize, gc.set_to_zero,
+                                  lambda: gc.clip_by_block_rms(1.0), gc.scale_by_trust_ratio,
+                                  lambda: gc.adaptive_grad_clip(0.1)])
+def test_every_stateless_builtin_refuses_another_state(make: Any) -> None:
+    tx = make()
+    params = {"w": torch.ones(2, 2)}
+    with pytest.raises(TypeError, match=r"\.update: state must be the EmptyState"):
+        tx.update({"w": torch.ones(2, 2)}, gc.clip_by_norm(1.0).init(params), params)
+
+
 def test_chain_without_members_is_identity():
     tx = gc.chain()
     assert tx.init(PARAMS) == ()

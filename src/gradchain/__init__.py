@@ -16,6 +16,7 @@ from gradchain.base import (
     is_transformation,
     is_update_rule,
     mark_update_rule,
+    stateless,
 )
 from gradchain.clipping import (
     ClipByNormState,
@@ -174,6 +175,7 @@ __all__ = [
     "named_chain",
     "partition",
     "identity",
+    "stateless",
     "is_gate",
     "is_transformation",
     "is_update_rule",

@@ -11,6 +11,7 @@ applying updates in :mod:`gradchain.update`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -27,6 +28,7 @@ __all__ = [
     "GradientTransformation",
     "EmptyState",
     "identity",
+    "stateless",
     "donation",
     "expect_state",
     "is_transformation",
@@ -316,6 +318,60 @@ def _storage_keys(ts: list[torch.Tensor]) -> tuple[list[int], list[int]]:
 
 
 # --------------------------------------------------------------------------- basics
+def stateless(
+    fn: Callable[..., Updates], name: str | None = None, *, roles: tuple[str, ...] = ()
+) -> GradientTransformation:
+    """A transformation without state from a function of the updates (``optax.stateless``).
+
+    ``fn(updates, params)`` returns the new updates; a ``fn`` that also takes
+    ``**extra`` receives the keyword arguments given to ``update`` (e.g. ``donate``, see
+    :func:`donation`). ``init`` returns ``EmptyState()``; ``update`` accepts that (or
+    ``None``) as the state and refuses another transformation's state, naming ``name``
+    (``fn``'s name by default), and returns the state it was given. Every stateless
+    built-in (``identity``, ``scale``, ``clip_by_value``, ...) is made with it; ``roles``
+    is how they declare themselves to ``chain``'s order checks (internal; declare a rule
+    of your own with :func:`mark_update_rule` on the result's ``update``).
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> def double(updates, params):
+        ...     return {k: None if u is None else 2 * u for k, u in updates.items()}
+        >>> tx = gc.stateless(double)
+        >>> tx.update({"w": torch.ones(2), "b": None}, tx.init({}))
+        ({'w': tensor([2., 2.]), 'b': None}, EmptyState())
+        >>> tx.update({"w": torch.ones(2)}, gc.clip_by_norm(1.0).init({}))
+        Traceback (most recent call last):
+        ...
+        TypeError: double.update: state must be the EmptyState made by double(...).init(params), got ClipByNormState (...)
+    """
+    if not callable(fn):
+        raise TypeError(f"stateless: fn must be a function of (updates, params), got {fn!r}")
+    who: str = name or getattr(fn, "__name__", None) or "stateless"
+    if who == "<lambda>":
+        who = "stateless"
+    try:
+        takes_extra = any(
+            p.kind is inspect.Parameter.VAR_KEYWORD
+            for p in inspect.signature(fn).parameters.values()
+        )
+    except (TypeError, ValueError):  # a callable without a signature
+        takes_extra = False
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(
+        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, EmptyState]:
+        expect_empty(state, who)
+        return (fn(updates, params, **extra) if takes_extra else fn(updates, params)), state
+
+    if not torch.compiler.is_compiling():  # (a side effect compiled code cannot hold)
+        update.__qualname__ = f"{who}.<locals>.update"  # the name a misuse message shows
+    return GradientTransformation(init, add_roles(update, *roles))
+
+
 def identity() -> GradientTransformation:
     """The transformation that passes updates through unchanged.
 
@@ -326,15 +382,7 @@ def identity() -> GradientTransformation:
         {'w': tensor([1.])}
     """
 
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
+    def identity(updates: Updates, params: Params) -> Updates:
+        return updates
 
-    def update(
-        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
-    ) -> tuple[Updates, EmptyState]:
-        del params, extra
-        expect_empty(state, "identity")
-        return updates, state
-
-    return GradientTransformation(init, add_roles(update, PASSIVE))
+    return stateless(identity, roles=(PASSIVE,))

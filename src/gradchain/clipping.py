@@ -14,12 +14,11 @@ from gradchain._ops import global_norm, norm_dtype
 from gradchain._tree import Leaves, flatten, leaf_paths, unflatten
 from gradchain.base import (
     READS,
-    EmptyState,
     GradientTransformation,
     add_roles,
     donation,
-    expect_empty,
     expect_state,
+    stateless,
 )
 from gradchain.gating import error_flags
 
@@ -228,21 +227,13 @@ def clip_by_value(max_value: float, min_value: float | None = None) -> GradientT
             + (" (with min_value=None the lower bound is -max_value)" if min_value is None else "")
         )
 
-    def init(params: Any) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(
-        updates: Any, state: EmptyState, params: Any = None, **extra: Any
-    ) -> tuple[Any, EmptyState]:
-        del params
-        expect_empty(state, "clip_by_value")
+    def clip_by_value(updates: Any, params: Any, **extra: Any) -> Any:
         donated, _ = donation(extra, "clip_by_value")
         view = Leaves(updates)
         clamp = _ops.clamp_ if donated and _ops.inplace_ok(view.values) else _ops.clamp
-        return view.put(clamp(view.values, lo, hi)), state
+        return view.put(clamp(view.values, lo, hi))
 
-    return GradientTransformation(init, add_roles(update, READS))
+    return stateless(clip_by_value, roles=(READS,))
 
 
 # --------------------------------------------------------------------------- optax's other clips
@@ -319,13 +310,7 @@ def adaptive_grad_clip(
     ):
         raise TypeError(f"{fn}: axis must be None, an int or a tuple of ints, got {axis!r}")
 
-    def init(params: Any) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(
-        updates: Any, state: EmptyState, params: Any = None, **extra: Any
-    ) -> tuple[Any, EmptyState]:
+    def adaptive_grad_clip(updates: Any, params: Any) -> Any:
         if params is None:
             raise ValueError(f"{fn}.update: params are required (clipping is relative to them)")
         view = Leaves(updates)
@@ -339,9 +324,9 @@ def adaptive_grad_clip(
             max_norm = clip * torch.clamp(p_norm, min=eps)
             clipped = g * (max_norm / torch.clamp(g_norm, min=1e-6))
             out.append(torch.where(g_norm < max_norm, g, clipped.to(g.dtype)))
-        return view.put(out), state
+        return view.put(out)
 
-    return GradientTransformation(init, add_roles(update, READS))
+    return stateless(adaptive_grad_clip, roles=(READS,))
 
 
 def clip_by_block_rms(threshold: float) -> GradientTransformation:
@@ -375,23 +360,16 @@ def clip_by_block_rms(threshold: float) -> GradientTransformation:
     fn = "clip_by_block_rms"
     threshold = _check_clip_float(fn, "threshold", threshold, positive=True)
 
-    def init(params: Any) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(
-        updates: Any, state: EmptyState, params: Any = None, **extra: Any
-    ) -> tuple[Any, EmptyState]:
-        del params
+    def clip_by_block_rms(updates: Any, params: Any) -> Any:
         view = Leaves(updates)
         out = []
         for g in view.values:
             wide = g.to(_wide(g.dtype))
             denom = torch.clamp(torch.sqrt(torch.mean(wide * wide)) / threshold, min=1.0)
             out.append((wide / denom).to(g.dtype))
-        return view.put(out), state
+        return view.put(out)
 
-    return GradientTransformation(init, add_roles(update, READS))
+    return stateless(clip_by_block_rms, roles=(READS,))
 
 
 def per_example_global_norm_clip(

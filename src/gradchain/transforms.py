@@ -39,17 +39,16 @@ from gradchain._ops import (
 from gradchain._tree import Leaves, flatten, map_tensors, unflatten
 from gradchain.base import (
     READS,
-    EmptyState,
     GradientTransformation,
     Params,
     Updates,
     add_roles,
     donation,
-    expect_empty,
     expect_state,
     identity,
     is_transformation,
     mark_update_rule,
+    stateless,
 )
 from gradchain.combine import masked
 from gradchain.gating import gate_state, mark_gate, select_tree
@@ -115,22 +114,12 @@ def _scale(step_size: float | torch.Tensor, who: str, name: str) -> GradientTran
     factor = _checks.as_scalar(step_size, name, who)
     _checks.finite(factor, name, who)
 
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(
-        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
-    ) -> tuple[Updates, EmptyState]:
-        del params
-        expect_empty(state, who)
+    def scaled(updates: Updates, params: Params, **extra: Any) -> Updates:
         donated, _ = donation(extra, who)
         view = Leaves(updates)
-        return view.put(_scaled(view.values, factor, donated)), state
+        return view.put(_scaled(view.values, factor, donated))
 
-    if not torch.compiler.is_compiling():  # (a side effect compiled code cannot hold)
-        update.__qualname__ = f"{who}.<locals>.update"  # the name a misuse message shows
-    return GradientTransformation(init, update)
+    return stateless(scaled, who)
 
 
 def _scaled(gs: list[torch.Tensor], factor: float | torch.Tensor, donated: bool = False) -> TList:
@@ -258,34 +247,27 @@ def add_decayed_weights(weight_decay: float | torch.Tensor) -> GradientTransform
     if known is not None:
         _checks.finite(known, "weight_decay", fn)
 
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(
-        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
-    ) -> tuple[Updates, EmptyState]:
-        expect_empty(state, fn)
+    def decayed(updates: Updates, params: Params, **extra: Any) -> Updates:
         donated, _ = donation(extra, fn)
         view = Leaves(updates)
         gs = view.values
         if not gs:
             # No gradient to decay (e.g. a partition member whose subset is empty: for a
             # single-leaf tree its params are then ``None`` too).
-            return updates, state
+            return updates
         ps = view.take_params(params, fn, "weight decay needs the parameters")
         add = _ops.add_ if donated and _ops.inplace_ok(gs, ps) else _ops.add
         if not isinstance(weight_decay, torch.Tensor):
-            return view.put(_ops.cast(add(gs, ps, alpha=weight_decay), [g.dtype for g in gs])), state
+            return view.put(_ops.cast(add(gs, ps, alpha=weight_decay), [g.dtype for g in gs]))
         # A tensor factor (cast per (device, dtype) group, as a Python scalar would be).
         out: list[Any] = [None] * len(gs)
         for idx in _ops.groups(ps):
             group = _ops.pick(ps, idx)
             decay = _ops.mul(group, _ops.scalar_for(weight_decay, group[0]))
             _ops.scatter(out, idx, add(_ops.pick(gs, idx), decay))
-        return view.put(_ops.cast(out, [g.dtype for g in gs])), state
+        return view.put(_ops.cast(out, [g.dtype for g in gs]))
 
-    return GradientTransformation(init, add_roles(update, READS))
+    return stateless(decayed, fn, roles=(READS,))
 
 
 # --------------------------------------------------------------------------- optax's processing: helpers
@@ -502,22 +484,14 @@ def centralize() -> GradientTransformation:
                 [-1.,  0.,  1.]]), tensor([1., 1.]))
     """
 
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(
-        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
-    ) -> tuple[Updates, EmptyState]:
-        del params
+    def centralize(updates: Updates, params: Params) -> Updates:
         view = Leaves(updates)
-        out = [
+        return view.put([
             g - g.mean(dim=tuple(range(1, g.ndim)), keepdim=True) if g.ndim > 1 else g
             for g in view.values
-        ]
-        return view.put(out), state
+        ])
 
-    return GradientTransformation(init, update)
+    return stateless(centralize)
 
 
 # --------------------------------------------------------------------------- add_noise
@@ -668,18 +642,11 @@ def set_to_zero() -> GradientTransformation:
         {'w': tensor([0., 0.]), 'b': None}
     """
 
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(
-        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
-    ) -> tuple[Updates, EmptyState]:
-        del params
+    def set_to_zero(updates: Updates, params: Params) -> Updates:
         view = Leaves(updates)
-        return view.put(_ops.zeros_like(view.values)), state
+        return view.put(_ops.zeros_like(view.values))
 
-    return GradientTransformation(init, update)
+    return stateless(set_to_zero)
 
 
 def freeze(mask: bool | Any) -> GradientTransformation:
@@ -1283,17 +1250,11 @@ def scale_by_trust_ratio(
     )
     eps = _checks.nonneg(eps, "eps", "epsilon value", fn)
 
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(
-        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
-    ) -> tuple[Updates, EmptyState]:
+    def scale_by_trust_ratio(updates: Updates, params: Params) -> Updates:
         view = Leaves(updates)
         us = view.values
         if not us:
-            return updates, state
+            return updates
         ps = view.take_params(params, fn, "the trust ratio needs the parameters")
         out: list[Any] = [None] * len(us)
         for idx in _ops.groups(us):
@@ -1308,6 +1269,6 @@ def scale_by_trust_ratio(
             ratio = torch.where((p_norm == 0) | (u_norm == 0), torch.ones_like(ratio), ratio)
             scaled = _ops.mul_list(u, list(torch.unbind(ratio)))
             _ops.scatter(out, idx, _ops.cast(scaled, [x.dtype for x in u]))
-        return view.put(out), state
+        return view.put(out)
 
-    return GradientTransformation(init, update)
+    return stateless(scale_by_trust_ratio)
