@@ -76,10 +76,14 @@ def test_laws() -> None:
         "c": torch.zeros(2, 2, dtype=torch.bfloat16),
     }
     # vmap batches the bfloat16 matmuls of the Newton-Schulz iteration (bmm), which round
-    # differently from one matmul per member; five iterations amplify that 1-ulp bf16
-    # difference (0.4%) to a few percent of the update. The law holds within that bound.
+    # differently from one matmul per member, and the iteration does not converge: its five
+    # quintic steps map every normalized singular value >= 0.05 somewhere into
+    # [0.68, 1.20] (Muon's design), so two roundings of one input may differ by up to about
+    # 0.5 per entry (a random seed drew 0.18; "a few percent" held for CI's seed only).
+    # The law holds within that bound; a batching error (members mixed up: the second is
+    # -0.5 times the first) flips signs, about twice the entries' size.
     check_transformation(scale_by_muon(), params=params, vmap=True, max_examples=15,
-                         rtol=0.1, atol=0.1)
+                         rtol=0.0, atol=0.55)
     check_transformation(muon(), params=params, max_examples=10)
 
 
@@ -92,8 +96,9 @@ def test_update_and_apply_is_torch_bit_for_bit(kwargs: dict[str, Any], dtype: to
 
 
 def test_vmap_law_fails_clearly_at_its_default_tolerance() -> None:
-    # Why the law needs rtol=atol=0.1 here: batched bfloat16 matmuls (bmm) round unlike one
-    # matmul per member, and Newton-Schulz amplifies it. A concrete case, then the law.
+    # Why the law needs a wide tolerance here (test_laws): batched bfloat16 matmuls (bmm)
+    # round unlike one matmul per member, and Newton-Schulz amplifies it. A concrete case,
+    # then the law.
     tx = scale_by_muon()
     g = torch.tensor([[0.0, 0.0], [3.0, 5.0]])
     grads = torch.stack([g, g * -0.5])
