@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 import gradchain as gc
 
@@ -87,36 +88,42 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
     return peak
 
 
-def kernel_seconds(fn: Callable[[], object], calls: int) -> float:
-    """Time per call spent inside torch ops (the top-level ops' durations, from the
-    profiler); the rest of a call's wall time is Python."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(calls):
-            fn()
+class _TorchCalls(TorchFunctionMode):
+    """Records the torch calls a function makes from Python (ops, factories, tensor
+    methods; not attribute reads such as ``.shape``), with their arguments."""
 
-    def outermost_op(e: object) -> bool:
-        # An aten op with no aten op above it (annotations such as Optimizer.step are
-        # Python, and are not ops).
-        if not e.name.startswith("aten::"):  # type: ignore[attr-defined]
-            return False
-        parent = e.cpu_parent  # type: ignore[attr-defined]
-        while parent is not None:
-            if parent.name.startswith("aten::"):
-                return False
-            parent = parent.cpu_parent
-        return True
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Callable[..., object], tuple[object, ...], dict[str, object]]] = []
 
-    ops = [e for e in prof.events() if outermost_op(e)]
-    return sum(e.cpu_time_total for e in ops) / 1e6 / calls
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if getattr(func, "__name__", "") != "__get__":
+            self.calls.append((func, args, kwargs))
+        return out
 
 
-def python_us_per_call(fn: Callable[[], object], calls: int, rounds: int) -> tuple[float, float]:
-    """(wall, Python) microseconds per call: the median wall time, minus the time in torch
-    ops measured by the profiler."""
+def python_us_per_call(fn: Callable[[], object], calls: int, rounds: int) -> tuple[float, float, int]:
+    """(host, Python, torch calls) per call, microseconds: ``fn``'s thread CPU time, and
+    that minus the time of replaying, in a bare loop, the torch calls one call of ``fn``
+    makes (recorded with a ``TorchFunctionMode``, replayed on the same tensors). What is
+    left is the Python around the ops: the work of a step that a GPU user pays on top of
+    the kernel launches. (The profiler's op durations include its own per-op overhead,
+    which made a wall-minus-ops figure swing by +-60 us from run to run.)"""
     for _ in range(3):
         fn()
-    wall = statistics.median(timed(fn, calls) for _ in range(rounds))
-    return wall * 1e6, (wall - kernel_seconds(fn, calls)) * 1e6
+    recorder = _TorchCalls()
+    with recorder:
+        fn()
+    recorded = recorder.calls
+
+    def replay() -> None:
+        for func, args, kwargs in recorded:
+            func(*args, **kwargs)
+
+    host = host_us_per_call(fn, calls, rounds)
+    return host, host - host_us_per_call(replay, calls, rounds), len(recorded)
 
 
 def host_us_per_call(fn: Callable[[], object], calls: int, rounds: int) -> float:
@@ -532,9 +539,9 @@ def main() -> None:
             fused_row = by_name["3 clip+adamw fused"]
             calls = 5 if args.smoke else 200
             for who, fn in (("gradchain", fused_row.ours), ("torch", fused_row.theirs)):
-                wall, py = python_us_per_call(fn, calls, 1 if args.smoke else 5)
+                host, py, n_calls = python_us_per_call(fn, calls, 1 if args.smoke else 15)
                 print(f"{name:7} python per call, clip+adamw fused step, {who:9}: "
-                      f"{py:7.1f} us of {wall:7.1f} us")
+                      f"{py:7.1f} us of {host:7.1f} us ({n_calls} torch calls)")
             # The same step on one-element leaves of the same 28-leaf tree: the kernels do
             # next to nothing, so this is the host's work per call (Python and torch's op
             # dispatch), timed in thread CPU time (minimum of rounds: steady under load).

@@ -10,6 +10,7 @@ gates, your own transformations) runs as usual, under the chain's gate walk.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -86,13 +87,20 @@ def _check_updates_fit(spec: Any, p_leaves: list[Any], u_leaves: list[Any], who:
             )
 
 
+_GRAD_FN = operator.attrgetter("grad_fn")
+
+
 def _check_writable(spec: Any, p_leaves: list[Any], who: str) -> None:
     """Refuse a param that is not a leaf tensor, for the in-place steps (the pure
     ``apply_updates`` may differentiate through computed params). Not metadata, so not
     memoized: one attribute read per leaf."""
     if torch.compiler.is_compiling():
         return
-    if any(getattr(p, "grad_fn", None) is not None for p in p_leaves):
+    try:
+        computed = any(map(_GRAD_FN, p_leaves))  # (a grad_fn is truthy)
+    except AttributeError:  # a None (or not a tensor) among them
+        computed = any(getattr(p, "grad_fn", None) is not None for p in p_leaves)
+    if computed:
         i = next(i for i, p in enumerate(p_leaves) if getattr(p, "grad_fn", None) is not None)
         raise ValueError(
             f"{who}: params{_tree.leaf_path(spec, i)} is not a leaf tensor (it was computed "
