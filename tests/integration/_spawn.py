@@ -4,7 +4,8 @@ Used by the distributed tests: each rank is a fresh ``python`` process (gloo, CP
 usual ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT`` environment, so the
 worker calls ``dist.init_process_group("gloo")`` as under torchrun. On timeout or when a
 rank fails, every process started here is killed (its whole process group) before the
-error is raised, so no worker outlives its test.
+error is raised, so no worker outlives its test. On timeout, every worker still running
+first prints each thread's Python stack (``faulthandler``), so a hang names its place.
 """
 
 from __future__ import annotations
@@ -89,9 +90,32 @@ def _kill(procs: Sequence[subprocess.Popen[bytes]]) -> None:
             _signal(pid, signal.SIGKILL, group=False)
 
 
+def _dump_stacks(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    """Make every process still running below ``procs`` print each thread's Python stack
+    into its output (SIGABRT, which ``PYTHONFAULTHANDLER`` turns into a dump before the
+    abort), so that a hang says where it is; torchrun itself is left to the kill."""
+    for p in procs:
+        if p.poll() is not None:
+            continue
+        for pid, started in [(p.pid, ""), *_descendants(p.pid)]:
+            st = _stat(pid)
+            if st is None or (started and st[1] != started):
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if any(b"torchrun" in a or b"torch.distributed.run" in a for a in argv[:3]):
+                continue
+            _signal(pid, signal.SIGABRT, group=False)
+    time.sleep(3.0)  # the dumps are written before the abort
+
+
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
+        PYTHONFAULTHANDLER="1",  # a fatal signal (an abort at exit, _dump_stacks) prints stacks
         OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join(x for x in [str(ROOT / "src"), env.get("PYTHONPATH")] if x),
         PYTHONUNBUFFERED="1",
@@ -151,6 +175,7 @@ def run_commands(commands: Sequence[tuple[Sequence[str], dict[str, str]]], timeo
             while any(p.poll() is None for p in procs):
                 if time.monotonic() > deadline:
                     timed_out = True
+                    _dump_stacks(procs)
                     break
                 if any(p.poll() not in (None, 0) for p in procs):
                     time.sleep(3.0)  # let the other ranks print their side of it

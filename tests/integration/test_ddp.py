@@ -5,14 +5,12 @@ backward of every micro-batch. Both ranks must end with identical parameters, eq
 process training on the combined batches, and DDP must all-reduce once per window (counted
 by a comm hook that then does the default all-reduce).
 
-The workers are this file run as a script by ``_spawn.run_ranks`` (bounded wait, then every
-process is killed, outputs kept). A worker that is still running shortly before that bound
-prints every thread's Python stack and exits (``faulthandler``), so a hang shows where it is.
+The workers are this file run as a script by ``_spawn.run_ranks`` (bounded wait; a worker
+still running then prints every thread's stack, then every process is killed, outputs kept).
 """
 
 from __future__ import annotations
 
-import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -125,8 +123,6 @@ def test_ddp_accumulation_with_no_sync(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    # Before run_ranks' bound: every thread's stack, then exit 1 (a hang names its place).
-    faulthandler.dump_traceback_later(TIMEOUT_S - 30, exit=True)
     worker(Path(sys.argv[1]))
     # DDP keeps the gloo group's worker threads alive past destroy_process_group(); the
     # interpreter's teardown of them sometimes aborts (see chains/ddp_torchrun.py): the
