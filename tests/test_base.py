@@ -86,6 +86,18 @@ def test_stateless_builds_a_transformation_from_a_function():
                             flush=True)
     assert seen["flush"] is True and seen["params"] is params
     assert torch.equal(out["w"], torch.full((2,), 2.0))
+    # A partial and a callable object: their signatures decide the same way.
+    import functools
+
+    class Scale:
+        def __call__(self, updates: Any, params: Any, **extra: Any) -> Any:
+            seen["object"] = extra.get("flush")
+            return double(updates, params)
+
+    via_partial = gc.stateless(functools.partial(lambda updates, params, k: updates, k=1))
+    assert via_partial.update({"w": torch.ones(2)}, None, flush=True)[0]["w"].sum() == 2
+    gc.stateless(Scale(), "scale_obj").update({"w": torch.ones(2)}, None, flush=True)
+    assert seen["object"] is True
     # Another transformation's state is refused, naming the function.
     with pytest.raises(TypeError, match=r"^double\.update: state must be the EmptyState"):
         tx.update({"w": torch.ones(2), "b": None}, gc.clip_by_norm(1.0).init(params))

@@ -349,13 +349,19 @@ def stateless(
     who: str = name or getattr(fn, "__name__", None) or "stateless"
     if who == "<lambda>":
         who = "stateless"
-    try:
-        takes_extra = any(
-            p.kind is inspect.Parameter.VAR_KEYWORD
-            for p in inspect.signature(fn).parameters.values()
-        )
-    except (TypeError, ValueError):  # a callable without a signature
+    code = getattr(fn, "__code__", None)  # (a function or method: also while compiling)
+    if code is not None:
+        takes_extra = bool(code.co_flags & inspect.CO_VARKEYWORDS)
+    elif torch.compiler.is_compiling():
         takes_extra = False
+    else:
+        try:  # functools.partial, a callable object
+            takes_extra = any(
+                p.kind is inspect.Parameter.VAR_KEYWORD
+                for p in inspect.signature(fn).parameters.values()
+            )
+        except (TypeError, ValueError):  # a callable without a signature
+            takes_extra = False
 
     def init(params: Params) -> EmptyState:
         del params
