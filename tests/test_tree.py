@@ -325,6 +325,44 @@ def test_global_norm_edge_cases():
     assert math.isinf(float(global_norm([torch.tensor([1.0, INF])], INF)))
 
 
+def test_flatten_reuses_specs_but_never_differs_from_a_fresh_flatten():
+    import collections
+
+    import optree
+
+    from gradchain._tree import flatten, unflatten
+
+    t = torch.ones(1)
+    trees = [
+        {"b": t, "a": None},
+        {"b": t, "a": {"x": t}},  # a subtree where a leaf was
+        {"b": t, "a": None},
+        {"a": None, "b": t},  # the same keys in another order
+        {"b": t, "c": None},  # another key
+        collections.OrderedDict(b=t, a=None),
+        {"b": t, "a": collections.OrderedDict(x=t)},
+        {"b": t, "a": {"x": t}},
+        {"b": t, "a": collections.defaultdict(int, x=t)},
+        [[t, None], [t]],
+        [[t, None], (t,)],  # a tuple where a list was
+        [[t, None], [[t]]],
+        [(t, None), [t]],
+        (t, [t, None]),
+        [torch.nn.Parameter(torch.zeros(2)), None],
+        [1.0, t],  # a non-tensor leaf
+        {"b": t, "a": None},
+    ]
+    for _ in range(2):  # the second round runs on reused specs
+        for tree in trees:
+            leaves, spec = flatten(tree)
+            fresh_leaves, fresh_spec = optree.tree_flatten(tree, none_is_leaf=True)
+            assert spec == fresh_spec, tree
+            assert [id(x) for x in leaves] == [id(x) for x in fresh_leaves], tree
+            back = unflatten(spec, leaves)
+            fresh_back = optree.tree_unflatten(fresh_spec, fresh_leaves)
+            assert repr(back) == repr(fresh_back), tree  # types and key order included
+
+
 # --------------------------------------------------------------------------- memoized checks
 @pytest.mark.parametrize("bad, error, match", [
     (torch.zeros(3, dtype=torch.int64), TypeError, r"updates\['b'\] has dtype torch\.int64"),

@@ -25,7 +25,52 @@ def flatten(tree: Any) -> tuple[list[Any], optree.PyTreeSpec]:
         >>> len(leaves), leaves[1] is None
         (2, True)
     """
-    return optree.tree_flatten(tree, none_is_leaf=True)
+    kind = type(tree)
+    if kind is not dict and kind is not list and kind is not tuple:
+        return optree.tree_flatten(tree, none_is_leaf=True)
+    if torch.compiler.is_compiling():
+        return optree.tree_flatten(tree, none_is_leaf=True)
+    # The same container structure comes back on every step: reuse its spec. optree's
+    # flatten checks every leaf's type against its node registry (~150 ns a leaf, 4-6 us
+    # for 28 tensors); ``flatten_up_to`` on a known spec checks only the containers
+    # (~1 us). The result is exactly a fresh flatten's: the root's type, length and (for
+    # a dict) key order are the key, ``flatten_up_to`` checks every container below it
+    # and its keys, specs whose inner containers include a dict are not reused (it would
+    # accept an OrderedDict there), and the leaves must be tensors or None (a subtree in a
+    # leaf's place is not a leaf).
+    key = (kind, len(tree))
+    known = _SPECS.get(key)
+    if known is not None and (known[1] is None or tuple(tree) == known[1]):
+        try:
+            leaves = known[0].flatten_up_to(tree)
+        except (ValueError, TypeError):
+            leaves = None
+        if leaves is not None and {type(x) for x in leaves} <= _LEAF_TYPES:
+            return leaves, known[0]
+    leaves, spec = optree.tree_flatten(tree, none_is_leaf=True)
+    if _inner_lists_only(spec) and {type(x) for x in leaves} <= _LEAF_TYPES:
+        _SPECS[key] = (spec, tuple(tree) if kind is dict else None)
+    return leaves, spec
+
+
+_SPECS: dict[tuple[type, int], tuple[optree.PyTreeSpec, tuple[Any, ...] | None]] = {}
+_LEAF_TYPES = frozenset({torch.Tensor, torch.nn.Parameter, type(None)})
+
+
+def _inner_lists_only(spec: optree.PyTreeSpec) -> bool:
+    """Whether every container of ``spec`` below its root is a list or a tuple (or there
+    is none): the specs :func:`flatten` may reuse."""
+    if spec.num_nodes == spec.num_leaves + 1:  # flat: the root and its leaves
+        return True
+    todo = list(spec.children())
+    while todo:
+        child = todo.pop()
+        if child.is_leaf():
+            continue
+        if child.type is not list and child.type is not tuple:
+            return False
+        todo.extend(child.children())
+    return True
 
 
 def unflatten(spec: optree.PyTreeSpec, leaves: Iterable[Any]) -> Any:
