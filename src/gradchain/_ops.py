@@ -10,6 +10,7 @@ grad-requiring tensors take the per-leaf path (which ``torch.compile`` fuses any
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -42,6 +43,9 @@ def known_bool(flag: torch.Tensor) -> bool | None:
     return bool(flag)
 
 
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
 def use_foreach(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether ``torch._foreach_*`` kernels can serve these tensors: plain eager tensors.
 
@@ -55,7 +59,7 @@ def use_foreach(tensors: Sequence[torch.Tensor]) -> bool:
     t = tensors[0]
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         return False
-    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+    if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, tensors)):
         return False
     # By exact type: a DTensor parameter (FSDP2's) passes isinstance(t, nn.Parameter).
     return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
