@@ -33,44 +33,49 @@ def flatten(tree: Any) -> tuple[list[Any], optree.PyTreeSpec]:
     # The same container structure comes back on every step: reuse its spec. optree's
     # flatten checks every leaf's type against its node registry (~150 ns a leaf, 4-6 us
     # for 28 tensors); ``flatten_up_to`` on a known spec checks only the containers
-    # (~1 us). The result is exactly a fresh flatten's: the root's type, length and (for
-    # a dict) key order are the key, ``flatten_up_to`` checks every container below it
-    # and its keys, specs whose inner containers include a dict are not reused (it would
-    # accept an OrderedDict there), and the leaves must be tensors or None (a subtree in a
-    # leaf's place is not a leaf).
+    # (~1 us). Reused only where the stored shape proves the containers the same (see
+    # ``_shape``), so that ``flatten_up_to`` cannot fail (its error message would format
+    # the tensors, which takes milliseconds) and the result is exactly a fresh flatten's.
     key = (kind, len(tree))
     known = _SPECS.get(key)
-    if known is not None and (known[1] is None or tuple(tree) == known[1]):
-        try:
-            leaves = known[0].flatten_up_to(tree)
-        except (ValueError, TypeError):
-            leaves = None
-        if leaves is not None and {type(x) for x in leaves} <= _LEAF_TYPES:
-            return leaves, known[0]
+    if known is not None:
+        spec, shape, flat = known
+        if (
+            (kind is not dict or tuple(tree) == shape)  # a flat list/tuple: its length
+            if flat
+            else _shape(tree, kind) == shape
+        ):
+            leaves = spec.flatten_up_to(tree)
+            if _LEAF_TYPES.issuperset(map(type, leaves)):
+                return leaves, spec
     leaves, spec = optree.tree_flatten(tree, none_is_leaf=True)
-    if _inner_lists_only(spec) and {type(x) for x in leaves} <= _LEAF_TYPES:
-        _SPECS[key] = (spec, tuple(tree) if kind is dict else None)
+    stored = _shape(tree, kind)
+    if stored is not None:
+        _SPECS[key] = (spec, stored, spec.num_nodes == spec.num_leaves + 1)
     return leaves, spec
 
 
-_SPECS: dict[tuple[type, int], tuple[optree.PyTreeSpec, tuple[Any, ...] | None]] = {}
+_SPECS: dict[tuple[type, int], tuple[optree.PyTreeSpec, tuple[Any, ...], bool]] = {}
 _LEAF_TYPES = frozenset({torch.Tensor, torch.nn.Parameter, type(None)})
 
 
-def _inner_lists_only(spec: optree.PyTreeSpec) -> bool:
-    """Whether every container of ``spec`` below its root is a list or a tuple (or there
-    is none): the specs :func:`flatten` may reuse."""
-    if spec.num_nodes == spec.num_leaves + 1:  # flat: the root and its leaves
-        return True
-    todo = list(spec.children())
-    while todo:
-        child = todo.pop()
-        if child.is_leaf():
+def _shape(tree: Any, kind: type) -> tuple[Any, ...] | None:
+    """What must match for :func:`flatten` to reuse a spec, ``None`` where none is
+    reused: a dict of tensors (or None): its keys, in order; a list / tuple of tensors
+    (or None) and flat lists / tuples of them: its children's types and the lengths of
+    the lists / tuples among them. Anything else (deeper nesting, another container
+    type, a non-tensor leaf) is flattened afresh every time."""
+    if kind is dict:
+        return tuple(tree) if _LEAF_TYPES.issuperset(map(type, tree.values())) else None
+    types = tuple(map(type, tree))
+    lengths = []
+    for child, t in zip(tree, types):
+        if t in _LEAF_TYPES:
             continue
-        if child.type is not list and child.type is not tuple:
-            return False
-        todo.extend(child.children())
-    return True
+        if (t is not list and t is not tuple) or not _LEAF_TYPES.issuperset(map(type, child)):
+            return None
+        lengths.append(len(child))
+    return types + tuple(lengths)
 
 
 def unflatten(spec: optree.PyTreeSpec, leaves: Iterable[Any]) -> Any:
