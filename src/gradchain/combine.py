@@ -327,7 +327,8 @@ def chain_roles(members: tuple[GradientTransformation, ...]) -> frozenset[str]:
 
 def check_order(members: tuple[GradientTransformation, ...], who: str) -> None:
     """Refuse, when ``chain(*members)`` is built, an order that cannot be meant: two update
-    rules (or a rule and a ``partition``/``masked`` one that covers some of its params); a gate that holds gradients back (``accumulate_every``, ``skip_if_nonfinite``,
+    rules (or a rule and a ``partition``/``masked`` one that covers some of its params); a
+    gate that holds gradients back (``accumulate_every``, ``skip_if_nonfinite``,
     ``loss_scale``) after the rule; ``loss_scale`` after a member that reads the values it
     has not unscaled yet. Reads the roles the factories declared (no tensor, no sync)."""
     roles = [roles_of(t) for t in members]
