@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import warnings
 import weakref
 from collections import OrderedDict
@@ -47,7 +48,7 @@ _HOOK_TABLES = (
 # ``step`` patched by an LR scheduler (it refers to the original object).
 _NOT_COPIED = (*_HOOK_TABLES, "_self_ref", "_snapshot_buffers", "_zero_grad_profile_name",
                "step", "_grad_backup", "_grad_buffers", "_applied_grads", "_held_lrs",
-               "_read_grads")
+               "_read_grads", "_decided")
 
 
 def _describe(transform: GradientTransformation) -> str:
@@ -60,6 +61,10 @@ def _describe(transform: GradientTransformation) -> str:
 
 
 _STRIDED_ONLY = frozenset({torch.strided})
+_VERSION = operator.attrgetter("_version")
+_GRAD = operator.attrgetter("grad")
+# An optimizer class's hooked ``step`` -> the function under torch's hook wrapper.
+_RAW_STEPS: dict[Any, Callable[..., Any] | None] = {}
 
 
 def _ptr(t: torch.Tensor) -> int | None:
@@ -85,8 +90,14 @@ def _grad_marks(
     (a freed gradient must not be kept alive, nor taken for a new one at the same
     address), and the identity and version counter of each (cheap to take every step)."""
     first = next((g for g in grads if g is not None), None)
-    versions = [None if g is None else g._version for g in grads]
-    return (None if first is None else weakref.ref(first)), list(map(id, grads)), versions
+    return (None if first is None else weakref.ref(first)), list(map(id, grads)), _versions(grads)
+
+
+def _versions(grads: list[torch.Tensor | None]) -> list[int | None]:
+    try:
+        return list(map(_VERSION, grads))
+    except AttributeError:  # a parameter without a gradient
+        return [None if g is None else g._version for g in grads]
 
 
 def _untouched(marks: tuple[Any, list[int], list[int | None]],
@@ -97,9 +108,7 @@ def _untouched(marks: tuple[Any, list[int], list[int | None]],
         return False
     if ref() is not next((g for g in grads if g is not None), None):
         return False  # the first gradient is a new tensor: a backward ran
-    return list(map(id, grads)) == ids and [
-        None if g is None else g._version for g in grads
-    ] == versions
+    return list(map(id, grads)) == ids and _versions(grads) == versions
 
 
 def _lrs(groups: list[dict[str, Any]]) -> list[Any]:
@@ -359,6 +368,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
         # the .grad lists read by this step's transform (None outside a step): the later
         # checks of the step compare with them instead of reading every .grad again
         self._read_grads: list[list[Any]] | None = None
+        # (the state the last decision read, its error flags): the next step starts from
+        # that state, so its old error flags need no second walk
+        self._decided: tuple[Any, list[torch.Tensor]] = (None, [])
         self._patch_step_function()
 
     # ------------------------------------------------------------------ copies
@@ -595,8 +607,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
             updates, new_state = self.transform.update(grads, state, groups, **extra)
         return updates, new_state
 
-    @staticmethod
-    def _decide(state: Any, old_state: Any) -> bool:
+    def _decide(self, state: Any, old_state: Any) -> bool:
         """Whether the step applies, with at most one device-to-host read. Raises when a
         ``clip_by_norm(error_if_nonfinite=True)`` flagged a nan/inf norm.
 
@@ -605,9 +616,13 @@ class ChainedOptimizer(torch.optim.Optimizer):
         stacked on the device and copied to the host in one transfer. A step with nothing
         to read on the device (an accumulation micro-step) does not sync at all.
         """
-        flag = gating.step_flag(state)  # a bool where known on the host
-        errors = gating.new_errors(state, old_state)
-        pending = ([flag] if isinstance(flag, torch.Tensor) else []) + errors
+        last, last_errors = self._decided
+        if last is not old_state:
+            last_errors = gating.decision(old_state, []).errors
+        found = gating.decision(state, last_errors)
+        self._decided = (state, found.errors)
+        flag = found.flag  # a bool where known on the host
+        pending = ([flag] if isinstance(flag, torch.Tensor) else []) + found.new_errors
         if not pending:
             return bool(flag)
         device = next((t.device for t in pending if t.device.type != "cpu"), pending[0].device)
@@ -637,8 +652,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
         if read is None:
             read = [[p.grad for p in group] for group in groups]
         if backup is None and all(
-            u is None or u is g for rgroup, ugroup in zip(read, updates)
-            for g, u in zip(rgroup, ugroup)
+            all(map(operator.is_, rgroup, ugroup))  # the usual case, at C speed
+            or all(u is None or u is g for g, u in zip(rgroup, ugroup))
+            for rgroup, ugroup in zip(read, updates)
         ):
             return  # every gradient was processed in place (or passed through)
         self._read_grads = None  # .grad objects may be replaced below: read them again
@@ -687,7 +703,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
         LR scheduler built on it) is called as it is, global hooks included."""
         opt = self.optimizer
         fn = getattr(type(opt), "step", None)
-        raw = getattr(fn, "__wrapped__", None) if getattr(fn, "hooked", False) else None
+        raw = _RAW_STEPS.get(fn)
+        if raw is None and getattr(fn, "hooked", False):
+            raw = _RAW_STEPS[fn] = getattr(fn, "__wrapped__", None)
         if raw is None or "step" in vars(opt):
             return opt.step() if closure is None else opt.step(closure)
         args: tuple[Any, ...] = (opt,) if closure is None else (opt, closure)
@@ -714,7 +732,6 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 post_hook(opt, args, kwargs)
         return out
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, **extra: Any) -> Any:  # type: ignore[override]
         """Evaluate ``closure`` (with grad enabled) if given, run the transformation on the
         gradients, and call the wrapped ``step()`` if the step applies. Extra keyword
@@ -724,8 +741,17 @@ class ChainedOptimizer(torch.optim.Optimizer):
         before the call (``.grad`` may hold processed values); with ``transactional=True``
         a failure inside the wrapped step is undone too, ``.grad`` included. The exception
         propagates."""
+        # Without grad, as torch.no_grad() would run it (set directly: cheaper per call).
+        grad_was = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            return self._step_without_grad(closure, extra)
+        finally:
+            torch._C._set_grad_enabled(grad_was)
+
+    def _step_without_grad(self, closure: Callable[[], Any] | None, extra: dict[str, Any]) -> Any:
         groups = self._params()
-        grouped = [[p.grad for p in group] for group in groups]
+        grouped = [list(map(_GRAD, group)) for group in groups]
         grads = [g for group in grouped for g in group]
         # A closure may zero or accumulate into existing gradients in place: keep values.
         grad_values = (
@@ -800,6 +826,8 @@ class ChainedOptimizer(torch.optim.Optimizer):
         finally:
             self._grad_backup.clear()
             self._read_grads = None  # never keeps gradients alive between steps
+            if self._decided[0] is not self.tx_state:  # a refused state is not kept alive
+                self._decided = (None, [])
 
     def _is_initialisation_step(self, closure: Any, extra: dict[str, Any]) -> bool:
         """Whether this call is an optimizer-state initialisation, as

@@ -44,7 +44,9 @@ __all__ = [
     "Flag",
     "GateWalk",
     "Window",
+    "Decision",
     "applied",
+    "decision",
     "error_flags",
     "gate_state",
     "is_gate",
@@ -200,21 +202,48 @@ def _nodes_of(state: State, kinds: dict[type, Any], inside: bool) -> list[Any]:
     found: list[Any] = []
 
     def visit(node: Any) -> None:
-        if isinstance(node, torch.Tensor):
-            return
         if type(node) in kinds:
             found.append(node)
             if not inside:
                 return
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, (tuple, list, dict)):
+                visit(child)
+            elif type(child) in kinds:  # a registered state that is no container
+                found.append(child)
+
+    if isinstance(state, (tuple, list, dict)):
+        visit(state)
+    elif type(state) in kinds:
+        found.append(state)
+    return found
+
+
+def _flag_nodes(state: State) -> tuple[list[Any], list[Any]]:
+    """The gate states (outermost, as :func:`_state_nodes`) and the error-flag states (all,
+    as :func:`new_errors` reads them) of ``state``, in one walk."""
+    gates: list[Any] = []
+    errors: list[Any] = []
+
+    def visit(node: Any, in_gate: bool) -> None:
+        kind = type(node)
+        if kind in _ERROR_FIELDS:
+            errors.append(node)
+        if not in_gate and kind in _GATE_STATES:
+            gates.append(node)
+            in_gate = True
         if isinstance(node, (tuple, list)):
             for child in node:
-                visit(child)
+                if not isinstance(child, torch.Tensor):
+                    visit(child, in_gate)
         elif isinstance(node, dict):
             for child in node.values():
-                visit(child)
+                if not isinstance(child, torch.Tensor):
+                    visit(child, in_gate)
 
-    visit(state)
-    return found
+    visit(state, False)
+    return gates, errors
 
 
 def and_flags(a: Flag, b: Flag) -> Flag:
@@ -255,7 +284,11 @@ def fold_flags(host: Flag, data: Flag, state: State, read_host: bool = True) -> 
     keep their state, and an absorbing gate (``accumulate_every``) replaces it with its
     own. Python bools where known without touching the device, tensors otherwise.
     """
-    for node in _state_nodes(state):
+    return _fold_nodes(host, data, _state_nodes(state), read_host)
+
+
+def _fold_nodes(host: Flag, data: Flag, nodes: list[Any], read_host: bool) -> tuple[Flag, Flag]:
+    for node in nodes:
         spec = _GATE_STATES[type(node)]
         for k, name in enumerate(spec.flags):
             flag = getattr(node, name)
@@ -326,16 +359,45 @@ def new_errors(state: State, old_state: State) -> list[torch.Tensor]:
     """The error flags (see :func:`error_flags`) in ``state`` that the last step set: those
     not carried over unchanged from ``old_state`` (a stored error flag is always false,
     since a true one refuses the step before it is stored). Not read: no sync."""
+    return decision(state, _error_values(_flag_nodes(old_state)[1])).new_errors
 
-    def flags(tree: State) -> list[torch.Tensor]:
-        return [
-            getattr(node, name)
-            for node in _nodes_of(tree, _ERROR_FIELDS, inside=True)
-            for name in _ERROR_FIELDS[type(node)]
-        ]
 
-    old = flags(old_state)
-    return [f for f in flags(state) if not any(f is o for o in old)]
+class Decision(NamedTuple):
+    """What a driver reads after an ``update`` to decide whether to step (see
+    :func:`decision`)."""
+
+    flag: Flag  # as step_flag
+    new_errors: list[torch.Tensor]  # as new_errors
+    errors: list[torch.Tensor]  # every error flag of the state: the next call's old ones
+
+
+def _error_values(nodes: list[Any]) -> list[torch.Tensor]:
+    return [getattr(node, name) for node in nodes for name in _ERROR_FIELDS[type(node)]]
+
+
+def decision(state: State, old_errors: list[torch.Tensor]) -> Decision:
+    """:func:`step_flag` and :func:`new_errors` in one walk over ``state``, for a driver
+    that decides on every step: ``old_errors`` is the ``errors`` of the previous decision
+    (the error flags of the state this step started from). Not read: no sync.
+
+    Example:
+        >>> import torch, gradchain as gc
+        >>> from gradchain.gating import decision
+        >>> tx = gc.clip_by_norm(1.0, error_if_nonfinite=True)
+        >>> state = tx.init({"w": torch.zeros(2)})
+        >>> before = decision(state, []).errors
+        >>> _, state = tx.update({"w": torch.tensor([float("nan"), 0.0])}, state)
+        >>> found = decision(state, before)
+        >>> found.flag, found.new_errors
+        (True, [tensor(True)])
+    """
+    gates, error_nodes = _flag_nodes(state)
+    host, data = _fold_nodes(True, True, gates, read_host=True)
+    flag = host if host is False else and_flags(host, data)
+    errors = _error_values(error_nodes)
+    if not errors:
+        return Decision(flag, [], errors)
+    return Decision(flag, [f for f in errors if not any(f is o for o in old_errors)], errors)
 
 
 # --------------------------------------------------------------------------- windows
