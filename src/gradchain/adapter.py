@@ -709,8 +709,12 @@ class ChainedOptimizer(torch.optim.Optimizer):
         if raw is None or "step" in vars(opt):
             return opt.step() if closure is None else opt.step(closure)
         args: tuple[Any, ...] = (opt,) if closure is None else (opt, closure)
-        kwargs: dict[str, Any] = {}
         profiling = torch.autograd._profiler_enabled()
+        if not (profiling or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks):
+            out = raw(*args)  # the usual case: nothing to wrap around it
+            opt._optimizer_step_code()
+            return out
+        kwargs: dict[str, Any] = {}
         scope = (
             torch.autograd.profiler.record_function(f"Optimizer.step#{type(opt).__name__}.step")
             if profiling
