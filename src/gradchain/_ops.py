@@ -44,6 +44,7 @@ def known_bool(flag: torch.Tensor) -> bool | None:
 
 
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_DTYPE = operator.attrgetter("dtype")
 
 
 def use_foreach(tensors: Sequence[torch.Tensor]) -> bool:
@@ -233,6 +234,8 @@ def clamp(xs: list[torch.Tensor], lo: float, hi: float) -> TList:
 
 
 def cast(xs: list[torch.Tensor], dtypes: Sequence[torch.dtype]) -> TList:
+    if not torch.compiler.is_compiling() and list(map(_DTYPE, xs)) == list(dtypes):
+        return list(xs)  # the usual case, compared at C speed
     return [x if x.dtype == d else x.to(d) for x, d in zip(xs, dtypes)]
 
 
@@ -263,16 +266,19 @@ def zeros_view(xs: list[torch.Tensor]) -> TList:
     """
     if not xs:
         return []
-    views: list[torch.Tensor | None] | Any = MISS
-    plain = all(type(x) is torch.Tensor or type(x) is torch.nn.Parameter for x in xs)
     compiling = torch.compiler.is_compiling()
-    if plain and not compiling:
-        views = _ZEROS.get(len(xs), xs)
-    if views is MISS:
+    # A hit proves the leaves' exact types too: only plain tensors' views are stored.
+    found: tuple[list[torch.Tensor | None], bool] | Any = (
+        MISS if compiling else _ZEROS.get(len(xs), xs)
+    )
+    if found is MISS:
         views = _zero_views(xs)
+        found = (views, all(v is not None for v in views))
+        plain = all(type(x) is torch.Tensor or type(x) is torch.nn.Parameter for x in xs)
         if plain and not compiling:
-            _ZEROS.put(len(xs), xs, views)
-    if all(v is not None for v in views):
+            _ZEROS.put(len(xs), xs, found)
+    views, complete = found
+    if complete:
         return list(views)  # every leaf a shared view (the usual case: no fresh zero)
     out: list[torch.Tensor | None] = list(views)
     fresh: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
