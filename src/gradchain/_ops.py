@@ -650,7 +650,12 @@ def global_norm(tensors: Sequence[torch.Tensor | None], norm_type: float = 2.0) 
     ts = [t for t in tensors if t is not None]
     if not ts:
         return torch.tensor(0.0)
-    lay = layout(ts)
+    return norm_of(ts, norm_type, layout(ts))
+
+
+def norm_of(ts: list[torch.Tensor], norm_type: float, lay: Layout) -> torch.Tensor:
+    """:func:`global_norm` of a non-empty list of tensors whose :func:`layout` the caller
+    already has (a clip reads it for its own multiply: one metadata proof, not two)."""
     dtype = lay.norm_dtype
     device = ts[0].device
     p = float(norm_type)

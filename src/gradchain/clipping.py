@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import torch
 
 from gradchain import _checks, _ops
-from gradchain._ops import global_norm, norm_dtype
+from gradchain._ops import norm_dtype
 from gradchain._tree import Leaves, flatten, leaf_paths, unflatten
 from gradchain.base import (
     READS,
@@ -149,7 +149,7 @@ def clip_by_norm(
         if not gs:
             return updates, state
         lay = _ops.layout(gs)
-        total = global_norm(gs, p)
+        total = _ops.norm_of(gs, p, lay)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         finite = torch.isfinite(total) if error_if_nonfinite else None
         if finite is not None:
