@@ -14,6 +14,16 @@ maths dominates). Gradients are restored before every step, outside the timed re
 Run: ``python benchmarks/adapter_overhead.py`` (``--steps``, ``--threads``);
 ``--smoke`` runs tiny sizes for a few steps to check that the script works (its times mean
 nothing).
+
+``--breakdown`` instead splits row 4 of ``benchmarks/speed.py`` (the small set, 28 tensors,
+``AdamW(fused=True)``) into ratios measured in one run, each the median of interleaved
+rounds of 20 steps, gradients alternating between two sets as in training:
+
+* ``torch A / torch B``: two identical torch setups on separate copies (the noise floor);
+* ``adapter(clip) / torch``: row 4 (``ChainedOptimizer(AdamW(fused), clip_by_norm(1.0))``
+  against ``clip_grad_norm_`` + ``AdamW(fused)``);
+* ``adapter(identity) / bare``: ``ChainedOptimizer(AdamW(fused), identity())`` against
+  ``AdamW(fused)`` alone: what the adapter itself costs per step.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import statistics
 import time
 
 import torch
+from speed import SETS, fresh_grads, gpt2_params  # this directory (run as a script)
 
 import gradchain as gc
 
@@ -93,15 +104,77 @@ def measure(shapes: list[tuple[int, ...]], steps: int, warmup: int) -> tuple[flo
     return statistics.median(times["torch"]), statistics.median(times["adapter"])
 
 
+def breakdown(rounds: int, smoke: bool) -> None:
+    """Row 4 of speed.py split into ratios measured in one run (see the module docstring)."""
+    params = gpt2_params(**SETS["tiny" if smoke else "small"])
+    pool = [[g.clone() for g in fresh_grads(params).values()] for _ in range(2)]
+
+    def setup(kind: str):  # noqa: ANN202 (a step function)
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in params.values()]
+        opt = torch.optim.AdamW(ps, lr=1e-3, fused=True)
+        chained = None
+        if kind in ("clip", "identity"):
+            tx = gc.clip_by_norm(MAX_NORM) if kind == "clip" else gc.identity()
+            chained = gc.ChainedOptimizer(opt, tx)
+        turn = [0]
+
+        def step() -> None:
+            turn[0] ^= 1
+            for p, g in zip(ps, pool[turn[0]]):
+                p.grad = g
+            if chained is not None:
+                chained.step()
+                return
+            if kind == "torch":
+                torch.nn.utils.clip_grad_norm_(ps, MAX_NORM, foreach=True)
+            opt.step()
+
+        return step
+
+    def ratio(a, b) -> float:  # noqa: ANN001
+        for _ in range(2 if smoke else 20):
+            a()
+            b()
+        found = []
+        for r in range(rounds):
+            pair = []
+            for fn in ((a, b) if r % 2 else (b, a)):
+                t0 = time.perf_counter()
+                for _ in range(1 if smoke else 20):
+                    fn()
+                pair.append(time.perf_counter() - t0)
+            t_a, t_b = (pair[0], pair[1]) if r % 2 else (pair[1], pair[0])
+            found.append(t_a / t_b)
+        return statistics.median(found)
+
+    torch_a, torch_b = setup("torch"), setup("torch")
+    rows = [
+        ("torch A / torch B (noise floor)", torch_a, torch_b),
+        ("adapter(clip) / torch (row 4)", setup("clip"), torch_a),
+        ("adapter(identity) / bare AdamW", setup("identity"), setup("bare")),
+    ]
+    print(f"{'breakdown (small set)':34s} {'ratio':>6s}")
+    for name, a, b in rows:
+        print(f"{name:34s} {ratio(a, b):6.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, few steps, untimed")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="split speed.py's row 4 (small set) into ratios")
+    parser.add_argument("--rounds", type=int, default=41, help="rounds per --breakdown ratio")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    if args.breakdown:
+        if args.smoke:
+            print("smoke run: the times below are not measurements")
+        breakdown(3 if args.smoke else args.rounds, args.smoke)
+        return
     layouts = SMOKE_LAYOUTS if args.smoke else LAYOUTS
     steps, warmup = (3, 1) if args.smoke else (args.steps, args.warmup)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {steps} steps per variant")
