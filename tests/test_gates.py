@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from _core_helpers import (
 from hypothesis import given
 
 import gradchain as gc
+from gradchain import gating
 
 NAN, INF = float("nan"), float("inf")
 
@@ -850,3 +852,40 @@ def test_a_gate_behind_a_closed_nested_chain_checks_its_zero_views():
     assert int(state[1].total_skips) == 0  # zeros are finite: the second gate stays open
     out, state = tx.update({"w": torch.ones(3), "e": torch.empty(2, 0)}, state, params)
     assert bool(gc.applied(state))
+
+
+# --------------------------------------------------------------------------- one-walk decision
+@pytest.mark.parametrize(("make", "sets_errors"), [
+    (lambda: gc.chain(gc.skip_if_nonfinite(), gc.accumulate_every(2), gc.sgd(0.1)), False),
+    (lambda: gc.chain(gc.clip_by_norm(1.0, error_if_nonfinite=True), gc.accumulate_every(3)),
+     True),
+    (lambda: gc.chain(gc.loss_scale(), gc.clip_by_norm(1.0, error_if_nonfinite=True)), True),
+    (lambda: gc.partition({"a": gc.chain(gc.skip_if_nonfinite(), gc.sgd(0.1)),
+                           "b": gc.clip_by_norm(1.0, error_if_nonfinite=True)},
+                          {"w": "a", "v": "b"}), True),
+    (lambda: gc.clip_by_norm(1.0), False),
+], ids=["skip+accumulate", "clip-error+accumulate", "loss_scale+clip-error", "partition",
+        "clip"])
+def test_decision_agrees_with_step_flag_and_new_errors(make, sets_errors: bool) -> None:
+    """gating.decision (the adapter's one walk per step, with the last step's error flags
+    carried over) gives what step_flag and new_errors give, step after step."""
+    tx = make()
+    params = {"w": torch.zeros(2), "v": torch.zeros(3)}
+    state = tx.init(params)
+    errors = gating.decision(state, []).errors
+    seen = 0
+    for k, bad in enumerate([None, math.nan, None, None, math.inf, None, None]):
+        grads = {"w": torch.full((2,), float(k + 1)), "v": torch.ones(3)}
+        if bad is not None:
+            grads["v"] = torch.tensor([bad, 1.0, 1.0])
+        _, new_state = tx.update(grads, state, params)
+        found = gating.decision(new_state, errors)
+        expected_flag = gating.step_flag(new_state)
+        assert type(found.flag) is type(expected_flag)
+        assert bool(found.flag) == bool(expected_flag)
+        expected = gating.new_errors(new_state, state)
+        assert len(found.new_errors) == len(expected)
+        assert all(a is b for a, b in zip(found.new_errors, expected))
+        seen += len(expected)
+        state, errors = new_state, found.errors
+    assert (seen > 0) == sets_errors  # the nan and inf steps set the error flags
