@@ -193,45 +193,24 @@ def error_flags(*names: str) -> Callable[[_S], _S]:
 # --------------------------------------------------------------------------- flags
 def _state_nodes(state: State) -> list[Any]:
     """The gate states inside ``state``, in order (depth first)."""
-    return _nodes_of(state, _GATE_STATES, inside=False)
+    return _flag_nodes(state, errors=False)[0]
 
 
-def _nodes_of(state: State, kinds: dict[type, Any], inside: bool) -> list[Any]:
-    """The nodes of ``state`` whose type is in ``kinds``, depth first; with ``inside``,
-    also those nested in a found one."""
-    found: list[Any] = []
-
-    def visit(node: Any) -> None:
-        if type(node) in kinds:
-            found.append(node)
-            if not inside:
-                return
-        children = node.values() if isinstance(node, dict) else node
-        for child in children:
-            if isinstance(child, (tuple, list, dict)):
-                visit(child)
-            elif type(child) in kinds:  # a registered state that is no container
-                found.append(child)
-
-    if isinstance(state, (tuple, list, dict)):
-        visit(state)
-    elif type(state) in kinds:
-        found.append(state)
-    return found
-
-
-def _flag_nodes(state: State) -> tuple[list[Any], list[Any]]:
-    """The gate states (outermost, as :func:`_state_nodes`) and the error-flag states (all,
-    as :func:`new_errors` reads them) of ``state``, in one walk."""
+def _flag_nodes(state: State, errors: bool = True) -> tuple[list[Any], list[Any]]:
+    """The gate states of ``state`` (the outermost ones, depth first) and, with ``errors``,
+    every error-flag state (see :func:`error_flags`, nested in a gate's state or not), in
+    one walk."""
     gates: list[Any] = []
-    errors: list[Any] = []
+    found: list[Any] = []
 
     def visit(node: Any, in_gate: bool) -> None:
         kind = type(node)
-        if kind in _ERROR_FIELDS:
-            errors.append(node)
+        if errors and kind in _ERROR_FIELDS:
+            found.append(node)
         if not in_gate and kind in _GATE_STATES:
             gates.append(node)
+            if not errors:
+                return  # nothing more to find inside a gate's state
             in_gate = True
         if isinstance(node, (tuple, list)):
             for child in node:
@@ -243,7 +222,7 @@ def _flag_nodes(state: State) -> tuple[list[Any], list[Any]]:
                     visit(child, in_gate)
 
     visit(state, False)
-    return gates, errors
+    return gates, found
 
 
 def and_flags(a: Flag, b: Flag) -> Flag:
