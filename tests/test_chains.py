@@ -134,6 +134,13 @@ def test_adapter_overhead_benchmark_smoke() -> None:
     assert re.search(r"smoke 6 x 16\s+[\d.]+\s+[\d.]+\s+[\d.]+", out), out
 
 
+def test_adapter_breakdown_benchmark_smoke() -> None:
+    out = run("benchmarks/adapter_overhead.py", "--smoke", "--breakdown")
+    assert "smoke run" in out
+    for row in ("torch A / torch B", "adapter(clip) / torch", "adapter(identity) / bare AdamW"):
+        assert re.search(rf"{re.escape(row)}[^\n]*\s\d+\.\d+\n", out), (row, out)
+
+
 def test_speed_benchmark_smoke() -> None:
     """Every row of the speed table runs (tiny set, one round; no timing claims)."""
     out = run("benchmarks/speed.py", "--smoke")
