@@ -330,7 +330,12 @@ def step_flag(state: State) -> Flag:
         >>> step_flag(state)
         False
     """
-    host, data = fold_flags(True, True, state)
+    return _applies(_state_nodes(state))
+
+
+def _applies(gates: list[Any]) -> Flag:
+    """Whether a step passes these gate states (:func:`step_flag` of their state)."""
+    host, data = _fold_nodes(True, True, gates, read_host=True)
     return host if host is False else and_flags(host, data)
 
 
@@ -371,8 +376,7 @@ def decision(state: State, old_errors: list[torch.Tensor]) -> Decision:
         (True, [tensor(True)])
     """
     gates, error_nodes = _flag_nodes(state)
-    host, data = _fold_nodes(True, True, gates, read_host=True)
-    flag = host if host is False else and_flags(host, data)
+    flag = _applies(gates)
     errors = _error_values(error_nodes)
     if not errors:
         return Decision(flag, [], errors)
