@@ -496,6 +496,18 @@ def optax_rows(params: dict[str, torch.Tensor], compiled: bool) -> list[Row]:
     return rows
 
 
+def run_rows(set_name: str, rows: list[Row], only: list[str] | None, rounds: int, inner: int,
+             smoke: bool) -> None:
+    """Measure and print ``rows`` (those whose name starts with one of ``only``, if given)."""
+    for row in rows:
+        if only and not any(row.name.split(" ")[0] == r for r in only):
+            continue
+        m = measure(row, rounds=rounds, inner=inner, warmup=0 if smoke else 2)
+        print(f"{set_name:7} {row.name:28} {m['ours_ms']:12.3f} {m['torch_ms']:9.3f} "
+              f"{m['ratio']:6.2f} {m['ours_peak_mb']:8.1f} / {m['torch_peak_mb']:<8.1f}  "
+              f"{row.note}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=["small", "medium"], choices=list(SETS))
@@ -517,22 +529,15 @@ def main() -> None:
              f"{'peak MB ours/torch':>19}  note"
     print(header)
     print("-" * len(header))
+    optax_sets = []
     for name in sets:
         params = gpt2_params(**SETS[name])
         n = sum(p.numel() for p in params.values())
         inner = 1 if args.smoke else (20 if name == "small" else 3)
         rows = [] if args.only_rules else build_rows(params, compile_row3=args.compile)
-        if not args.only_rules and not args.smoke:
-            rows += optax_rows(params, compiled=args.compile)
         if args.rules or args.only_rules or args.smoke:
             rows += rule_rows(params)
-        for row in rows:
-            if args.rows and not any(row.name.split(" ")[0] == r for r in args.rows):
-                continue
-            m = measure(row, rounds=rounds, inner=inner, warmup=0 if args.smoke else 2)
-            print(f"{name:7} {row.name:28} {m['ours_ms']:12.3f} {m['torch_ms']:9.3f} "
-                  f"{m['ratio']:6.2f} {m['ours_peak_mb']:8.1f} / {m['torch_peak_mb']:<8.1f}  "
-                  f"{row.note}")
+        run_rows(name, rows, args.rows, rounds, inner, args.smoke)
         if name != "medium":
             # Python per call: what a GPU user pays on every step (launch-bound kernels).
             by_name = {row.name: row for row in build_rows(params, compile_row3=False)}
@@ -551,6 +556,15 @@ def main() -> None:
                 host = host_us_per_call(fn, 20 if args.smoke else 200, 1 if args.smoke else 15)
                 print(f"{name:7} host per call, 1-element leaves,       {who:9}: {host:7.1f} us")
         print(f"({name}: {len(params)} tensors, {n / 1e6:.2f}M parameters)")
+        if not (args.only_rules or args.smoke) and (
+            args.rows is None or any(r.startswith("2x") for r in args.rows)
+        ):
+            optax_sets.append((name, params, inner))
+    # Rows 2x/2xc last, after every torch-only row, and only when selected: importing jax
+    # starts XLA's CPU runtime (its thread pools) in this process, which has no place in the
+    # torch-against-torch timings.
+    for name, params, inner in optax_sets:
+        run_rows(name, optax_rows(params, compiled=args.compile), args.rows, rounds, inner, False)
     if args.smoke:
         print("smoke run: sizes are tiny, the figures mean nothing")
 

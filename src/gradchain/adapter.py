@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import operator
 import warnings
 import weakref
@@ -63,6 +64,8 @@ def _describe(transform: GradientTransformation) -> str:
 _STRIDED_ONLY = frozenset({torch.strided})
 _VERSION = operator.attrgetter("_version")
 _GRAD = operator.attrgetter("grad")
+_LAYOUT = operator.attrgetter("layout")
+_NOT_NONE = functools.partial(operator.is_not, None)  # filter(_NOT_NONE, xs): at C speed
 # An optimizer class's hooked ``step`` -> the function under torch's hook wrapper.
 _RAW_STEPS: dict[Any, Callable[..., Any] | None] = {}
 
@@ -89,7 +92,7 @@ def _grad_marks(
     """What identifies the ``.grad`` tensors after a step: a weak reference to the first
     (a freed gradient must not be kept alive, nor taken for a new one at the same
     address), and the identity and version counter of each (cheap to take every step)."""
-    first = next((g for g in grads if g is not None), None)
+    first = next(filter(_NOT_NONE, grads), None)
     return (None if first is None else weakref.ref(first)), list(map(id, grads)), _versions(grads)
 
 
@@ -106,7 +109,7 @@ def _untouched(marks: tuple[Any, list[int], list[int | None]],
     ref, ids, versions = marks
     if ref is None or len(ids) != len(grads):
         return False
-    if ref() is not next((g for g in grads if g is not None), None):
+    if ref() is not next(filter(_NOT_NONE, grads), None):
         return False  # the first gradient is a new tensor: a backward ran
     return list(map(id, grads)) == ids and _versions(grads) == versions
 
@@ -564,7 +567,8 @@ class ChainedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
     def _params(self) -> list[list[torch.Tensor]]:
-        return [list(g["params"]) for g in self.optimizer.param_groups]
+        """Each group's parameter list (the groups' own lists: read, never written)."""
+        return [g["params"] for g in self.optimizer.param_groups]
 
     def _param_tree(self) -> list[list[torch.Tensor]]:
         return [[p.detach() for p in group] for group in self._params()]
@@ -581,7 +585,13 @@ class ChainedOptimizer(torch.optim.Optimizer):
         if grads is None:
             grads = [[p.grad for p in group] for group in groups]
         self._read_grads = grads
-        if not {g.layout for group in grads for g in group if g is not None} <= _STRIDED_ONLY:
+        try:
+            layouts = set(map(_LAYOUT, grads[0])) if len(grads) == 1 else {
+                g.layout for group in grads for g in group
+            }
+        except AttributeError:  # a parameter without a gradient
+            layouts = {g.layout for group in grads for g in group if g is not None}
+        if not layouts <= _STRIDED_ONLY:
             for i, group in enumerate(grads):  # name the leaf
                 for j, g in enumerate(group):
                     if g is not None and g.layout is not torch.strided:
@@ -756,7 +766,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
     def _step_without_grad(self, closure: Callable[[], Any] | None, extra: dict[str, Any]) -> Any:
         groups = self._params()
         grouped = [list(map(_GRAD, group)) for group in groups]
-        grads = [g for group in grouped for g in group]
+        grads = grouped[0] if len(grouped) == 1 else [g for group in grouped for g in group]
         # A closure may zero or accumulate into existing gradients in place: keep values.
         grad_values = (
             [None if g is None else (g._version, g.clone()) for g in grads]
@@ -781,7 +791,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 UserWarning,
                 stacklevel=4,  # the caller of step(), past torch's hook wrapper and no_grad
             )
-        if closure is None and all(g is None for g in grads):
+        if closure is None and next(filter(_NOT_NONE, grads), None) is None:
             # torch.optim skips parameters without gradients; a chain would still count the
             # call (an accumulation window would advance on nothing): do nothing, loudly.
             warnings.warn(
@@ -809,7 +819,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         try:
             if self._reevaluates:
                 return self._step_reevaluating(closure, groups, snapshot, **extra)
-            return self._step(closure, groups, snapshot, grouped, **extra)
+            return self._step(closure, groups, snapshot, grouped, grads, **extra)
         except BaseException as err:
             if snapshot:
                 snapshot[0].restore()
@@ -867,9 +877,12 @@ class ChainedOptimizer(torch.optim.Optimizer):
         closure: Callable[[], Any] | None,
         groups: list[list[torch.Tensor]],
         snapshot: list[Snapshot],
-        grads: list[list[Any]],
+        grouped: list[list[Any]],
+        grads: list[Any],
         **extra: Any,
     ) -> Any:
+        """One step; ``grouped`` is each group's ``.grad`` list as read before the call,
+        ``grads`` the same flattened."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -878,7 +891,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         # .grad, so that the window is not lost with the discarded gradients.
         before_seed, self._before_seed = self._before_seed, None
         updates, new_state = self._run_transform(
-            self.tx_state, groups, None if closure is not None else grads, **extra
+            self.tx_state, groups, None if closure is not None else grouped, **extra
         )
         applies = self._decide(new_state, self.tx_state)
         if not applies:
@@ -898,18 +911,22 @@ class ChainedOptimizer(torch.optim.Optimizer):
             self._last_applied = False
             return loss
         self._write_grads(groups, updates, new_state)
+        # The marks of the .grad tensors the wrapped step gets, taken now, while their
+        # metadata are still in the CPU's cache (the wrapped step reads .grad, it does not
+        # write it; one that does only makes the next step-twice check miss).
+        read, self._read_grads = self._read_grads, None
+        marks = _grad_marks(
+            grads
+            if read is grouped and self.should_commit is None  # .grad objects unchanged
+            else [p.grad for group in groups for p in group]
+        )
         if self.transactional:
             snapshot.append(Snapshot(self.optimizer, self._snapshot_buffers))
         self._drop_placeholder()
         self._wrapped_step()
         self.tx_state = new_state
         self._last_applied = True
-        read, self._read_grads = self._read_grads, None
-        self._applied_grads = _grad_marks(
-            [g for group in read for g in group]
-            if read is not None and self.should_commit is None  # .grad objects unchanged
-            else [p.grad for group in groups for p in group]
-        )
+        self._applied_grads = marks
         return loss
 
     def _step_reevaluating(
