@@ -23,7 +23,15 @@ rounds of 20 steps, gradients alternating between two sets as in training:
 * ``adapter(clip) / torch``: row 4 (``ChainedOptimizer(AdamW(fused), clip_by_norm(1.0))``
   against ``clip_grad_norm_`` + ``AdamW(fused)``);
 * ``adapter(identity) / bare``: ``ChainedOptimizer(AdamW(fused), identity())`` against
-  ``AdamW(fused)`` alone: what the adapter itself costs per step.
+  ``AdamW(fused)`` alone: what the adapter itself costs per step;
+* ``row 4, steps one by one (cold)``: row 4 again, the two sides alternating step by step
+  (each step starts with the other side's data in the CPU's caches, as a step right after
+  a forward and backward does), ratio of median thread CPU times.
+
+``--phases`` times the parts of the adapter's step in place (thread CPU time, medians over
+2000 steps, small set and one-element leaves): torch's hook wrapper, the transformation,
+the adapter's own work and the wrapped step, next to the bare step and torch's
+``clip_grad_norm_``.
 """
 
 from __future__ import annotations
@@ -111,6 +119,9 @@ def breakdown(rounds: int, smoke: bool) -> None:
 
     def setup(kind: str):  # noqa: ANN202 (a step function)
         ps = [torch.nn.Parameter(p.detach().clone()) for p in params.values()]
+        # Each setup has its own gradient tensors (the same values): a step never finds
+        # the other side's just-processed gradients in the CPU's caches.
+        own = [[g.clone() for g in grads] for grads in pool]
         opt = torch.optim.AdamW(ps, lr=1e-3, fused=True)
         chained = None
         if kind in ("clip", "identity"):
@@ -120,7 +131,7 @@ def breakdown(rounds: int, smoke: bool) -> None:
 
         def step() -> None:
             turn[0] ^= 1
-            for p, g in zip(ps, pool[turn[0]]):
+            for p, g in zip(ps, own[turn[0]]):
                 p.grad = g
             if chained is not None:
                 chained.step()
@@ -147,15 +158,119 @@ def breakdown(rounds: int, smoke: bool) -> None:
             found.append(t_a / t_b)
         return statistics.median(found)
 
+    def one_by_one(a, b) -> float:  # noqa: ANN001
+        """Steps alternating one by one (each starts with the other's data in the CPU's
+        caches, as a step after a forward and backward does): ratio of median step times."""
+        times: tuple[list[int], list[int]] = ([], [])
+        for _ in range(40 if smoke else 2000):
+            for fn, out in ((a, times[0]), (b, times[1])):
+                t0 = time.thread_time_ns()
+                fn()
+                out.append(time.thread_time_ns() - t0)
+        skip = 0 if smoke else 200
+        return statistics.median(times[0][skip:]) / statistics.median(times[1][skip:])
+
     torch_a, torch_b = setup("torch"), setup("torch")
+    clip = setup("clip")
     rows = [
-        ("torch A / torch B (noise floor)", torch_a, torch_b),
-        ("adapter(clip) / torch (row 4)", setup("clip"), torch_a),
-        ("adapter(identity) / bare AdamW", setup("identity"), setup("bare")),
+        ("torch A / torch B (noise floor)", ratio, torch_a, torch_b),
+        ("adapter(clip) / torch (row 4)", ratio, clip, torch_a),
+        ("adapter(identity) / bare AdamW", ratio, setup("identity"), setup("bare")),
+        ("row 4, steps one by one (cold)", one_by_one, clip, torch_a),
     ]
     print(f"{'breakdown (small set)':34s} {'ratio':>6s}")
-    for name, a, b in rows:
-        print(f"{name:34s} {ratio(a, b):6.3f}")
+    for name, how, a, b in rows:
+        print(f"{name:34s} {how(a, b):6.3f}")
+
+
+def phases(steps: int, smoke: bool) -> None:
+    """Thread CPU time of the parts of the adapter's step, in place (not each part alone in
+    a loop, where its objects stay in the CPU's caches and it reads about half as much):
+    the adapter's methods are wrapped with timers, so each figure includes a timer call
+    (under 1 us). Small set and one-element leaves of the same tree, ``AdamW(fused)``; the
+    four setups alternate step by step, so each step starts with another's data in the
+    caches (as a step after a forward and backward does)."""
+    from gradchain import adapter
+
+    clock = time.thread_time_ns
+    marks: dict[str, int] = {}
+    originals = {
+        name: getattr(adapter.ChainedOptimizer, name)
+        for name in ("_step_without_grad", "_run_transform", "_wrapped_step")
+    }
+
+    def timed_method(name: str):  # noqa: ANN202 (a method)
+        original = originals[name]
+
+        def method(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            marks[name + "<"] = clock()
+            out = original(self, *args, **kwargs)
+            marks[name + ">"] = clock()
+            return out
+
+        return method
+
+    for name in originals:
+        setattr(adapter.ChainedOptimizer, name, timed_method(name))
+    try:
+        print(f"{'median us per step':44s} {'small set':>10s} {'1-element':>10s}")
+        found: dict[tuple[str, str], list[float]] = {}
+        for leaves in ("small", "one"):
+            params = gpt2_params(**SETS["tiny" if smoke else "small"])
+            if leaves == "one":
+                params = {k: torch.zeros(1) for k in params}
+            pool = [[g.clone() for g in fresh_grads(params).values()] for _ in range(2)]
+            kinds = ("bare", "identity", "torch", "clip")
+            setups = {}
+            for kind in kinds:
+                ps = [torch.nn.Parameter(p.detach().clone()) for p in params.values()]
+                opt = torch.optim.AdamW(ps, lr=1e-3, fused=True)
+                tx = gc.identity() if kind == "identity" else gc.clip_by_norm(MAX_NORM)
+                chained = gc.ChainedOptimizer(opt, tx) if kind in ("identity", "clip") else None
+                own = [[g.clone() for g in grads] for grads in pool]  # see breakdown()
+                setups[kind] = (ps, opt, chained, own)
+            rows: dict[str, list[tuple[int, ...]]] = {kind: [] for kind in kinds}
+            for i in range(steps):  # the four alternate step by step (same machine noise)
+                for kind, (ps, opt, chained, own) in setups.items():
+                    for p, g in zip(ps, own[i % 2]):
+                        p.grad = g
+                    t0 = clock()
+                    if chained is None:
+                        if kind == "torch":
+                            torch.nn.utils.clip_grad_norm_(ps, MAX_NORM, foreach=True)
+                        t1 = clock()
+                        opt.step()
+                        rows[kind].append((clock() - t0, t1 - t0))
+                        continue
+                    chained.step()
+                    t1 = clock()
+                    m = marks
+                    rows[kind].append((
+                        t1 - t0,
+                        m["_step_without_grad<"] - t0 + t1 - m["_step_without_grad>"],
+                        m["_run_transform>"] - m["_run_transform<"],
+                        m["_wrapped_step<"] - m["_step_without_grad<"]
+                        - (m["_run_transform>"] - m["_run_transform<"])
+                        + m["_step_without_grad>"] - m["_wrapped_step>"],
+                        m["_wrapped_step>"] - m["_wrapped_step<"],
+                    ))
+            for kind in kinds:
+                cols = [statistics.median(c) / 1e3 for c in zip(*rows[kind][steps // 10:])]
+                labels = (
+                    [f"{kind}: AdamW(fused).step()"] if kind == "bare" else
+                    ["torch: clip_grad_norm_ + step()", "  of which clip_grad_norm_"]
+                    if kind == "torch" else
+                    [f"adapter({kind}).step()", "  torch's hook wrapper + step() entry",
+                     "  the transformation", "  the adapter's own work",
+                     "  the wrapped step (no wrapper)"]
+                )
+                for label, value in zip(labels, cols):
+                    found.setdefault((kind, label), []).append(value)
+        for (_, label), (small, one) in found.items():
+            print(f"{label:44s} {small:10.1f} {one:10.1f}")
+    finally:
+        for name, original in originals.items():
+            setattr(adapter.ChainedOptimizer, name, original)
 
 
 def main() -> None:
@@ -167,9 +282,16 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="split speed.py's row 4 (small set) into ratios")
     parser.add_argument("--rounds", type=int, default=41, help="rounds per --breakdown ratio")
+    parser.add_argument("--phases", action="store_true",
+                        help="time the parts of the adapter's step in place (small set)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    if args.phases:
+        if args.smoke:
+            print("smoke run: the times below are not measurements")
+        phases(20 if args.smoke else 2000, args.smoke)
+        return
     if args.breakdown:
         if args.smoke:
             print("smoke run: the times below are not measurements")

@@ -602,6 +602,46 @@ def test_an_ordinary_loop_raises_no_warning() -> None:
 
 
 
+def test_a_backward_that_reaches_only_some_kept_gradients_is_not_a_second_step() -> None:
+    """The step-twice check looks at every gradient: a backward that accumulates into the
+    kept .grad of the middle parameters only (the first and last unused) is a new step."""
+    params = make_params()
+    opt = gc.ChainedOptimizer(torch.optim.SGD(params, lr=0.1), gc.identity())
+    set_grads(params, 0)
+    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sum((p**2).sum() for p in params[1:-1]).backward()
+        opt.step()
+    with pytest.warns(UserWarning, match="called again with the gradients"):
+        opt.step()
+
+
+def test_an_identity_adapter_hands_sparse_gradients_on_as_the_bare_optimizer_gets_them() -> None:
+    """SparseAdam on an nn.Embedding(sparse=True): an identity() adapter is the bare
+    optimizer; a chain that reads the gradients refuses them, naming the .grad."""
+    torch.manual_seed(0)
+    ours_m, bare_m = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Embedding(10, 3, sparse=True)
+    bare_m.load_state_dict(ours_m.state_dict())
+    ours = gc.ChainedOptimizer(torch.optim.SparseAdam(ours_m.parameters(), lr=0.1), gc.identity())
+    bare = torch.optim.SparseAdam(bare_m.parameters(), lr=0.1)
+    for i in range(3):
+        idx = torch.tensor([i, i + 2, 7])
+        for m, o in ((ours_m, ours), (bare_m, bare)):
+            o.zero_grad()
+            m(idx).pow(2).sum().backward()
+            assert m.weight.grad.layout is torch.sparse_coo
+            o.step()
+        assert torch.equal(ours_m.weight, bare_m.weight)
+    clipping = gc.ChainedOptimizer(torch.optim.SparseAdam(ours_m.parameters(), lr=0.1),
+                                   gc.clip_by_norm(1.0))
+    ours_m(torch.tensor([1])).sum().backward()
+    before = ours_m.weight.detach().clone()
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\]\.grad is sparse"):
+        clipping.step()
+    assert torch.equal(ours_m.weight, before)
+
+
 def test_a_gradscaler_driving_a_chain_with_its_own_loss_scale_is_refused() -> None:
     params = make_params()
     opt = gc.ChainedOptimizer(torch.optim.SGD(params, lr=0.1),

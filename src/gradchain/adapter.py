@@ -61,10 +61,8 @@ def _describe(transform: GradientTransformation) -> str:
     return name.split(".<locals>")[0]
 
 
-_STRIDED_ONLY = frozenset({torch.strided})
 _VERSION = operator.attrgetter("_version")
 _GRAD = operator.attrgetter("grad")
-_LAYOUT = operator.attrgetter("layout")
 _NOT_NONE = functools.partial(operator.is_not, None)  # filter(_NOT_NONE, xs): at C speed
 # An optimizer class's hooked ``step`` -> the function under torch's hook wrapper.
 _RAW_STEPS: dict[Any, Callable[..., Any] | None] = {}
@@ -86,14 +84,18 @@ def _storages(tree: Any) -> set[int | None]:
     }
 
 
-def _grad_marks(
-    grads: list[torch.Tensor | None],
-) -> tuple[Any, list[int], list[int | None]]:
-    """What identifies the ``.grad`` tensors after a step: a weak reference to the first
-    (a freed gradient must not be kept alive, nor taken for a new one at the same
-    address), and the identity and version counter of each (cheap to take every step)."""
+_Marks = tuple[Any, Any, list[int | None]]
+
+
+def _grad_marks(grads: list[torch.Tensor | None]) -> _Marks:
+    """What identifies the ``.grad`` tensors after a step: weak references to the first and
+    the last present one (a freed gradient must not be kept alive, nor taken for a new one
+    at the same address), and the version counter of each (one pass at C speed)."""
     first = next(filter(_NOT_NONE, grads), None)
-    return (None if first is None else weakref.ref(first)), list(map(id, grads)), _versions(grads)
+    if first is None:
+        return None, None, []
+    last = next(filter(_NOT_NONE, reversed(grads)))
+    return weakref.ref(first), weakref.ref(last), _versions(grads)
 
 
 def _versions(grads: list[torch.Tensor | None]) -> list[int | None]:
@@ -103,15 +105,32 @@ def _versions(grads: list[torch.Tensor | None]) -> list[int | None]:
         return [None if g is None else g._version for g in grads]
 
 
-def _untouched(marks: tuple[Any, list[int], list[int | None]],
-               grads: list[torch.Tensor | None]) -> bool:
-    """Whether ``grads`` are the tensors of ``marks``, not written since."""
-    ref, ids, versions = marks
-    if ref is None or len(ids) != len(grads):
+def _untouched(marks: _Marks, grads: list[torch.Tensor | None]) -> bool:
+    """Whether ``grads`` are the tensors of ``marks``, not written since: the same first
+    and last tensors (a backward after ``zero_grad()`` makes new ones) and every version
+    counter as it was (a backward into kept gradients, or ``zero_grad(set_to_none=False)``,
+    bumps them)."""
+    first, last, versions = marks
+    if first is None or len(versions) != len(grads):
         return False
-    if ref() is not next(filter(_NOT_NONE, grads), None):
-        return False  # the first gradient is a new tensor: a backward ran
-    return list(map(id, grads)) == ids and _versions(grads) == versions
+    if first() is not next(filter(_NOT_NONE, grads), None) or last() is not next(
+        filter(_NOT_NONE, reversed(grads)), None
+    ):
+        return False  # new gradient tensors: a backward ran
+    return _versions(grads) == versions
+
+
+def _sparse_grad_error(grads: list[list[Any]]) -> TypeError | None:
+    """The error naming the first sparse ``.grad`` in ``grads`` (per group), if any."""
+    for i, group in enumerate(grads):
+        for j, g in enumerate(group):
+            if g is not None and g.layout is not torch.strided:
+                return TypeError(
+                    f"ChainedOptimizer: param_groups[{i}]['params'][{j}].grad is sparse "
+                    f"({g.layout}); gradchain transformations need dense gradients (e.g. "
+                    "nn.Embedding(..., sparse=False))"
+                )
+    return None
 
 
 def _lrs(groups: list[dict[str, Any]]) -> list[Any]:
@@ -362,9 +381,9 @@ class ChainedOptimizer(torch.optim.Optimizer):
         self._grad_backup: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._grad_buffers: list[torch.Tensor] = []  # kept CPU buffers for _grad_backup
         self._self_ref = weakref.ref(self)
-        # (weak reference, version) of each .grad after the last applied step: a step()
-        # that finds them untouched was called twice without a backward in between
-        self._applied_grads: tuple[Any, list[int], list[int | None]] | None = None
+        # the .grad tensors after the last applied step (see _grad_marks): a step() that
+        # finds them untouched was called twice without a backward in between
+        self._applied_grads: _Marks | None = None
         # each group's lr after the last held-back step (a change before the next step
         # means a scheduler stepped on a step that applied nothing)
         self._held_lrs: list[Any] | None = None
@@ -585,21 +604,6 @@ class ChainedOptimizer(torch.optim.Optimizer):
         if grads is None:
             grads = [[p.grad for p in group] for group in groups]
         self._read_grads = grads
-        try:
-            layouts = set(map(_LAYOUT, grads[0])) if len(grads) == 1 else {
-                g.layout for group in grads for g in group
-            }
-        except AttributeError:  # a parameter without a gradient
-            layouts = {g.layout for group in grads for g in group if g is not None}
-        if not layouts <= _STRIDED_ONLY:
-            for i, group in enumerate(grads):  # name the leaf
-                for j, g in enumerate(group):
-                    if g is not None and g.layout is not torch.strided:
-                        raise TypeError(
-                            f"ChainedOptimizer: param_groups[{i}]['params'][{j}].grad is "
-                            f"sparse ({g.layout}); gradchain transformations need dense "
-                            "gradients (e.g. nn.Embedding(..., sparse=False))"
-                        )
         if "donate" in extra:
             raise ValueError(
                 "ChainedOptimizer.step: donate is not a step argument; the adapter donates "
@@ -611,10 +615,20 @@ class ChainedOptimizer(torch.optim.Optimizer):
         # The parameters go in as they are (no per-step detach): update runs without grad
         # and never writes them. (step() runs under no_grad; a closure's re-evaluation runs
         # inside the wrapped step, which may enable grad.)
-        if not torch.is_grad_enabled():
-            return self.transform.update(grads, state, groups, **extra)  # type: ignore[no-any-return]
-        with torch.no_grad():
-            updates, new_state = self.transform.update(grads, state, groups, **extra)
+        try:
+            if not torch.is_grad_enabled():
+                return self.transform.update(grads, state, groups, **extra)  # type: ignore[no-any-return]
+            with torch.no_grad():
+                updates, new_state = self.transform.update(grads, state, groups, **extra)
+        except Exception as err:
+            # A sparse gradient is refused by the transformations that read the gradients
+            # (their validation, before they compute); name it as the user knows it. (Not
+            # checked up front: an identity() adapter hands it to the wrapped optimizer, as
+            # the bare one gets it, e.g. SparseAdam.)
+            sparse = _sparse_grad_error(grads)
+            if sparse is not None:
+                raise sparse from err
+            raise
         return updates, new_state
 
     def _decide(self, state: Any, old_state: Any) -> bool:
