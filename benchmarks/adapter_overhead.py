@@ -260,7 +260,7 @@ def phases(steps: int, smoke: bool) -> None:
                     [f"{kind}: AdamW(fused).step()"] if kind == "bare" else
                     ["torch: clip_grad_norm_ + step()", "  of which clip_grad_norm_"]
                     if kind == "torch" else
-                    [f"adapter({kind}).step()", "  torch's hook wrapper + step() entry",
+                    [f"adapter({kind}).step()", "  step hooks' wrapper + step() entry",
                      "  the transformation", "  the adapter's own work",
                      "  the wrapped step (no wrapper)"]
                 )

@@ -254,6 +254,14 @@ def test_global_and_local_step_hooks_fire_once_per_step_call() -> None:
     assert inner_seen == ["inner"] * 2  # its own hooks run when it steps
 
 
+def test_a_pre_hook_with_a_bad_return_value_fails_as_on_the_bare_optimizer() -> None:
+    for opt in (chained(make_params()), torch.optim.AdamW(make_params(), lr=0.05)):
+        opt.register_step_pre_hook(lambda o, a, k: 5)
+        with pytest.raises(RuntimeError, match=r"must return None or a tuple of \(new_args, "
+                                                r"new_kwargs\), but got 5"):
+            opt.step()
+
+
 def test_a_step_pre_hook_that_rewrites_arguments_is_honoured() -> None:
     params = make_params()
     opt = gc.ChainedOptimizer(torch.optim.SGD(params, lr=0.1), gc.identity())

@@ -5,15 +5,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import operator
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import optree
 import torch
+from torch.optim import optimizer as _torch_optimizer
 
 from gradchain import gating
 from gradchain._snapshot import Snapshot
@@ -141,6 +143,46 @@ def _lrs(groups: list[dict[str, Any]]) -> list[Any]:
         if isinstance(lr, torch.Tensor):
             lr = lr.item() if lr.device.type == "cpu" and lr.numel() == 1 else id(lr)
         out.append(lr)
+    return out
+
+
+def _call_hooked(
+    opt: torch.optim.Optimizer,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    global_hooks: bool,
+) -> Any:
+    """``func(*args, **kwargs)`` as torch's step wrapper runs an optimizer's ``step``
+    (``Optimizer.profile_hook_step``): pre hooks (the global ones first, with
+    ``global_hooks``) that may replace the arguments, the step, ``_optimizer_step_code``,
+    post hooks (the global ones last), all inside the profiler's
+    ``Optimizer.step#<class>.step`` range when the profiler is on."""
+    pre: Iterable[Any] = opt._optimizer_step_pre_hooks.values()
+    post: Iterable[Any] = opt._optimizer_step_post_hooks.values()
+    if global_hooks:
+        pre = itertools.chain(_torch_optimizer._global_optimizer_pre_hooks.values(), pre)
+        post = itertools.chain(post, _torch_optimizer._global_optimizer_post_hooks.values())
+    scope = (
+        torch.autograd.profiler.record_function(f"Optimizer.step#{type(opt).__name__}.step")
+        if torch.autograd._profiler_enabled()
+        else contextlib.nullcontext()
+    )
+    with scope:
+        for pre_hook in tuple(pre):
+            result = pre_hook(opt, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(
+                        f"{func} must return None or a tuple of (new_args, new_kwargs), "
+                        f"but got {result}."
+                    )
+                args, kwargs = result
+        out = func(*args, **kwargs)
+        opt._optimizer_step_code()
+        for post_hook in tuple(post):
+            post_hook(opt, args, kwargs)
     return out
 
 
@@ -733,42 +775,46 @@ class ChainedOptimizer(torch.optim.Optimizer):
         if raw is None or "step" in vars(opt):
             return opt.step() if closure is None else opt.step(closure)
         args: tuple[Any, ...] = (opt,) if closure is None else (opt, closure)
-        profiling = torch.autograd._profiler_enabled()
-        if not (profiling or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks):
-            out = raw(*args)  # the usual case: nothing to wrap around it
-            opt._optimizer_step_code()
-            return out
-        kwargs: dict[str, Any] = {}
-        scope = (
-            torch.autograd.profiler.record_function(f"Optimizer.step#{type(opt).__name__}.step")
-            if profiling
-            else contextlib.nullcontext()
-        )
-        with scope:
-            for pre_hook in tuple(opt._optimizer_step_pre_hooks.values()):
-                result = pre_hook(opt, args, kwargs)
-                if result is not None:
-                    if not (isinstance(result, tuple) and len(result) == 2):
-                        raise RuntimeError(
-                            f"{fn} must return None or a tuple of (new_args, new_kwargs), "
-                            f"but got {result}."
-                        )
-                    args, kwargs = result
-            out = raw(*args, **kwargs)
-            opt._optimizer_step_code()
-            for post_hook in tuple(opt._optimizer_step_post_hooks.values()):
-                post_hook(opt, args, kwargs)
+        if (
+            opt._optimizer_step_pre_hooks
+            or opt._optimizer_step_post_hooks
+            or torch.autograd._profiler_enabled()
+        ):
+            return _call_hooked(opt, raw, args, {}, global_hooks=False)
+        out = raw(*args)  # the usual case: nothing to wrap around it
+        opt._optimizer_step_code()
         return out
 
-    def step(self, closure: Callable[[], Any] | None = None, **extra: Any) -> Any:  # type: ignore[override]
-        """Evaluate ``closure`` (with grad enabled) if given, run the transformation on the
-        gradients, and call the wrapped ``step()`` if the step applies. Extra keyword
-        arguments (e.g. ``flush=True``) reach the transformation. Returns the loss.
+    def step(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """``step(closure=None, **extra)``: evaluate ``closure`` (with grad enabled) if
+        given, run the transformation on the gradients, and call the wrapped ``step()`` if
+        the step applies. Extra keyword arguments (e.g. ``flush=True``) reach the
+        transformation. Returns the loss.
 
         If anything raises before the wrapped step, the parameters and both states are as
         before the call (``.grad`` may hold processed values); with ``transactional=True``
         a failure inside the wrapped step is undone too, ``.grad`` included. The exception
-        propagates."""
+        propagates.
+
+        Step hooks (global and this optimizer's) and the profiler's
+        ``Optimizer.step#ChainedOptimizer.step`` range work as for any torch optimizer;
+        the adapter runs them itself instead of under torch's wrapper, so that a step with
+        no hook and no profiler pays for neither."""
+        if (
+            self._optimizer_step_pre_hooks
+            or self._optimizer_step_post_hooks
+            or _torch_optimizer._global_optimizer_pre_hooks
+            or _torch_optimizer._global_optimizer_post_hooks
+            or torch.autograd._profiler_enabled()
+        ):
+            return _call_hooked(self, ChainedOptimizer._run_step, (self, *args), kwargs,
+                                global_hooks=True)
+        out = self._run_step(*args, **kwargs)
+        self._optimizer_step_code()
+        return out
+
+    def _run_step(self, closure: Callable[[], Any] | None = None, **extra: Any) -> Any:
+        """:meth:`step` without the hooks."""
         # Without grad, as torch.no_grad() would run it (set directly: cheaper per call).
         grad_was = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
@@ -776,6 +822,12 @@ class ChainedOptimizer(torch.optim.Optimizer):
             return self._step_without_grad(closure, extra)
         finally:
             torch._C._set_grad_enabled(grad_was)
+
+    # torch's Optimizer wraps a subclass's ``step`` with its hook wrapper unless it is
+    # marked; this one runs the hooks itself. (``__wrapped__``, as torch's wrapper sets it:
+    # the step without hooks, whose signature introspection shows.)
+    step.hooked = True  # type: ignore[attr-defined]
+    step.__wrapped__ = _run_step  # type: ignore[attr-defined]
 
     def _step_without_grad(self, closure: Callable[[], Any] | None, extra: dict[str, Any]) -> Any:
         groups = self._params()
