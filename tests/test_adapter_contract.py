@@ -594,6 +594,22 @@ def test_step_twice_without_a_backward_warns() -> None:
         opt.step()
 
 
+def test_the_adapters_warnings_point_at_the_line_that_called_step() -> None:
+    """With or without step hooks and an LR scheduler's step wrapper in between."""
+    params = make_params()
+    opt = gc.ChainedOptimizer(torch.optim.SGD(params, lr=0.1), gc.clip_by_norm(1.0))
+    lines = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(); lines.append(sys._getframe().f_lineno)  # noqa: E702 (no gradient)
+        opt.register_step_pre_hook(lambda o, a, k: None)
+        opt.step(); lines.append(sys._getframe().f_lineno)  # noqa: E702
+        torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+        opt.step(); lines.append(sys._getframe().f_lineno)  # noqa: E702
+    assert [(Path(w.filename).name, w.lineno) for w in caught] == \
+        [(Path(__file__).name, line) for line in lines]
+
+
 def test_an_ordinary_loop_raises_no_warning() -> None:
     """No false alarm: backward (fresh or accumulated into kept .grad), zero_grad either way,
     closures, held-back steps."""

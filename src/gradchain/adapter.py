@@ -7,6 +7,9 @@ import copy
 import functools
 import itertools
 import operator
+import os
+import sys
+import types
 import warnings
 import weakref
 from collections import OrderedDict
@@ -144,6 +147,22 @@ def _lrs(groups: list[dict[str, Any]]) -> list[Any]:
             lr = lr.item() if lr.device.type == "cpu" and lr.numel() == 1 else id(lr)
         out.append(lr)
     return out
+
+
+_TORCH_OPTIM_DIR = os.path.dirname(_torch_optimizer.__file__) + os.sep
+
+
+def _warn_at_caller(message: str) -> None:
+    """A ``UserWarning`` pointing at the code that called ``step()``: past this module's
+    frames and torch.optim's (its hook wrapper, an LR scheduler's step wrapper)."""
+    level = 2
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None and (
+        frame.f_code.co_filename == __file__
+        or frame.f_code.co_filename.startswith(_TORCH_OPTIM_DIR)
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 def _call_hooked(
@@ -848,35 +867,29 @@ class ChainedOptimizer(torch.optim.Optimizer):
             return None
         held, self._held_lrs = self._held_lrs, None
         if held is not None and held != _lrs(self.optimizer.param_groups):
-            warnings.warn(
+            _warn_at_caller(
                 "ChainedOptimizer.step: the learning rate changed after a held-back step "
                 f"(param_groups lr {held} -> {_lrs(self.optimizer.param_groups)}): a "
                 "scheduler stepped on every call advances on accumulation micro-steps and "
                 "skipped steps; step it with opt.step_scheduler(scheduler), or only when "
                 "opt.last_step_applied",
-                UserWarning,
-                stacklevel=4,  # the caller of step(), past torch's hook wrapper and no_grad
             )
         if closure is None and next(filter(_NOT_NONE, grads), None) is None:
             # torch.optim skips parameters without gradients; a chain would still count the
             # call (an accumulation window would advance on nothing): do nothing, loudly.
-            warnings.warn(
+            _warn_at_caller(
                 "ChainedOptimizer.step: no parameter has a gradient (call loss.backward() "
                 "before step()); nothing was done and the chain state did not advance",
-                UserWarning,
-                stacklevel=4,  # the caller of step(), past torch's hook wrapper and no_grad
             )
             self._last_applied = False
             return None
         if closure is None and self._applied_grads is not None and _untouched(
             self._applied_grads, grads
         ):
-            warnings.warn(
+            _warn_at_caller(
                 "ChainedOptimizer.step: called again with the gradients of the last applied "
                 "step, untouched since (no zero_grad() and backward() in between); they are "
                 "applied a second time",
-                UserWarning,
-                stacklevel=4,  # the caller of step(), past torch's hook wrapper and no_grad
             )
         saved = (self.tx_state, self._before_seed, self._last_applied)
         placeholder = self._placeholder
