@@ -7,6 +7,10 @@ medians, ratios (gradchain / torch; below 1 means gradchain is faster) and peak 
     small:  2 layers, width 128, vocab 1024, context 128   (28 tensors, ~0.5M parameters)
     medium: 12 layers, width 512, vocab 8192, context 512  (148 tensors, ~42M parameters)
 
+After the rows of the small set come the per-call lines for the fused clip + adamw step:
+gradchain's, torch's, and a *floor*: the same kernels issued by straight-line code over
+prepared lists (no trees, no checks, no state), what any Python step issuing them costs.
+
 Usage::
 
     python benchmarks/speed.py                    # both sets, all rows
@@ -169,6 +173,30 @@ def measure(row: Row, rounds: int, inner: int, warmup: int) -> dict[str, float]:
         "ours_peak_mb": peak_extra_bytes(row.ours) / 2**20,
         "torch_peak_mb": peak_extra_bytes(row.theirs) / 2**20,
     }
+
+
+def straight_line_step(params: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """The floor for "python per call": the kernels gradchain's fused clip + adamw step
+    issues (leaf norms, their norm, the coefficient, one in-place multiply, the step count,
+    ``_fused_adamw_``), as straight-line code over lists made once: no trees, no checks,
+    no state rebuilt. What any step issuing these kernels from Python costs at least."""
+    ps = [p.clone() for p in params.values()]
+    gs = [g.clone() for g in fresh_grads(params).values()]
+    mus = [torch.zeros_like(p) for p in ps]
+    nus = [torch.zeros_like(p) for p in ps]
+    count = [torch.zeros((), dtype=torch.int64)]
+
+    def step() -> None:
+        norms = torch._foreach_norm(gs, 2.0, dtype=torch.float32)
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        torch._foreach_mul_(gs, torch.clamp(1.0 / (total + 1e-6), max=1.0))
+        count[0] = torch.clamp(count[0], max=2**62) + 1
+        step_t = count[0].to(torch.float32)
+        torch._fused_adamw_(ps, gs, mus, nus, [], [step_t] * len(ps), lr=1e-3, beta1=0.9,
+                            beta2=0.999, weight_decay=1e-2, eps=1e-8, amsgrad=False,
+                            maximize=False)
+
+    return step
 
 
 def build_rows(params: dict[str, torch.Tensor], compile_row3: bool) -> list[Row]:
@@ -543,7 +571,9 @@ def main() -> None:
             by_name = {row.name: row for row in build_rows(params, compile_row3=False)}
             fused_row = by_name["3 clip+adamw fused"]
             calls = 5 if args.smoke else 200
-            for who, fn in (("gradchain", fused_row.ours), ("torch", fused_row.theirs)):
+            floor = straight_line_step(params)
+            for who, fn in (("gradchain", fused_row.ours), ("torch", fused_row.theirs),
+                            ("floor", floor)):
                 host, py, n_calls = python_us_per_call(fn, calls, 1 if args.smoke else 15)
                 print(f"{name:7} python per call, clip+adamw fused step, {who:9}: "
                       f"{py:7.1f} us of {host:7.1f} us ({n_calls} torch calls)")
@@ -552,7 +582,9 @@ def main() -> None:
             # dispatch), timed in thread CPU time (minimum of rounds: steady under load).
             tiny_rows = build_rows({k: torch.randn(1) for k in params}, compile_row3=False)
             tiny = {row.name: row for row in tiny_rows}["3 clip+adamw fused"]
-            for who, fn in (("gradchain", tiny.ours), ("torch", tiny.theirs)):
+            tiny_floor = straight_line_step({k: torch.randn(1) for k in params})
+            for who, fn in (("gradchain", tiny.ours), ("torch", tiny.theirs),
+                            ("floor", tiny_floor)):
                 host = host_us_per_call(fn, 20 if args.smoke else 200, 1 if args.smoke else 15)
                 print(f"{name:7} host per call, 1-element leaves,       {who:9}: {host:7.1f} us")
         print(f"({name}: {len(params)} tensors, {n / 1e6:.2f}M parameters)")

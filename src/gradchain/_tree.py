@@ -306,10 +306,13 @@ class Leaves:
         {'a': tensor([1.]), 'b': tensor([0.])}
     """
 
-    __slots__ = ("spec", "leaves", "index", "values")
+    __slots__ = ("spec", "leaves", "index", "values", "_taken")
 
     def __init__(self, updates: Any) -> None:
         self.leaves, self.spec = flatten(updates)
+        # (tree, its leaves) for the state trees taken: put_into on the same tree object
+        # rebuilds from them instead of flattening it a second time.
+        self._taken: list[tuple[Any, list[Any]]] = []
         self.index = [i for i, g in enumerate(self.leaves) if g is not None]
         self.values: list[torch.Tensor] = [self.leaves[i] for i in self.index]
         # Metadata only (no device read, traceable). Whole-list checks first (cheap); the
@@ -346,7 +349,7 @@ class Leaves:
         differently on purpose (factored moments, offloaded or quantized state), and
         ``dtype=False`` for trees that are not state (e.g. the params).
         """
-        leaves = flatten_like(self.spec, tree, name, "the updates")
+        leaves = self._flat(tree, name)
         taken = [leaves[i] for i in self.index]
         if check and not self._fits(taken, dtype):
             for k, (g, s) in enumerate(zip(self.values, taken)):
@@ -358,6 +361,18 @@ class Leaves:
                 ):
                     raise misfit(self.spec, self.index[k], g, s, name)
         return taken
+
+    def _flat(self, tree: Any, name: str) -> list[Any]:
+        """``tree``'s leaves in the updates' order, flattened once per tree object for
+        this view (the leaves list is never modified: callers copy it)."""
+        for known, leaves in self._taken:
+            if known is tree:
+                return leaves
+        leaves = flatten_like(self.spec, tree, name, "the updates")
+        if len(self._taken) >= 4:  # a view kept across calls holds no more than 4 trees
+            del self._taken[0]
+        self._taken.append((tree, leaves))
+        return leaves
 
     def take_params(self, params: Any, who: str, why: str) -> list[Any]:
         """The params' leaves at the present positions (``[]`` when no gradient is present),
@@ -403,7 +418,7 @@ class Leaves:
         return unflatten(self.spec, out)
 
     def put_into(self, tree: Any, values: Sequence[Any]) -> Any:
-        out = list(flatten_like(self.spec, tree, "state", "the updates"))
+        out = list(self._flat(tree, "state"))
         for i, v in zip(self.index, values):
             out[i] = v
         return unflatten(self.spec, out)

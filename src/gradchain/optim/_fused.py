@@ -20,6 +20,8 @@ the rule's new state. Each algorithm keeps its plan next to the state it reads (
 
 from __future__ import annotations
 
+import itertools
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -73,13 +75,22 @@ def fused_rows(
     """
     if torch.compiler.is_compiling():
         return None
-    idx = [i for i, (p, g) in enumerate(zip(p_leaves, g_leaves)) if p is not None and g is not None]
-    tensors = [p_leaves[i] for i in idx]
-    tensors += [g_leaves[i] for i in idx]
-    for leaves in buffers:
-        tensors += [leaves[i] for i in idx]
+    if any(map(operator.is_, p_leaves, _NONES)) or any(map(operator.is_, g_leaves, _NONES)):
+        idx = [i for i, (p, g) in enumerate(zip(p_leaves, g_leaves))
+               if p is not None and g is not None]
+        tensors = [p_leaves[i] for i in idx]
+        tensors += [g_leaves[i] for i in idx]
+        for leaves in buffers:
+            tensors += [leaves[i] for i in idx]
+        rows: Any = tuple(idx)
+    else:  # every param has a gradient (the usual case): whole lists, at C speed
+        idx = list(range(len(p_leaves)))
+        tensors = [*p_leaves, *g_leaves]
+        for leaves in buffers:
+            tensors += leaves
+        rows = len(idx)
     # The answer depends on the metadata alone: computed once per (rows, metadata).
-    key = (tuple(idx), len(buffers), devices)
+    key = (rows, len(buffers), devices)
     fits = _FITS.get(key, tensors)
     if fits is MISS:
         fits = _FITS.put(key, tensors, _fits(idx, p_leaves, g_leaves, buffers, devices))
@@ -87,6 +98,7 @@ def fused_rows(
 
 
 _FITS = MetaMemo(16)
+_NONES = itertools.repeat(None)  # compared by identity with the leaves, at C speed
 
 
 def _fits(
