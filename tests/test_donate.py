@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import gradchain as gc
+from gradchain.tree import global_norm
 
 
 def _params() -> dict[str, Any]:
@@ -229,6 +230,55 @@ def test_a_member_after_an_unaware_one_gets_nothing_it_could_corrupt(donate: Any
         remembered = state[1]["w"] if len(state) == 3 else state[1][0]["w"]
         assert torch.equal(remembered, torch.tensor([0.3, 0.4]))
         assert torch.equal(out["w"], torch.tensor([-0.15, -0.2]))
+
+
+def _aliasing(kind: str) -> gc.GradientTransformation:
+    """A user's transformation, unaware of donation, whose output shares memory with
+    something the chain does not own, by another tensor object than the one held."""
+
+    def init(params: Any) -> Any:
+        return {"kept": optree.tree_map(torch.zeros_like, params)}
+
+    def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> Any:
+        if kind == "view of its input":
+            return {k: v.view(v.shape) for k, v in updates.items()}, state
+        if kind == "view of the params":
+            return {k: p.view(p.shape)
+                    for k, p in params.items()}, state
+        fresh = {k: v * 1.0 for k, v in updates.items()}
+        if kind == "a view kept in its state":
+            return fresh, {"kept": {k: v.view(v.shape) for k, v in fresh.items()}}
+        assert kind == "one tensor in two leaves"
+        first = fresh["a"]
+        return {"a": first, "b": first}, state
+
+    return gc.GradientTransformation(init, update)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["view of its input", "view of the params", "a view kept in its state",
+     "one tensor in two leaves"],
+)
+def test_output_sharing_memory_by_another_tensor_is_not_taken_as_owned(kind: str) -> None:
+    # The member after it (clip, in place when its input is owned) must leave the memory
+    # alone: the caller's gradients and params, and the state it kept, stay as they were.
+    tx = gc.chain(_aliasing(kind), gc.clip_by_norm(0.1))
+    params = {"a": torch.full((3,), 2.0), "b": torch.full((3,), 2.0)}
+    grads = {"a": torch.full((3,), 3.0), "b": torch.full((3,), 4.0)}
+    params_before = {k: v.clone() for k, v in params.items()}
+    versions = {k: g._version for k, g in grads.items()}
+    out, state = tx.update(grads, tx.init(params), params)
+    assert {k: g._version for k, g in grads.items()} == versions
+    assert all(torch.equal(params[k], params_before[k]) for k in params)
+    if kind == "a view kept in its state":
+        assert torch.equal(state[0]["kept"]["a"], torch.full((3,), 3.0))
+    if kind == "one tensor in two leaves":
+        # Scaled once, not twice through the shared memory.
+        assert torch.equal(out["a"], out["b"])
+        norm = (2 * 3 * 9.0) ** 0.5
+        assert torch.allclose(out["a"], torch.full((3,), 3.0 * 0.1 / (norm + 1e-6)))
+    assert float(global_norm(list(out.values()))) <= 0.1 + 1e-6
 
 
 @pytest.mark.parametrize("init_scale", [2.0**16, 3.0, 0.5])

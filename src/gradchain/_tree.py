@@ -7,6 +7,8 @@ Users writing their own transformations reach these through :mod:`gradchain.tree
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -76,6 +78,32 @@ def _shape(tree: Any, kind: type) -> tuple[Any, ...] | None:
             return None
         lengths.append(len(child))
     return types + tuple(lengths)
+
+
+def add_leaf_ids(tree: Any, into: set[int]) -> None:
+    """Add the ``id`` of every leaf of ``tree`` to ``into`` (what :func:`flatten` would
+    return, ``None`` included). Dicts, lists and tuples (NamedTuple states among them)
+    are walked here, a dict's values at C speed; any other node goes through optree. A
+    state tree flattens in optree at about 0.5 us a leaf (it sorts every dict's keys);
+    identities need no order."""
+    kind = type(tree)
+    if kind is dict:
+        values = tree.values()
+        if _LEAF_TYPES.issuperset(map(type, values)):
+            into.update(map(id, values))
+            return
+        for child in values:
+            add_leaf_ids(child, into)
+    elif kind is list or kind is tuple or (isinstance(tree, tuple) and hasattr(tree, "_fields")):
+        for child in tree:
+            if type(child) in _LEAF_TYPES:
+                into.add(id(child))
+            else:
+                add_leaf_ids(child, into)
+    elif kind in _LEAF_TYPES:
+        into.add(id(tree))
+    else:
+        into.update(map(id, optree.tree_leaves(tree, none_is_leaf=True)))
 
 
 def unflatten(spec: optree.PyTreeSpec, leaves: Iterable[Any]) -> Any:
@@ -306,15 +334,24 @@ class Leaves:
         {'a': tensor([1.]), 'b': tensor([0.])}
     """
 
-    __slots__ = ("spec", "leaves", "index", "values", "_taken")
+    __slots__ = ("spec", "leaves", "index", "values", "_taken", "_full")
 
     def __init__(self, updates: Any) -> None:
         self.leaves, self.spec = flatten(updates)
+        leaves = self.leaves
         # (tree, its leaves) for the state trees taken: put_into on the same tree object
         # rebuilds from them instead of flattening it a second time.
         self._taken: list[tuple[Any, list[Any]]] = []
-        self.index = [i for i, g in enumerate(self.leaves) if g is not None]
-        self.values: list[torch.Tensor] = [self.leaves[i] for i in self.index]
+        # Every leaf present (the usual case): whole lists, at C speed.
+        self._full = not torch.compiler.is_compiling() and not any(
+            map(operator.is_, leaves, _NONES)
+        )
+        if self._full:
+            self.index = list(range(len(leaves)))
+            self.values: list[torch.Tensor] = list(leaves)
+        else:
+            self.index = [i for i, g in enumerate(leaves) if g is not None]
+            self.values = [leaves[i] for i in self.index]
         # Metadata only (no device read, traceable). Whole-list checks first (cheap); the
         # leaf-by-leaf loop only runs to name the first bad leaf.
         values = self.values
@@ -350,7 +387,7 @@ class Leaves:
         ``dtype=False`` for trees that are not state (e.g. the params).
         """
         leaves = self._flat(tree, name)
-        taken = [leaves[i] for i in self.index]
+        taken = list(leaves) if self._full else [leaves[i] for i in self.index]
         if check and not self._fits(taken, dtype):
             for k, (g, s) in enumerate(zip(self.values, taken)):
                 if not (
@@ -412,13 +449,18 @@ class Leaves:
         return flatten_like(self.spec, tree, name, "the updates")
 
     def put(self, values: Sequence[Any]) -> Any:
+        if self._full:
+            return unflatten(self.spec, values)
         out = list(self.leaves)
         for i, v in zip(self.index, values):
             out[i] = v
         return unflatten(self.spec, out)
 
     def put_into(self, tree: Any, values: Sequence[Any]) -> Any:
-        out = list(self._flat(tree, "state"))
+        leaves = self._flat(tree, "state")  # (also checks the tree's structure)
+        if self._full:
+            return unflatten(self.spec, values)
+        out = list(leaves)
         for i, v in zip(self.index, values):
             out[i] = v
         return unflatten(self.spec, out)
@@ -487,6 +529,7 @@ _FITS = MetaMemo(16)  # (updates, state) list pairs that passed Leaves.take's ch
 
 
 _STRIDED = torch.strided
+_NONES = itertools.repeat(None)  # compared by identity with leaves, at C speed
 _STRIDED_ONLY = frozenset({torch.strided})
 PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
 _HOLDS: dict[tuple[torch.dtype, torch.dtype], bool] = {}

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from gradchain import _ops
-from gradchain._tree import flatten
+from gradchain._tree import add_leaf_ids, flatten
 
 Params = Any
 Updates = Any
@@ -255,66 +255,61 @@ class Ownership:
     """Whether a chain member's output is memory the chain alone holds, so that the next
     member may write into it (``donate="updates"``) without anyone seeing a change.
 
-    Output leaves are compared by storage with the chain's incoming updates, the params,
-    the old states and the new states made so far; one shared storage and the output is
-    not owned. Only plain eager tensors qualify (``torch.func`` wrappers and compiled code
-    keep the pure path).
+    An output leaf is owned when it is the only tensor on its storage (torch's count of
+    the tensors, views and storage objects that use it is 1: a view of an input, a
+    detached alias of a state tensor or a second output on the same memory would count)
+    and is not itself one of the tensor objects held elsewhere: the chain's incoming
+    updates, the params, the old states and the new states made so far (the same object
+    in two places adds nothing to the count, so those are compared by identity). Memory
+    behind two distinct storage objects (``torch.from_numpy`` twice on one array) is not
+    seen. Only plain eager tensors qualify (``torch.func`` wrappers and compiled code keep
+    the pure path), and nothing is owned on a torch without the storage count.
     """
 
     def __init__(self, updates: Updates, state: Any, params: Params) -> None:
-        self.active = not torch.compiler.is_compiling()
-        self.held: set[int] | None = None
+        self.active = _USE_COUNT is not None and not torch.compiler.is_compiling()
+        self.held: set[int] | None = None  # ids of the tensors held elsewhere
         self.roots = (updates, state, params)
+        self.states_seen = 0  # the new states already in ``held`` (the chain's list grows)
 
-    @staticmethod
-    def _ptrs(tree: Any, into: set[int]) -> bool:
-        ts = [x for x in flatten(tree)[0] if isinstance(x, torch.Tensor)]
-        if not ts:
-            return True
-        lay = _ops.layout(ts)  # metadata, memoized: plain eager tensors, not on meta
-        if not lay.foreach or lay.meta:
-            return False
-        cdatas, ptrs = _storage_keys(ts)
-        into.update(cdatas)
-        into.update(ptrs)
-        return True
 
     def owns(self, output: Updates, new_states: list[State]) -> bool:
+        """Whether ``output`` is owned; ``new_states`` is the chain's list of the states
+        made so far, which only grows: each joins what others hold once, when first seen."""
         if not self.active:
             return False
-        if self.held is None:
-            self.held = set()
-            if not all(self._ptrs(root, self.held) for root in self.roots if root is not None):
-                self.active = False
-                return False
-        held = set(self.held)
-        if not self._ptrs(new_states, held):
-            return False
+        held = self.held
+        if held is None:
+            held = self.held = set()
+            for root in self.roots:
+                if root is not None:
+                    add_leaf_ids(root, held)
+        if len(new_states) > self.states_seen:
+            add_leaf_ids(new_states[self.states_seen :], held)
+            self.states_seen = len(new_states)
         outs = [x for x in flatten(output)[0] if x is not None]
         if not outs:
             return True
-        if not all(isinstance(x, torch.Tensor) for x in outs):
+        if not set(map(type, outs)) <= _PLAIN:
             return False
         lay = _ops.layout(outs)
-        if not lay.foreach or lay.broadcast:
+        if not lay.foreach or lay.broadcast or lay.meta:
             # Not plain eager tensors, or a view whose elements share memory (one element
             # shared by many: never written into).
             return False
-        cdatas, ptrs = _storage_keys(outs)
-        # No output shares memory with what others hold, nor with another output.
+        ids = set(map(id, outs))
         return (
-            held.isdisjoint(cdatas) and held.isdisjoint(ptrs)
-            and len(set(cdatas)) == len(cdatas) and len(set(ptrs)) == len(ptrs)
+            len(ids) == len(outs) and held.isdisjoint(ids)
+            and set(map(_USE_COUNT, map(_STORAGE_ID, outs))) == _ONE  # type: ignore[arg-type]
         )
 
 
-def _storage_keys(ts: list[torch.Tensor]) -> tuple[list[int], list[int]]:
-    """What identifies the memory of each of ``ts``: its storage object (``_cdata``,
-    distinct for every storage, empty ones included: they all have data pointer 0), and,
-    for those that have one, its data pointer (two storage objects over the same memory),
-    negated so that both kinds can share one set."""
-    storages = [x.untyped_storage() for x in ts]
-    return [s._cdata for s in storages], [-p for p in (s.data_ptr() for s in storages) if p]
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
+_ONE = {1}
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+_STORAGE_ID = getattr(torch._C, "_storage_id", None)
+if _STORAGE_ID is None:
+    _USE_COUNT = None
 
 
 # --------------------------------------------------------------------------- basics
