@@ -114,7 +114,11 @@ def python_us_per_call(fn: Callable[[], object], calls: int, rounds: int) -> tup
     makes (recorded with a ``TorchFunctionMode``, replayed on the same tensors). What is
     left is the Python around the ops: the work of a step that a GPU user pays on top of
     the kernel launches. (The profiler's op durations include its own per-op overhead,
-    which made a wall-minus-ops figure swing by +-60 us from run to run.)"""
+    which made a wall-minus-ops figure swing by +-60 us from run to run.)
+
+    The step and the replay alternate round by round, and the Python figure is the median
+    of the rounds' differences: timed one after the other, a change of load between the
+    two made the difference swing by +-100 us on a shared machine (once below zero)."""
     for _ in range(3):
         fn()
     recorder = _TorchCalls()
@@ -126,8 +130,12 @@ def python_us_per_call(fn: Callable[[], object], calls: int, rounds: int) -> tup
         for func, args, kwargs in recorded:
             func(*args, **kwargs)
 
-    host = host_us_per_call(fn, calls, rounds)
-    return host, host - host_us_per_call(replay, calls, rounds), len(recorded)
+    steps, diffs = [], []
+    for _ in range(rounds):
+        step = host_us_per_call(fn, calls, 1)
+        steps.append(step)
+        diffs.append(step - host_us_per_call(replay, calls, 1))
+    return min(steps), statistics.median(diffs), len(recorded)
 
 
 def host_us_per_call(fn: Callable[[], object], calls: int, rounds: int) -> float:
