@@ -106,6 +106,15 @@ def add_leaf_ids(tree: Any, into: set[int]) -> None:
         into.update(map(id, optree.tree_leaves(tree, none_is_leaf=True)))
 
 
+def any_none(leaves: Iterable[Any]) -> bool:
+    """Whether any of ``leaves`` is ``None``, compared by identity at C speed (``None in
+    leaves`` would compare tensors with ``==``)."""
+    return any(map(operator.is_, leaves, _NONES))
+
+
+_NONES = itertools.repeat(None)
+
+
 def unflatten(spec: optree.PyTreeSpec, leaves: Iterable[Any]) -> Any:
     """Inverse of :func:`flatten`.
 
@@ -343,9 +352,7 @@ class Leaves:
         # rebuilds from them instead of flattening it a second time.
         self._taken: list[tuple[Any, list[Any]]] = []
         # Every leaf present (the usual case): whole lists, at C speed.
-        self._full = not torch.compiler.is_compiling() and not any(
-            map(operator.is_, leaves, _NONES)
-        )
+        self._full = not torch.compiler.is_compiling() and not any_none(leaves)
         if self._full:
             self.index = list(range(len(leaves)))
             self.values: list[torch.Tensor] = list(leaves)
@@ -529,7 +536,6 @@ _FITS = MetaMemo(16)  # (updates, state) list pairs that passed Leaves.take's ch
 
 
 _STRIDED = torch.strided
-_NONES = itertools.repeat(None)  # compared by identity with leaves, at C speed
 _STRIDED_ONLY = frozenset({torch.strided})
 PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
 _HOLDS: dict[tuple[torch.dtype, torch.dtype], bool] = {}

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from gradchain import _ops
-from gradchain._tree import add_leaf_ids, flatten
+from gradchain._tree import PLAIN, add_leaf_ids, flatten
 
 Params = Any
 Updates = Any
@@ -272,7 +272,6 @@ class Ownership:
         self.roots = (updates, state, params)
         self.states_seen = 0  # the new states already in ``held`` (the chain's list grows)
 
-
     def owns(self, output: Updates, new_states: list[State]) -> bool:
         """Whether ``output`` is owned; ``new_states`` is the chain's list of the states
         made so far, which only grows: each joins what others hold once, when first seen."""
@@ -290,7 +289,7 @@ class Ownership:
         outs = [x for x in flatten(output)[0] if x is not None]
         if not outs:
             return True
-        if not set(map(type, outs)) <= _PLAIN:
+        if not set(map(type, outs)) <= PLAIN:
             return False
         lay = _ops.layout(outs)
         if not lay.foreach or lay.broadcast or lay.meta:
@@ -304,7 +303,6 @@ class Ownership:
         )
 
 
-_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
 _ONE = {1}
 _USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 _STORAGE_ID = getattr(torch._C, "_storage_id", None)

@@ -20,8 +20,6 @@ the rule's new state. Each algorithm keeps its plan next to the state it reads (
 
 from __future__ import annotations
 
-import itertools
-import operator
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,7 +29,7 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from gradchain import _checks, _ops
 from gradchain._ops import known_float
-from gradchain._tree import MISS, PLAIN, MetaMemo, flatten_like
+from gradchain._tree import MISS, PLAIN, MetaMemo, any_none, flatten_like
 from gradchain.base import GradientTransformation, State, mark_update_rule
 from gradchain.transforms import ScaleByScheduleState
 
@@ -75,7 +73,7 @@ def fused_rows(
     """
     if torch.compiler.is_compiling():
         return None
-    if any(map(operator.is_, p_leaves, _NONES)) or any(map(operator.is_, g_leaves, _NONES)):
+    if any_none(p_leaves) or any_none(g_leaves):
         idx = [i for i, (p, g) in enumerate(zip(p_leaves, g_leaves))
                if p is not None and g is not None]
         tensors = [p_leaves[i] for i in idx]
@@ -98,7 +96,6 @@ def fused_rows(
 
 
 _FITS = MetaMemo(16)
-_NONES = itertools.repeat(None)  # compared by identity with the leaves, at C speed
 
 
 def _fits(
