@@ -177,7 +177,18 @@ def _call_hooked(
     (``Optimizer.profile_hook_step``): pre hooks (the global ones first, with
     ``global_hooks``) that may replace the arguments, the step, ``_optimizer_step_code``,
     post hooks (the global ones last), all inside the profiler's
-    ``Optimizer.step#<class>.step`` range when the profiler is on."""
+    ``Optimizer.step#<class>.step`` range when the profiler is on. With no hook and no
+    profiler (the usual case), just the step and ``_optimizer_step_code``."""
+    if not (
+        opt._optimizer_step_pre_hooks
+        or opt._optimizer_step_post_hooks
+        or (global_hooks and (_torch_optimizer._global_optimizer_pre_hooks
+                              or _torch_optimizer._global_optimizer_post_hooks))
+        or torch.autograd._profiler_enabled()
+    ):
+        out = func(*args, **kwargs)
+        opt._optimizer_step_code()
+        return out
     pre: Iterable[Any] = opt._optimizer_step_pre_hooks.values()
     post: Iterable[Any] = opt._optimizer_step_post_hooks.values()
     if global_hooks:
@@ -794,15 +805,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         if raw is None or "step" in vars(opt):
             return opt.step() if closure is None else opt.step(closure)
         args: tuple[Any, ...] = (opt,) if closure is None else (opt, closure)
-        if (
-            opt._optimizer_step_pre_hooks
-            or opt._optimizer_step_post_hooks
-            or torch.autograd._profiler_enabled()
-        ):
-            return _call_hooked(opt, raw, args, {}, global_hooks=False)
-        out = raw(*args)  # the usual case: nothing to wrap around it
-        opt._optimizer_step_code()
-        return out
+        return _call_hooked(opt, raw, args, {}, global_hooks=False)
 
     def step(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """``step(closure=None, **extra)``: evaluate ``closure`` (with grad enabled) if
@@ -819,18 +822,8 @@ class ChainedOptimizer(torch.optim.Optimizer):
         ``Optimizer.step#ChainedOptimizer.step`` range work as for any torch optimizer;
         the adapter runs them itself instead of under torch's wrapper, so that a step with
         no hook and no profiler pays for neither."""
-        if (
-            self._optimizer_step_pre_hooks
-            or self._optimizer_step_post_hooks
-            or _torch_optimizer._global_optimizer_pre_hooks
-            or _torch_optimizer._global_optimizer_post_hooks
-            or torch.autograd._profiler_enabled()
-        ):
-            return _call_hooked(self, ChainedOptimizer._run_step, (self, *args), kwargs,
-                                global_hooks=True)
-        out = self._run_step(*args, **kwargs)
-        self._optimizer_step_code()
-        return out
+        return _call_hooked(self, ChainedOptimizer._run_step, (self, *args), kwargs,
+                            global_hooks=True)
 
     def _run_step(self, closure: Callable[[], Any] | None = None, **extra: Any) -> Any:
         """:meth:`step` without the hooks."""
